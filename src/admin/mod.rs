@@ -1,0 +1,170 @@
+//! The admin REST API under `/api/v1`: keys and scopes, the audit log.
+//! Owns authentication of admin callers; reaches storage only through services.
+
+pub mod auth;
+pub mod keys;
+pub mod scope;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::store::AuditQuery;
+use auth::Admin;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/whoami", get(whoami))
+        .route("/audit", get(list_audit))
+        .route("/admin-keys", get(list_keys).post(create_key))
+        .route("/admin-keys/{name}", delete(revoke_key))
+}
+
+async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {
+    Json(json!({
+        "id": admin.principal.key_id,
+        "name": admin.principal.name,
+        "scopes": admin.principal.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    limit: Option<u32>,
+    before: Option<i64>,
+    actor: Option<String>,
+    action: Option<String>,
+    outcome: Option<String>,
+}
+
+const AUDIT_PAGE_DEFAULT: u32 = 100;
+const AUDIT_PAGE_MAX: u32 = 1000;
+
+async fn list_audit(
+    _admin: Admin<auth::AuditRead>,
+    State(state): State<AppState>,
+    Query(params): Query<AuditParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = params.limit.unwrap_or(AUDIT_PAGE_DEFAULT);
+    if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {AUDIT_PAGE_MAX}"
+        )));
+    }
+    let entries = state
+        .store
+        .list_audit(&AuditQuery {
+            actor: params.actor,
+            action: params.action,
+            outcome: params.outcome,
+            before: params.before,
+            limit,
+        })
+        .await?;
+    // A full page may have a successor; its cursor is the last id shown.
+    let next_before = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(
+        json!({"entries": entries, "next_before": next_before}),
+    ))
+}
+
+async fn list_keys(
+    _admin: Admin<auth::AdminKeysRead>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let keys = keys::list(&state.store).await?;
+    Ok(Json(json!({"keys": keys})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+async fn create_key(
+    admin: Admin<auth::AdminKeysWrite>,
+    State(state): State<AppState>,
+    Json(body): Json<CreateKey>,
+) -> Result<(StatusCode, Json<keys::IssuedKey>), ApiError> {
+    let action = "admin-key.create";
+    let result = async {
+        keys::validate_name(&body.name)?;
+        let scopes = keys::parse_scopes(&body.scopes)?;
+        // A key cannot mint a key more powerful than itself.
+        if let Some(missing) = scopes
+            .iter()
+            .find(|s| !s.is_granted_by(&admin.principal.scopes))
+        {
+            return Err(ApiError::forbidden(format!(
+                "a key cannot grant the scope '{missing}', which it does not hold itself"
+            )));
+        }
+        Ok(keys::create(&state.store, &body.name, &scopes, &admin.principal.actor()).await?)
+    }
+    .await;
+    match result {
+        Ok(issued) => {
+            let detail = json!({"id": issued.id, "scopes": issued.scopes});
+            admin
+                .audit(
+                    &state,
+                    action,
+                    Some(&body.name),
+                    OUTCOME_SUCCESS,
+                    Some(detail),
+                )
+                .await;
+            Ok((StatusCode::CREATED, Json(issued)))
+        }
+        Err(err) => {
+            let detail = json!({"error": err.message});
+            admin
+                .audit(
+                    &state,
+                    action,
+                    Some(&body.name),
+                    OUTCOME_FAILURE,
+                    Some(detail),
+                )
+                .await;
+            Err(err)
+        }
+    }
+}
+
+async fn revoke_key(
+    admin: Admin<auth::AdminKeysWrite>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let action = "admin-key.revoke";
+    match keys::revoke(&state.store, &name).await {
+        Ok(id) => {
+            let detail = json!({"id": id});
+            admin
+                .audit(&state, action, Some(&name), OUTCOME_SUCCESS, Some(detail))
+                .await;
+            Ok(Json(json!({"revoked": {"id": id, "name": name}})))
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            let detail = json!({"error": err.message});
+            admin
+                .audit(&state, action, Some(&name), OUTCOME_FAILURE, Some(detail))
+                .await;
+            Err(err)
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! What an admin key may do. A key carries a set of scopes; `admin` implies every other one.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Everything, including creating further keys.
+    Admin,
+    AuditRead,
+    AdminKeysRead,
+    AdminKeysWrite,
+}
+
+impl Scope {
+    pub const ALL: &'static [Scope] = &[
+        Scope::Admin,
+        Scope::AuditRead,
+        Scope::AdminKeysRead,
+        Scope::AdminKeysWrite,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::AuditRead => "audit:read",
+            Scope::AdminKeysRead => "admin-keys:read",
+            Scope::AdminKeysWrite => "admin-keys:write",
+        }
+    }
+
+    /// Whether a key holding `granted` may act where `self` is required.
+    pub fn is_granted_by(self, granted: &[Scope]) -> bool {
+        granted.iter().any(|g| *g == Scope::Admin || *g == self)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown scope '{0}' (known scopes: admin, audit:read, admin-keys:read, admin-keys:write)")]
+pub struct UnknownScope(pub String);
+
+impl FromStr for Scope {
+    type Err = UnknownScope;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scope::ALL
+            .iter()
+            .copied()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| UnknownScope(s.to_string()))
+    }
+}
+
+/// Parses the space-separated form kept in the database, skipping names this version does not
+/// know (a key written by a newer version keeps working for the scopes both know).
+pub fn parse_stored(stored: &str) -> Vec<Scope> {
+    stored
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+pub fn to_stored(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_implies_everything_and_others_only_themselves() {
+        for scope in Scope::ALL {
+            assert!(scope.is_granted_by(&[Scope::Admin]));
+        }
+        assert!(Scope::AuditRead.is_granted_by(&[Scope::AuditRead]));
+        assert!(!Scope::AdminKeysWrite.is_granted_by(&[Scope::AdminKeysRead]));
+        assert!(!Scope::Admin.is_granted_by(&[Scope::AuditRead, Scope::AdminKeysWrite]));
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for scope in Scope::ALL {
+            assert_eq!(scope.as_str().parse::<Scope>().unwrap(), *scope);
+        }
+        assert!("audit:write".parse::<Scope>().is_err());
+        assert_eq!(
+            parse_stored(&to_stored(&[Scope::AuditRead, Scope::Admin])),
+            vec![Scope::AuditRead, Scope::Admin]
+        );
+    }
+}

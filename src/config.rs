@@ -1,0 +1,448 @@
+//! Configuration: command-line flags, then `TRUSTBROKER_*` environment variables, then the TOML
+//! file named by `--config`, then built-in defaults; validated once into a runtime [`Config`].
+//!
+//! Every setting exists in all three forms. clap reads a flag or its environment variable;
+//! when neither is given the file's value applies, and only then the default. Unknown keys in
+//! the file are an error, so a typo never silently leaves a default in place.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9443);
+pub const DEFAULT_DATA_DIR: &str = "trustbroker-data";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Settings as given on the command line or in the environment (all optional).
+#[derive(Args, Clone, Debug, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TRUSTBROKER_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the SQLite database, generated keys and certificates live [default: ./trustbroker-data].
+    #[arg(long, env = "TRUSTBROKER_DATA_DIR", global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL (postgres://…); without it the embedded SQLite database is used.
+    #[arg(long, env = "DATABASE_URL", global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Connections in the database pool [default: 10].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_DB_MAX_CONNECTIONS",
+        global = true,
+        value_name = "N"
+    )]
+    pub db_max_connections: Option<u32>,
+    /// HTTPS listener [default: 127.0.0.1:9443].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_LISTEN",
+        global = true,
+        value_name = "ADDR:PORT"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// Additional plain-HTTP listener, for deployments behind a TLS-terminating proxy.
+    #[arg(
+        long,
+        env = "TRUSTBROKER_HTTP_LISTEN",
+        global = true,
+        value_name = "ADDR:PORT"
+    )]
+    pub http_listen: Option<SocketAddr>,
+    /// Base URL that profiles, redirects and metadata use [default: https://<listen>].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_PUBLIC_URL",
+        global = true,
+        value_name = "URL"
+    )]
+    pub public_url: Option<String>,
+    /// TLS certificate chain (PEM); without it a development certificate is generated.
+    #[arg(long, env = "TRUSTBROKER_TLS_CERT", global = true, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM), with --tls-cert.
+    #[arg(long, env = "TRUSTBROKER_TLS_KEY", global = true, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Log format [default: human].
+    #[arg(long, env = "TRUSTBROKER_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. "info" or "trustbroker=debug,info" [default: info].
+    #[arg(long, env = "TRUSTBROKER_LOG", global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Largest request body accepted, in bytes [default: 2097152].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_MAX_BODY_BYTES",
+        global = true,
+        value_name = "BYTES"
+    )]
+    pub max_body_bytes: Option<usize>,
+    /// Seconds a request may take before it is answered 408 [default: 30].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_REQUEST_TIMEOUT_SECS",
+        global = true,
+        value_name = "SECS"
+    )]
+    pub request_timeout_secs: Option<u64>,
+    /// Seconds open connections get to finish after SIGTERM/SIGINT [default: 20].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_SHUTDOWN_GRACE_SECS",
+        global = true,
+        value_name = "SECS"
+    )]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// The TOML file: the same settings under the same names (snake_case).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub db_max_connections: Option<u32>,
+    pub listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub public_url: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub request_timeout_secs: Option<u64>,
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the database lives.
+#[derive(Clone)]
+pub enum Database {
+    Sqlite { path: PathBuf },
+    Postgres { url: String },
+}
+
+impl fmt::Debug for Database {
+    // The URL may carry a password: show only what identifies the server.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Sqlite { path } => write!(f, "sqlite:{}", path.display()),
+            Database::Postgres { url } => write!(f, "{}", redact_url(url)),
+        }
+    }
+}
+
+/// Where the HTTPS certificate comes from.
+#[derive(Clone, Debug)]
+pub enum TlsSource {
+    /// Operator-supplied PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A development certificate generated (once) into the data directory.
+    Generated,
+}
+
+/// The validated runtime configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub database: Database,
+    pub db_max_connections: u32,
+    pub listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    /// Without a trailing slash; `None` means "the HTTPS listener's address", which is only
+    /// known once it is bound (see [`Config::public_url_for`]).
+    pub public_url: Option<String>,
+    pub tls: TlsSource,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Reads the file named in `args` (if any) and merges it under `args`.
+    pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(args.clone(), file)
+    }
+
+    pub fn merge(args: ConfigArgs, file: FileConfig) -> Result<Config, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let database = match args.database_url.or(file.database_url) {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Database::Postgres { url }
+            }
+            Some(url) if url.starts_with("sqlite:") => Database::Sqlite {
+                path: PathBuf::from(
+                    url.trim_start_matches("sqlite://")
+                        .trim_start_matches("sqlite:"),
+                ),
+            },
+            Some(url) => {
+                return Err(ConfigError::Invalid(format!(
+                    "database_url must start with postgres:// or sqlite: (got '{}')",
+                    redact_url(&url)
+                )));
+            }
+            None => Database::Sqlite {
+                path: data_dir.join("trustbroker.db"),
+            },
+        };
+        let listen = args.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN);
+        let http_listen = args.http_listen.or(file.http_listen);
+        let public_url = args
+            .public_url
+            .or(file.public_url)
+            .map(|url| validate_public_url(&url))
+            .transpose()?;
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+            (None, None) => TlsSource::Generated,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "tls_cert and tls_key must be given together".into(),
+                ));
+            }
+        };
+        let max_body_bytes = args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        let request_timeout_secs = args
+            .request_timeout_secs
+            .or(file.request_timeout_secs)
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT_SECS);
+        if request_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "request_timeout_secs must be at least 1".into(),
+            ));
+        }
+        Ok(Config {
+            data_dir,
+            database,
+            db_max_connections: args
+                .db_max_connections
+                .or(file.db_max_connections)
+                .unwrap_or(DEFAULT_DB_MAX_CONNECTIONS),
+            listen,
+            http_listen,
+            public_url,
+            tls,
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Human),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            max_body_bytes,
+            request_timeout: Duration::from_secs(request_timeout_secs),
+            shutdown_grace: Duration::from_secs(
+                args.shutdown_grace_secs
+                    .or(file.shutdown_grace_secs)
+                    .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            ),
+        })
+    }
+
+    /// The public URL, given the address the HTTPS listener was bound to.
+    pub fn public_url_for(&self, https_addr: SocketAddr) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", host_port_for(https_addr)))
+    }
+
+    /// The host name of a configured public URL (for the development certificate's SANs).
+    pub fn public_host(&self) -> Option<String> {
+        let uri: axum::http::Uri = self.public_url.as_deref()?.parse().ok()?;
+        uri.host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// `host:port` for a listener address; an unspecified address (0.0.0.0, ::) becomes `localhost`.
+fn host_port_for(addr: SocketAddr) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => format!("localhost:{}", addr.port()),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", addr.port()),
+        IpAddr::V4(ip) => format!("{ip}:{}", addr.port()),
+    }
+}
+
+fn validate_public_url(url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim_end_matches('/');
+    let uri: axum::http::Uri = trimmed
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("public_url '{url}' is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("https") | Some("http") => {}
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "public_url '{url}' must start with https:// or http://"
+            )));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::Invalid(format!(
+            "public_url '{url}' has no host"
+        )));
+    }
+    if uri.query().is_some() {
+        return Err(ConfigError::Invalid(format!(
+            "public_url '{url}' must not carry a query"
+        )));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// `scheme://user:****@host/…`: a URL safe to log.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:****{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:1000\"\nmax_body_bytes = 4096\npublic_url = \"https://mdm.example.org/\"",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            listen: Some("127.0.0.1:2000".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = Config::merge(args, file).unwrap();
+        assert_eq!(config.listen.port(), 2000);
+        assert_eq!(config.max_body_bytes, 4096);
+        assert_eq!(
+            config.public_url.as_deref(),
+            Some("https://mdm.example.org")
+        );
+        assert_eq!(config.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let err = toml::from_str::<FileConfig>("lisen = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn public_url_defaults_to_the_https_listener() {
+        let args = ConfigArgs {
+            listen: Some("0.0.0.0:8443".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = Config::merge(args, FileConfig::default()).unwrap();
+        assert_eq!(
+            config.public_url_for("0.0.0.0:8443".parse().unwrap()),
+            "https://localhost:8443"
+        );
+        assert_eq!(
+            config.public_url_for("127.0.0.1:40000".parse().unwrap()),
+            "https://127.0.0.1:40000"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_named_in_the_error() {
+        for (args, needle) in [
+            (
+                ConfigArgs {
+                    public_url: Some("ftp://x".into()),
+                    ..Default::default()
+                },
+                "public_url",
+            ),
+            (
+                ConfigArgs {
+                    tls_cert: Some("c.pem".into()),
+                    ..Default::default()
+                },
+                "tls_key",
+            ),
+            (
+                ConfigArgs {
+                    database_url: Some("mysql://x".into()),
+                    ..Default::default()
+                },
+                "database_url",
+            ),
+        ] {
+            let err = Config::merge(args, FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn database_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://tb:secret@db:5432/tb"),
+            "postgres://tb:****@db:5432/tb"
+        );
+        assert_eq!(redact_url("postgres://db/tb"), "postgres://db/tb");
+    }
+}

@@ -1,0 +1,69 @@
+//! HTTP: router assembly, shared state, middleware and the one error → response mapping.
+//! Handlers stay thin (parse, call a service, map the result); no SQL or protocol code here.
+
+pub mod error;
+pub mod observe;
+pub mod ops;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Request, StatusCode};
+use axum::middleware;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// What every handler may reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub metrics: PrometheusHandle,
+}
+
+/// The whole application: every route, wrapped in the common middleware.
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .nest("/api/v1", crate::admin::router())
+        .fallback(error::not_found)
+        .with_state(state)
+        .layer(middleware::from_fn(observe::record_metrics))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
+        // Everything inside answers errors in the API's JSON shape.
+        .layer(middleware::map_response(error::json_error_bodies))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id = observe::request_id_of(request).unwrap_or_default(),
+                )
+            }),
+        )
+        // Outermost: the id exists before anything else runs, and goes back on the response.
+        .layer(PropagateRequestIdLayer::new(
+            observe::REQUEST_ID_HEADER.clone(),
+        ))
+        .layer(SetRequestIdLayer::new(
+            observe::REQUEST_ID_HEADER.clone(),
+            observe::MakeRequestUuid,
+        ))
+}

@@ -1,0 +1,15 @@
+//! trustbroker: an identity-integrated MDM trust broker.
+//!
+//! `main.rs` only wires things together; everything it starts lives here so that the
+//! integration tests can start the same server in-process.
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod fsutil;
+pub mod http;
+pub mod random;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

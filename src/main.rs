@@ -1,0 +1,227 @@
+//! The `trustbroker` command line: wiring only.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trustbroker::admin::keys;
+use trustbroker::audit;
+use trustbroker::config::{Config, ConfigArgs, Database};
+use trustbroker::server;
+use trustbroker::store::NewAuditEntry;
+
+#[derive(Parser)]
+#[command(
+    name = "trustbroker",
+    version,
+    about = "Identity-integrated MDM trust broker"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (HTTPS, plus plain HTTP with --http-listen).
+    Serve,
+    /// Bring the database schema up to date and exit.
+    Migrate,
+    /// Manage admin API keys.
+    #[command(subcommand)]
+    AdminKey(AdminKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminKeyCommand {
+    /// Create a key; the key itself is printed alone on the last line of stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A scope to grant (repeatable); without any, the key gets `admin`.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke the active key with this name.
+    Revoke { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    trustbroker::telemetry::init_logging(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let store = server::open_store(&config).await?;
+            println!(
+                "database schema is up to date ({})",
+                store.backend().as_str()
+            );
+            Ok(())
+        }
+        Command::AdminKey(cmd) => admin_key(cmd, config).await,
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let database = config.database.clone();
+    let running = server::start(config).await?;
+    println!("trustbroker {} listening", env!("CARGO_PKG_VERSION"));
+    println!("  https:      https://{}", running.https_addr);
+    if let Some(addr) = running.http_addr {
+        println!("  http:       http://{addr}");
+    }
+    println!("  public URL: {}", running.public_url);
+    println!("  database:   {database:?}");
+    println!(
+        "  TLS certificate{}: {}",
+        if running.tls_generated {
+            " (generated for development)"
+        } else {
+            ""
+        },
+        running.tls_cert_path.display()
+    );
+    println!("  TLS SHA-256 fingerprint: {}", running.tls_fingerprint);
+    let db_flag = match database {
+        Database::Sqlite { .. } => format!("--data-dir {}", data_dir.display()),
+        Database::Postgres { .. } => "--database-url \"$DATABASE_URL\"".to_string(),
+    };
+    println!("  admin key:  trustbroker admin-key create --name NAME {db_flag}");
+    tracing::info!(https = %running.https_addr, "serving");
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining connections");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {
+    let store = server::open_store(&config).await?;
+    let actor = audit::cli_actor();
+    let cli_entry = |action: &str, target: &str, outcome: &str| NewAuditEntry {
+        actor: actor.clone(),
+        action: action.to_string(),
+        target: Some(target.to_string()),
+        outcome: outcome.to_string(),
+        source: Some("cli".into()),
+        ..Default::default()
+    };
+    match cmd {
+        AdminKeyCommand::Create { name, scopes } => {
+            let scopes = keys::parse_scopes(&scopes)?;
+            match keys::create(&store, &name, &scopes, &actor).await {
+                Ok(issued) => {
+                    let mut entry = cli_entry("admin-key.create", &name, audit::OUTCOME_SUCCESS);
+                    entry.detail = Some(
+                        serde_json::json!({"id": issued.id, "scopes": issued.scopes}).to_string(),
+                    );
+                    audit::record(&store, entry).await;
+                    println!(
+                        "created admin key '{}' (id {}) with scopes: {}",
+                        issued.name,
+                        issued.id,
+                        issued.scopes.join(" ")
+                    );
+                    println!("store it now: it is shown only once");
+                    println!("{}", issued.key);
+                }
+                Err(e) => {
+                    let entry = cli_entry("admin-key.create", &name, audit::OUTCOME_FAILURE);
+                    audit::record(&store, entry).await;
+                    return Err(e).context("creating the admin key");
+                }
+            }
+        }
+        AdminKeyCommand::List => {
+            let keys = keys::list(&store).await?;
+            println!(
+                "{:<24} {:<12} {:<8} {:<25} SCOPES",
+                "NAME", "ID", "STATUS", "CREATED"
+            );
+            for key in keys {
+                let status = if key.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<24} {:<12} {:<8} {:<25} {}",
+                    key.name,
+                    key.id,
+                    status,
+                    key.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    key.scopes.join(" ")
+                );
+            }
+        }
+        AdminKeyCommand::Revoke { name } => match keys::revoke(&store, &name).await {
+            Ok(id) => {
+                let mut entry = cli_entry("admin-key.revoke", &name, audit::OUTCOME_SUCCESS);
+                entry.detail = Some(serde_json::json!({"id": id}).to_string());
+                audit::record(&store, entry).await;
+                println!("revoked admin key '{name}' (id {id})");
+            }
+            Err(e) => {
+                let entry = cli_entry("admin-key.revoke", &name, audit::OUTCOME_FAILURE);
+                audit::record(&store, entry).await;
+                return Err(e).context("revoking the admin key");
+            }
+        },
+    }
+    store.close().await;
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Starting and stopping the server: data directory, database, TLS, listeners.
+//!
+//! Connections are accepted by hand (tokio + hyper-util) rather than through `axum::serve`, so
+//! that the TLS handshake runs off the accept loop with its own timeout, each request learns
+//! its peer address, and shutdown drains open connections for a bounded grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::config::{Config, Database};
+use crate::http::{self, AppState};
+use crate::store::Store;
+use crate::{telemetry, tls};
+
+/// How long a client gets to finish the TLS handshake, and to send a request's headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub https_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub public_url: String,
+    pub tls_fingerprint: String,
+    pub tls_cert_path: std::path::PathBuf,
+    pub tls_generated: bool,
+    pub store: Store,
+    stop: watch::Sender<bool>,
+    listeners: JoinSet<()>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets open connections finish (within the grace period), closes the pool.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.listeners.join_next().await.is_some() {}
+        self.store.close().await;
+    }
+}
+
+/// Opens the configured database and brings its schema up to date.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = match &config.database {
+        Database::Sqlite { path } => {
+            crate::fsutil::create_private_dir(&config.data_dir)?;
+            Store::open_sqlite(path, config.db_max_connections)
+                .await
+                .with_context(|| format!("opening SQLite database {}", path.display()))?
+        }
+        Database::Postgres { url } => Store::open_postgres(url, config.db_max_connections)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to PostgreSQL at {}",
+                    crate::config::redact_url(url)
+                )
+            })?,
+    };
+    let applied = store.migrate().await.context("running migrations")?;
+    if applied > 0 {
+        tracing::info!(
+            applied,
+            backend = store.backend().as_str(),
+            "database migrated"
+        );
+    }
+    Ok(store)
+}
+
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    crate::fsutil::create_private_dir(&config.data_dir)?;
+    let store = open_store(&config).await?;
+    let tls = tls::load(&config)?;
+    let grace = config.shutdown_grace;
+    let https_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let https_addr = https_listener.local_addr()?;
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    let public_url = config.public_url_for(https_addr);
+    let state = AppState {
+        config: Arc::new(config),
+        store: store.clone(),
+        metrics: telemetry::metrics_handle(),
+    };
+    let app = http::router(state);
+    let (stop, stopped) = watch::channel(false);
+    let mut listeners = JoinSet::new();
+    let acceptor = TlsAcceptor::from(tls.server_config.clone());
+    listeners.spawn(accept_loop(
+        https_listener,
+        Some(acceptor),
+        app.clone(),
+        stopped.clone(),
+        grace,
+    ));
+    if let Some(listener) = http_listener {
+        listeners.spawn(accept_loop(listener, None, app, stopped, grace));
+    }
+    Ok(RunningServer {
+        https_addr,
+        http_addr,
+        public_url,
+        tls_fingerprint: tls.fingerprint_sha256,
+        tls_cert_path: tls.cert_path,
+        tls_generated: tls.generated,
+        store,
+        stop,
+        listeners,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let watcher = graceful.watcher();
+                    let app = app.clone();
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        serve_connection(tcp, peer, tls, app, watcher).await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "connections still open after the grace period; closing them"
+        );
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let _ = tcp.set_nodelay(true);
+    let service = app.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    });
+    let service = TowerToHyperService::new(service);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let result = match tls {
+        Some(acceptor) => {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(connection).await
+        }
+        None => {
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            watcher.watch(connection).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,159 @@
+//! Persistent state: one sqlx pool on SQLite (the embedded default) or PostgreSQL (the scale
+//! path), with the same schema in each dialect under `migrations/`. Each aggregate keeps its
+//! queries in its own file; nothing outside `store` sees `sqlx`.
+//!
+//! Queries are written once, with `$N` placeholders that both SQLite and PostgreSQL accept, and
+//! run on whichever pool is open through [`on_pool!`]: the macro expands the same code for both
+//! drivers, so the two backends cannot drift apart query by query.
+
+mod admin_keys;
+mod audit;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+pub use admin_keys::{AdminKeyRecord, NewAdminKey};
+pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+
+/// Runs `$body` with `$pool` bound to the open pool, whichever driver it is.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Sqlite($pool) => $body,
+            $crate::store::Pool::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule refused the write (a name already taken, say).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found")]
+    NotFound,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+}
+
+impl StoreError {
+    /// Maps a unique-constraint violation to [`StoreError::Conflict`] with the given message.
+    fn conflict_on_unique(err: sqlx::Error, message: impl Into<String>) -> Self {
+        match &err {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict(message.into()),
+            _ => Self::Database(err),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Clone, Debug)]
+pub(crate) enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Which database a [`Store`] runs on, for logs and `readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` in WAL mode.
+    pub async fn open_sqlite(path: &Path, max_connections: u32) -> StoreResult<Store> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL is durable across application crashes in WAL mode; only an OS crash can
+            // lose the last transactions, which is the usual trade for an embedded server.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await?;
+        Ok(Store {
+            pool: Pool::Sqlite(pool),
+        })
+    }
+
+    /// Connects to PostgreSQL at `url` (`postgres://…`).
+    pub async fn open_postgres(url: &str, max_connections: u32) -> StoreResult<Store> {
+        let options =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Store {
+            pool: Pool::Postgres(pool),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the migrations of this backend that have not run yet; returns how many ran.
+    pub async fn migrate(&self) -> StoreResult<usize> {
+        let before = self.applied_migrations().await.unwrap_or(0);
+        match &self.pool {
+            Pool::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+        }
+        let after = self.applied_migrations().await?;
+        Ok(after.saturating_sub(before))
+    }
+
+    async fn applied_migrations(&self) -> StoreResult<usize> {
+        let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+        let count: i64 = on_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await?);
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
+    /// Answers whether the database takes a trivial query (for `/readyz`).
+    pub async fn ping(&self) -> StoreResult<()> {
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+}

@@ -1,0 +1,56 @@
+//! Logs (tracing) and metrics (Prometheus text) for the whole process.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global log subscriber. Safe to call more than once (later calls do nothing).
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("invalid log filter '{filter}' ({e}); using 'info'");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Latency buckets (seconds) for request histograms: sub-millisecond to ten seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide metrics recorder, installed on first use. The recorder is global (the
+/// `metrics` facade has one slot), so servers started in the same process share it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("latency buckets are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            metrics_process::Collector::default().describe();
+            handle
+        })
+        .clone()
+}
+
+/// Renders every metric, refreshing the process figures (CPU, memory, file descriptors) first.
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    metrics_process::Collector::default().collect();
+    handle.render()
+}

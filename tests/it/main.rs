@@ -1,0 +1,10 @@
+//! The integration suite: one test binary, one module per area. Servers run in-process on
+//! ephemeral loopback ports (or as the real `trustbroker` binary where the command line is under
+//! test); the real peers (PostgreSQL, slapd, the OIDC provider, SimpleSAMLphp, scep) are started
+//! by `tests/run.sh`, which tells the suite where they are through `TRUSTBROKER_TEST_*`.
+
+mod api;
+mod cli;
+mod harness;
+mod peers;
+mod store;
