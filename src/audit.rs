@@ -1,7 +1,5 @@
 //! Audit records of admin actions, from the API and the command line alike.
 
-use chrono::Utc;
-
 use crate::store::{NewAuditEntry, Store};
 
 pub const OUTCOME_SUCCESS: &str = "success";
@@ -20,7 +18,7 @@ pub async fn record(store: &Store, entry: NewAuditEntry) {
         request_id = entry.request_id.as_deref().unwrap_or(""),
         "admin action"
     );
-    if let Err(e) = store.append_audit(&entry, Utc::now()).await {
+    if let Err(e) = store.append_audit(&entry, crate::store::now()).await {
         tracing::error!(error = %e, action = %entry.action, "could not write audit record");
     }
 }

@@ -19,6 +19,12 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
+pub const DEFAULT_SCEP_PATH: &str = "/scep";
+pub const DEFAULT_CHALLENGE_TTL_SECS: u64 = 3600;
+pub const DEFAULT_CERT_VALIDITY_DAYS: u32 = 365;
+pub const DEFAULT_CA_KEY_BITS: usize = 2048;
+pub const DEFAULT_CA_COMMON_NAME: &str = "trustbroker device CA";
+pub const DEFAULT_ORGANIZATION: &str = "trustbroker";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -107,6 +113,66 @@ pub struct ConfigArgs {
         value_name = "SECS"
     )]
     pub shutdown_grace_secs: Option<u64>,
+    /// File holding the master key for secrets at rest [default: <data-dir>/secret.key,
+    /// generated]. The key itself may instead be given in TRUSTBROKER_SECRET_KEY.
+    #[arg(
+        long,
+        env = "TRUSTBROKER_SECRET_KEY_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub secret_key_file: Option<PathBuf>,
+    /// Path of the SCEP endpoint [default: /scep].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_SCEP_PATH",
+        global = true,
+        value_name = "PATH"
+    )]
+    pub scep_path: Option<String>,
+    /// Seconds a one-time SCEP challenge stays valid [default: 3600].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_SCEP_CHALLENGE_TTL_SECS",
+        global = true,
+        value_name = "SECS"
+    )]
+    pub scep_challenge_ttl_secs: Option<u64>,
+    /// Validity of issued device certificates, in days [default: 365].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_CERT_VALIDITY_DAYS",
+        global = true,
+        value_name = "DAYS"
+    )]
+    pub cert_validity_days: Option<u32>,
+    /// RSA key size of a CA created at first start: 2048, 3072 or 4096 [default: 2048].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_CA_KEY_BITS",
+        global = true,
+        value_name = "BITS"
+    )]
+    pub ca_key_bits: Option<usize>,
+    /// Common name of a CA created at first start [default: trustbroker device CA].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_CA_COMMON_NAME",
+        global = true,
+        value_name = "CN"
+    )]
+    pub ca_common_name: Option<String>,
+    /// Organization (O) of the CA and of issued certificates [default: trustbroker].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_ORGANIZATION",
+        global = true,
+        value_name = "O"
+    )]
+    pub organization: Option<String>,
+    /// Create a separate RA certificate with the CA (GetCACert then returns CA and RA).
+    #[arg(long, env = "TRUSTBROKER_SCEP_RA", global = true)]
+    pub scep_ra: Option<bool>,
 }
 
 /// The TOML file: the same settings under the same names (snake_case).
@@ -126,6 +192,17 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     pub request_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
+    pub secret_key_file: Option<PathBuf>,
+    pub scep_path: Option<String>,
+    pub scep_challenge_ttl_secs: Option<u64>,
+    pub cert_validity_days: Option<u32>,
+    pub ca_key_bits: Option<usize>,
+    pub ca_common_name: Option<String>,
+    pub organization: Option<String>,
+    pub scep_ra: Option<bool>,
+    /// A fixed SCEP challenge accepted besides the one-time ones (discouraged; warned at start).
+    /// File or TRUSTBROKER_SCEP_STATIC_CHALLENGE only: never on a command line.
+    pub scep_static_challenge: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +244,38 @@ pub enum TlsSource {
     Generated,
 }
 
+/// A secret from configuration: never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+/// Where the master key for secrets at rest comes from.
+#[derive(Clone, Debug)]
+pub enum SecretKeySource {
+    /// The key itself, from TRUSTBROKER_SECRET_KEY.
+    Value(Secret),
+    /// A key file (generated when missing).
+    File(PathBuf),
+}
+
+/// The CA and SCEP settings.
+#[derive(Clone, Debug)]
+pub struct PkiConfig {
+    pub scep_path: String,
+    pub challenge_ttl: Duration,
+    pub static_challenge: Option<Secret>,
+    pub cert_validity_days: u32,
+    pub ca_key_bits: usize,
+    pub ca_common_name: String,
+    pub organization: String,
+    pub with_ra: bool,
+}
+
 /// The validated runtime configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -184,6 +293,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub secret_key: SecretKeySource,
+    pub pki: PkiConfig,
 }
 
 impl Config {
@@ -193,7 +304,19 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        Config::merge(args.clone(), file)
+        let mut config = Config::merge(args.clone(), file)?;
+        // Secrets are read from the environment directly: a flag would show them to `ps`.
+        if let Ok(key) = std::env::var("TRUSTBROKER_SECRET_KEY")
+            && !key.trim().is_empty()
+        {
+            config.secret_key = SecretKeySource::Value(Secret(key));
+        }
+        if let Ok(challenge) = std::env::var("TRUSTBROKER_SCEP_STATIC_CHALLENGE")
+            && !challenge.is_empty()
+        {
+            config.pki.static_challenge = Some(Secret(challenge));
+        }
+        Ok(config)
     }
 
     pub fn merge(args: ConfigArgs, file: FileConfig) -> Result<Config, ConfigError> {
@@ -258,6 +381,54 @@ impl Config {
                 "request_timeout_secs must be at least 1".into(),
             ));
         }
+        let pki = PkiConfig {
+            scep_path: validate_route_path(
+                &args
+                    .scep_path
+                    .or(file.scep_path)
+                    .unwrap_or_else(|| DEFAULT_SCEP_PATH.into()),
+            )?,
+            challenge_ttl: Duration::from_secs(
+                args.scep_challenge_ttl_secs
+                    .or(file.scep_challenge_ttl_secs)
+                    .unwrap_or(DEFAULT_CHALLENGE_TTL_SECS)
+                    .max(1),
+            ),
+            static_challenge: file.scep_static_challenge.map(Secret),
+            cert_validity_days: args
+                .cert_validity_days
+                .or(file.cert_validity_days)
+                .unwrap_or(DEFAULT_CERT_VALIDITY_DAYS),
+            ca_key_bits: args
+                .ca_key_bits
+                .or(file.ca_key_bits)
+                .unwrap_or(DEFAULT_CA_KEY_BITS),
+            ca_common_name: args
+                .ca_common_name
+                .or(file.ca_common_name)
+                .unwrap_or_else(|| DEFAULT_CA_COMMON_NAME.into()),
+            organization: args
+                .organization
+                .or(file.organization)
+                .unwrap_or_else(|| DEFAULT_ORGANIZATION.into()),
+            with_ra: args.scep_ra.or(file.scep_ra).unwrap_or(false),
+        };
+        if ![2048, 3072, 4096].contains(&pki.ca_key_bits) {
+            return Err(ConfigError::Invalid(format!(
+                "ca_key_bits must be 2048, 3072 or 4096 (got {})",
+                pki.ca_key_bits
+            )));
+        }
+        if !(1..=3650).contains(&pki.cert_validity_days) {
+            return Err(ConfigError::Invalid(
+                "cert_validity_days must be between 1 and 3650".into(),
+            ));
+        }
+        let secret_key = SecretKeySource::File(
+            args.secret_key_file
+                .or(file.secret_key_file)
+                .unwrap_or_else(|| data_dir.join("secret.key")),
+        );
         Ok(Config {
             data_dir,
             database,
@@ -284,6 +455,8 @@ impl Config {
                     .or(file.shutdown_grace_secs)
                     .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
             ),
+            secret_key,
+            pki,
         })
     }
 
@@ -311,6 +484,23 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// A route path such as `/scep`: absolute, no trailing slash, no query, no parameters.
+fn validate_route_path(path: &str) -> Result<String, ConfigError> {
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && !path.ends_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
+    if ok {
+        Ok(path.to_string())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "'{path}' is not a route path: use something like /scep"
+        )))
+    }
 }
 
 /// `host:port` for a listener address; an unspecified address (0.0.0.0, ::) becomes `localhost`.

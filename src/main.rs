@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use trustbroker::admin::keys;
 use trustbroker::audit;
 use trustbroker::config::{Config, ConfigArgs, Database};
-use trustbroker::server;
+use trustbroker::pki::ca::CertificateAuthority;
+use trustbroker::pki::challenge::{self, ChallengeRequest};
 use trustbroker::store::NewAuditEntry;
+use trustbroker::{pki, server, tls};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +34,48 @@ enum Command {
     /// Manage admin API keys.
     #[command(subcommand)]
     AdminKey(AdminKeyCommand),
+    /// The certificate authority: create, import, show.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// SCEP enrollment helpers.
+    #[command(subcommand)]
+    Scep(ScepCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA (serve does this at first start); does nothing if one exists.
+    Init,
+    /// Import an existing CA, or an intermediate under an enterprise root, with its key.
+    Import {
+        /// CA certificate (PEM).
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        /// CA private key (PEM, RSA, PKCS#8 or PKCS#1).
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// Optional RA certificate (PEM) that receives SCEP envelopes and signs replies.
+        #[arg(long, requires = "ra_key")]
+        ra_cert: Option<std::path::PathBuf>,
+        /// The RA's private key (PEM).
+        #[arg(long, requires = "ra_cert")]
+        ra_key: Option<std::path::PathBuf>,
+    },
+    /// Print the CA certificate (PEM) and its SHA-256 fingerprint.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum ScepCommand {
+    /// Create a one-time challenge bound to a new enrollment record; prints JSON.
+    Challenge {
+        /// The user the device is for.
+        #[arg(long)]
+        for_user: Option<String>,
+        /// The device, if known (serial number, asset tag).
+        #[arg(long)]
+        for_device: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +132,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::AdminKey(cmd) => admin_key(cmd, config).await,
+        Command::Ca(cmd) => ca(cmd, config).await,
+        Command::Scep(cmd) => scep(cmd, config).await,
     }
 }
 
@@ -152,20 +198,13 @@ async fn shutdown_signal() {
 async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {
     let store = server::open_store(&config).await?;
     let actor = audit::cli_actor();
-    let cli_entry = |action: &str, target: &str, outcome: &str| NewAuditEntry {
-        actor: actor.clone(),
-        action: action.to_string(),
-        target: Some(target.to_string()),
-        outcome: outcome.to_string(),
-        source: Some("cli".into()),
-        ..Default::default()
-    };
     match cmd {
         AdminKeyCommand::Create { name, scopes } => {
             let scopes = keys::parse_scopes(&scopes)?;
             match keys::create(&store, &name, &scopes, &actor).await {
                 Ok(issued) => {
-                    let mut entry = cli_entry("admin-key.create", &name, audit::OUTCOME_SUCCESS);
+                    let mut entry =
+                        cli_entry("admin-key.create", Some(&name), audit::OUTCOME_SUCCESS);
                     entry.detail = Some(
                         serde_json::json!({"id": issued.id, "scopes": issued.scopes}).to_string(),
                     );
@@ -180,7 +219,7 @@ async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {
                     println!("{}", issued.key);
                 }
                 Err(e) => {
-                    let entry = cli_entry("admin-key.create", &name, audit::OUTCOME_FAILURE);
+                    let entry = cli_entry("admin-key.create", Some(&name), audit::OUTCOME_FAILURE);
                     audit::record(&store, entry).await;
                     return Err(e).context("creating the admin key");
                 }
@@ -210,17 +249,136 @@ async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {
         }
         AdminKeyCommand::Revoke { name } => match keys::revoke(&store, &name).await {
             Ok(id) => {
-                let mut entry = cli_entry("admin-key.revoke", &name, audit::OUTCOME_SUCCESS);
+                let mut entry = cli_entry("admin-key.revoke", Some(&name), audit::OUTCOME_SUCCESS);
                 entry.detail = Some(serde_json::json!({"id": id}).to_string());
                 audit::record(&store, entry).await;
                 println!("revoked admin key '{name}' (id {id})");
             }
             Err(e) => {
-                let entry = cli_entry("admin-key.revoke", &name, audit::OUTCOME_FAILURE);
+                let entry = cli_entry("admin-key.revoke", Some(&name), audit::OUTCOME_FAILURE);
                 audit::record(&store, entry).await;
                 return Err(e).context("revoking the admin key");
             }
         },
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn cli_entry(action: &str, target: Option<&str>, outcome: &str) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: audit::cli_actor(),
+        action: action.to_string(),
+        target: target.map(str::to_string),
+        outcome: outcome.to_string(),
+        source: Some("cli".into()),
+        ..Default::default()
+    }
+}
+
+async fn ca(cmd: CaCommand, config: Config) -> anyhow::Result<()> {
+    let store = server::open_store(&config).await?;
+    let master = server::load_master_key(&config)?;
+    match cmd {
+        CaCommand::Init => {
+            let existed = CertificateAuthority::load(&store, &master, &config.pki)
+                .await?
+                .is_some();
+            let ca = CertificateAuthority::load_or_create(&store, &master, &config.pki).await?;
+            if !existed {
+                audit::record(
+                    &store,
+                    cli_entry("ca.init", Some("ca"), audit::OUTCOME_SUCCESS),
+                )
+                .await;
+            }
+            println!(
+                "{} CA, SHA-256 fingerprint {}",
+                if existed { "existing" } else { "created" },
+                tls::fingerprint(&ca.ca.certificate_der)
+            );
+        }
+        CaCommand::Import {
+            cert,
+            key,
+            ra_cert,
+            ra_key,
+        } => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
+            let ra = match (ra_cert, ra_key) {
+                (Some(c), Some(k)) => Some((read(&c)?, read(&k)?)),
+                _ => None,
+            };
+            let result = pki::ca::import(
+                &store,
+                &master,
+                &cert_pem,
+                &key_pem,
+                ra.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+            )
+            .await;
+            let outcome = if result.is_ok() {
+                audit::OUTCOME_SUCCESS
+            } else {
+                audit::OUTCOME_FAILURE
+            };
+            audit::record(&store, cli_entry("ca.import", Some("ca"), outcome)).await;
+            result.context("importing the CA")?;
+            println!("imported the CA from {}", cert.display());
+        }
+        CaCommand::Show => {
+            let ca = CertificateAuthority::load(&store, &master, &config.pki)
+                .await?
+                .context("there is no CA yet: run 'trustbroker ca init' or start the server")?;
+            println!(
+                "SHA-256 fingerprint: {}",
+                tls::fingerprint(&ca.ca.certificate_der)
+            );
+            print!("{}", pki::pem("CERTIFICATE", &ca.ca.certificate_der));
+            if let Some(ra) = &ca.ra {
+                println!(
+                    "RA SHA-256 fingerprint: {}",
+                    tls::fingerprint(&ra.certificate_der)
+                );
+                print!("{}", pki::pem("CERTIFICATE", &ra.certificate_der));
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+async fn scep(cmd: ScepCommand, config: Config) -> anyhow::Result<()> {
+    let store = server::open_store(&config).await?;
+    match cmd {
+        ScepCommand::Challenge {
+            for_user,
+            for_device,
+        } => {
+            let issued = challenge::create(
+                &store,
+                config.pki.challenge_ttl,
+                ChallengeRequest {
+                    requested_by: audit::cli_actor(),
+                    for_user,
+                    for_device,
+                },
+            )
+            .await?;
+            audit::record(
+                &store,
+                cli_entry(
+                    "scep-challenge.create",
+                    Some(&issued.enrollment_id),
+                    audit::OUTCOME_SUCCESS,
+                ),
+            )
+            .await;
+            println!("{}", serde_json::to_string(&issued)?);
+        }
     }
     store.close().await;
     Ok(())

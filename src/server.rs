@@ -21,8 +21,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::config::{Config, Database};
+use crate::config::{Config, Database, SecretKeySource};
 use crate::http::{self, AppState};
+use crate::pki::ca::CertificateAuthority;
+use crate::secrets::MasterKey;
 use crate::store::Store;
 use crate::{telemetry, tls};
 
@@ -80,9 +82,35 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The master key for secrets at rest, from configuration or the (generated) key file.
+pub fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
+    match &config.secret_key {
+        SecretKeySource::Value(secret) => {
+            MasterKey::parse(&secret.0).context("TRUSTBROKER_SECRET_KEY")
+        }
+        SecretKeySource::File(path) => {
+            if let Some(dir) = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+            {
+                crate::fsutil::create_private_dir(dir)?;
+            }
+            MasterKey::load_or_create(path)
+        }
+    }
+}
+
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     crate::fsutil::create_private_dir(&config.data_dir)?;
     let store = open_store(&config).await?;
+    let master = load_master_key(&config)?;
+    let ca = CertificateAuthority::load_or_create(&store, &master, &config.pki).await?;
+    if config.pki.static_challenge.is_some() {
+        tracing::warn!(
+            "a static SCEP challenge is configured: anyone who has it can enroll any number of \
+             devices; prefer one-time challenges (POST /api/v1/scep/challenges)"
+        );
+    }
     let tls = tls::load(&config)?;
     let grace = config.shutdown_grace;
     let https_listener = TcpListener::bind(config.listen)
@@ -106,6 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config: Arc::new(config),
         store: store.clone(),
         metrics: telemetry::metrics_handle(),
+        ca,
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);

@@ -41,6 +41,9 @@ required_scopes! {
     AuditRead => Some(Scope::AuditRead),
     AdminKeysRead => Some(Scope::AdminKeysRead),
     AdminKeysWrite => Some(Scope::AdminKeysWrite),
+    ScepChallenge => Some(Scope::ScepChallenge),
+    CertificatesRead => Some(Scope::CertificatesRead),
+    CertificatesWrite => Some(Scope::CertificatesWrite),
 }
 
 /// Where a request came from, for audit records.

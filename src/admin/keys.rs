@@ -135,7 +135,7 @@ pub async fn create(
             secret_hash: &secret_hash,
             scopes: &stored_scopes,
             created_by,
-            created_at: Utc::now(),
+            created_at: crate::store::now(),
         })
         .await?;
     Ok(IssuedKey {
@@ -157,7 +157,7 @@ pub async fn list(store: &Store) -> Result<Vec<KeySummary>, KeyError> {
 
 /// Revokes the active key called `name`, returning its id.
 pub async fn revoke(store: &Store, name: &str) -> Result<String, KeyError> {
-    match store.revoke_admin_key(name, Utc::now()).await {
+    match store.revoke_admin_key(name, crate::store::now()).await {
         Ok(id) => Ok(id),
         Err(StoreError::NotFound) => Err(KeyError::NotFound(name.to_string())),
         Err(e) => Err(e.into()),
@@ -183,7 +183,7 @@ pub async fn authenticate(store: &Store, presented: &str) -> Result<Principal, A
     if record.revoked_at.is_some() {
         return Err(AuthFailure::Revoked(record.name));
     }
-    let now = Utc::now();
+    let now = crate::store::now();
     if record
         .last_used_at
         .is_none_or(|last| now - last > TOUCH_INTERVAL)

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod keys;
+pub mod pki;
 pub mod scope;
 
 use axum::extract::{Path, Query, State};
@@ -24,6 +25,7 @@ pub fn router() -> Router<AppState> {
         .route("/audit", get(list_audit))
         .route("/admin-keys", get(list_keys).post(create_key))
         .route("/admin-keys/{name}", delete(revoke_key))
+        .merge(pki::router())
 }
 
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {

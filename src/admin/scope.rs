@@ -10,6 +10,9 @@ pub enum Scope {
     AuditRead,
     AdminKeysRead,
     AdminKeysWrite,
+    ScepChallenge,
+    CertificatesRead,
+    CertificatesWrite,
 }
 
 impl Scope {
@@ -18,6 +21,9 @@ impl Scope {
         Scope::AuditRead,
         Scope::AdminKeysRead,
         Scope::AdminKeysWrite,
+        Scope::ScepChallenge,
+        Scope::CertificatesRead,
+        Scope::CertificatesWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -26,6 +32,9 @@ impl Scope {
             Scope::AuditRead => "audit:read",
             Scope::AdminKeysRead => "admin-keys:read",
             Scope::AdminKeysWrite => "admin-keys:write",
+            Scope::ScepChallenge => "scep:challenge",
+            Scope::CertificatesRead => "certificates:read",
+            Scope::CertificatesWrite => "certificates:write",
         }
     }
 
@@ -42,8 +51,16 @@ impl fmt::Display for Scope {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown scope '{0}' (known scopes: admin, audit:read, admin-keys:read, admin-keys:write)")]
+#[error("unknown scope '{0}' (known scopes: {known})", known = known_scopes())]
 pub struct UnknownScope(pub String);
+
+fn known_scopes() -> String {
+    Scope::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl FromStr for Scope {
     type Err = UnknownScope;

@@ -19,6 +19,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
+use crate::pki::ca::CertificateAuthority;
 use crate::store::Store;
 
 /// What every handler may reach. Cheap to clone.
@@ -27,6 +28,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
     pub metrics: PrometheusHandle,
+    pub ca: Arc<CertificateAuthority>,
 }
 
 /// The whole application: every route, wrapped in the common middleware.

@@ -8,6 +8,7 @@
 
 mod admin_keys;
 mod audit;
+mod pki;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -19,6 +20,17 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use pki::{
+    CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,
+    Recorded, RedeemRefusal,
+};
+
+/// The current time, in whole seconds: the precision every stored timestamp has. SQLite keeps
+/// timestamps as text, which compares correctly only when every value has the same shape.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    chrono::Utc::now().trunc_subsecs(0)
+}
 
 /// Runs `$body` with `$pool` bound to the open pool, whichever driver it is.
 macro_rules! on_pool {

@@ -1,0 +1,236 @@
+//! Admin API for the CA: one-time SCEP challenges, the certificate inventory, revocation.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::auth::{self, Admin};
+use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::pki::challenge::{self, ChallengeRequest};
+use crate::store::{CertificateQuery, CertificateRecord, StoreError};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/scep/challenges", post(create_challenge))
+        .route("/certificates", get(list_certificates))
+        .route("/certificates/{serial}", get(show_certificate))
+        .route("/certificates/{serial}/revoke", post(revoke_certificate))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChallengeBody {
+    for_user: Option<String>,
+    for_device: Option<String>,
+}
+
+/// Longest user or device hint accepted (they end up in certificate subjects).
+const MAX_HINT_LEN: usize = 128;
+
+async fn create_challenge(
+    admin: Admin<auth::ScepChallenge>,
+    State(state): State<AppState>,
+    body: Option<Json<ChallengeBody>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    for hint in [&body.for_user, &body.for_device].into_iter().flatten() {
+        if hint.is_empty() || hint.len() > MAX_HINT_LEN || hint.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("for_user and for_device must be 1 to {MAX_HINT_LEN} printable characters"),
+            ));
+        }
+    }
+    let issued = challenge::create(
+        &state.store,
+        state.config.pki.challenge_ttl,
+        ChallengeRequest {
+            requested_by: admin.principal.actor(),
+            for_user: body.for_user.clone(),
+            for_device: body.for_device.clone(),
+        },
+    )
+    .await;
+    match issued {
+        Ok(issued) => {
+            // The challenge itself is a secret: the audit record names only the enrollment.
+            let detail = json!({"for_user": body.for_user, "for_device": body.for_device,
+                                "expires_at": issued.expires_at});
+            admin
+                .audit(
+                    &state,
+                    "scep-challenge.create",
+                    Some(&issued.enrollment_id),
+                    OUTCOME_SUCCESS,
+                    Some(detail),
+                )
+                .await;
+            Ok((
+                StatusCode::CREATED,
+                Json(json!({
+                    "challenge": issued.challenge,
+                    "expires_at": issued.expires_at,
+                    "enrollment_id": issued.enrollment_id,
+                })),
+            ))
+        }
+        Err(e) => {
+            admin
+                .audit(&state, "scep-challenge.create", None, OUTCOME_FAILURE, None)
+                .await;
+            Err(e.into())
+        }
+    }
+}
+
+/// A certificate as the API shows it.
+#[derive(Debug, Serialize)]
+struct CertificateView {
+    serial: String,
+    subject: String,
+    enrollment_id: Option<String>,
+    status: String,
+    not_before: DateTime<Utc>,
+    not_after: DateTime<Utc>,
+    issued_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+    revocation_reason: Option<String>,
+    renewed_from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pem: Option<String>,
+}
+
+impl CertificateView {
+    fn of(record: CertificateRecord, with_pem: bool) -> Self {
+        // A certificate past its end is reported as expired, whatever its stored status.
+        let status = if record.status == crate::store::CERT_VALID && record.not_after <= Utc::now()
+        {
+            "expired".to_string()
+        } else {
+            record.status
+        };
+        CertificateView {
+            pem: with_pem.then(|| crate::pki::pem("CERTIFICATE", &record.der)),
+            serial: record.serial,
+            subject: record.subject,
+            enrollment_id: record.enrollment_id,
+            status,
+            not_before: record.not_before,
+            not_after: record.not_after,
+            issued_at: record.issued_at,
+            revoked_at: record.revoked_at,
+            revocation_reason: record.revocation_reason,
+            renewed_from: record.renewed_from,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    enrollment_id: Option<String>,
+    status: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_certificates(
+    _admin: Admin<auth::CertificatesRead>,
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    if let Some(status) = &params.status
+        && ![crate::store::CERT_VALID, crate::store::CERT_REVOKED].contains(&status.as_str())
+    {
+        return Err(ApiError::bad_request("status must be 'valid' or 'revoked'"));
+    }
+    let records = state
+        .store
+        .list_certificates(&CertificateQuery {
+            enrollment_id: params.enrollment_id,
+            status: params.status,
+            after: params.after.map(|s| s.to_ascii_lowercase()),
+            limit,
+        })
+        .await?;
+    let next_after = (records.len() == limit as usize)
+        .then(|| records.last().map(|r| r.serial.clone()))
+        .flatten();
+    let certificates: Vec<_> = records
+        .into_iter()
+        .map(|r| CertificateView::of(r, false))
+        .collect();
+    Ok(Json(
+        json!({"certificates": certificates, "next_after": next_after}),
+    ))
+}
+
+async fn show_certificate(
+    _admin: Admin<auth::CertificatesRead>,
+    State(state): State<AppState>,
+    Path(serial): Path<String>,
+) -> Result<Json<CertificateView>, ApiError> {
+    let record = state
+        .store
+        .certificate(&serial.to_ascii_lowercase())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no certificate with serial {serial}")))?;
+    Ok(Json(CertificateView::of(record, true)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    reason: Option<String>,
+}
+
+async fn revoke_certificate(
+    admin: Admin<auth::CertificatesWrite>,
+    State(state): State<AppState>,
+    Path(serial): Path<String>,
+    body: Option<Json<RevokeBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let serial = serial.to_ascii_lowercase();
+    let reason = body
+        .and_then(|Json(b)| b.reason)
+        .unwrap_or_else(|| "unspecified".into());
+    if reason.len() > 256 {
+        return Err(ApiError::bad_request("reason is limited to 256 characters"));
+    }
+    let action = "certificate.revoke";
+    let detail = json!({"reason": reason});
+    match state
+        .store
+        .revoke_certificate(&serial, &reason, crate::store::now())
+        .await
+    {
+        Ok(()) => {
+            admin
+                .audit(&state, action, Some(&serial), OUTCOME_SUCCESS, Some(detail))
+                .await;
+            Ok(Json(
+                json!({"revoked": {"serial": serial, "reason": reason}}),
+            ))
+        }
+        Err(StoreError::NotFound) => {
+            admin
+                .audit(&state, action, Some(&serial), OUTCOME_FAILURE, Some(detail))
+                .await;
+            Err(ApiError::not_found(format!(
+                "no valid certificate with serial {serial}"
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

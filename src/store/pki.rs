@@ -1,0 +1,367 @@
+//! The CA's persistent state: its keys, enrollment records, one-time challenges and the
+//! inventory of issued certificates.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Store, StoreError, StoreResult, on_pool};
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct CaKeyRow {
+    /// `ca` or `ra`.
+    pub role: String,
+    pub certificate: Vec<u8>,
+    pub sealed_key: String,
+    pub imported: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct EnrollmentRecord {
+    pub id: String,
+    pub for_user: Option<String>,
+    pub for_device: Option<String>,
+    pub requested_by: String,
+    pub created_at: DateTime<Utc>,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub enrollment_id: Option<String>,
+    pub subject: String,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    pub status: String,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revocation_reason: Option<String>,
+    pub renewed_from: Option<String>,
+    pub transaction_id: String,
+    pub sender_nonce: String,
+    pub der: Vec<u8>,
+    pub issued_at: DateTime<Utc>,
+}
+
+pub const CERT_VALID: &str = "valid";
+pub const CERT_REVOKED: &str = "revoked";
+
+/// Why a challenge could not be redeemed. The requester is told only that it was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RedeemRefusal {
+    /// Unknown, already used, or expired (one query cannot tell, and need not).
+    NotRedeemable,
+}
+
+/// The outcome of recording a certificate under a SCEP transaction.
+#[derive(Debug)]
+pub enum Recorded {
+    Issued,
+    /// The same (transactionID, senderNonce) was seen before: here is what it got then.
+    Replay(Box<CertificateRecord>),
+}
+
+/// `SELECT <every certificate column> FROM certificates` followed by the given clause.
+macro_rules! select_certificates {
+    ($clause:literal) => {
+        concat!(
+            "SELECT serial, enrollment_id, subject, not_before, not_after, status, revoked_at, \
+             revocation_reason, renewed_from, transaction_id, sender_nonce, der, issued_at \
+             FROM certificates ",
+            $clause
+        )
+    };
+}
+
+const INSERT_CERTIFICATE: &str = "INSERT INTO certificates (serial, enrollment_id, subject, \
+     not_before, not_after, status, renewed_from, transaction_id, sender_nonce, der, issued_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// Filters for listing certificates; `before` is the `serial` of the last row of a page.
+#[derive(Clone, Debug, Default)]
+pub struct CertificateQuery {
+    pub enrollment_id: Option<String>,
+    pub status: Option<String>,
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+impl Store {
+    pub async fn ca_keys(&self) -> StoreResult<Vec<CaKeyRow>> {
+        let sql = "SELECT role, certificate, sealed_key, imported, created_at FROM ca_keys";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Stores the CA (and RA) rows in one transaction; `Conflict` if a CA already exists.
+    pub async fn insert_ca_keys(&self, rows: &[CaKeyRow]) -> StoreResult<()> {
+        let sql = "INSERT INTO ca_keys (role, certificate, sealed_key, imported, created_at) \
+                   VALUES ($1, $2, $3, $4, $5)";
+        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            for row in rows {
+                sqlx::query(sql)
+                    .bind(&row.role)
+                    .bind(&row.certificate)
+                    .bind(&row.sealed_key)
+                    .bind(row.imported)
+                    .bind(row.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        }
+        .await);
+        result.map_err(|e| StoreError::conflict_on_unique(e, "a CA already exists"))
+    }
+
+    pub async fn insert_enrollment(&self, e: &EnrollmentRecord) -> StoreResult<()> {
+        let sql = "INSERT INTO enrollments (id, for_user, for_device, requested_by, created_at, \
+                   status) VALUES ($1, $2, $3, $4, $5, $6)";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(&e.id)
+            .bind(&e.for_user)
+            .bind(&e.for_device)
+            .bind(&e.requested_by)
+            .bind(e.created_at)
+            .bind(&e.status)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
+        let sql = "SELECT id, for_user, for_device, requested_by, created_at, status \
+                   FROM enrollments WHERE id = $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    pub async fn insert_challenge(
+        &self,
+        challenge_hash: &str,
+        enrollment_id: &str,
+        created_at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let sql = "INSERT INTO scep_challenges (challenge_hash, enrollment_id, created_at, \
+                   expires_at) VALUES ($1, $2, $3, $4)";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(challenge_hash)
+            .bind(enrollment_id)
+            .bind(created_at)
+            .bind(expires_at)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// The enrollment a challenge would redeem for, if it is unused and unexpired now. A read
+    /// only: redemption happens in [`Store::redeem_challenge_and_record`].
+    pub async fn redeemable_challenge(
+        &self,
+        challenge_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<String>> {
+        let sql = "SELECT enrollment_id FROM scep_challenges \
+                   WHERE challenge_hash = $1 AND redeemed_at IS NULL AND expires_at > $2";
+        Ok(on_pool!(self, |pool| sqlx::query_scalar(sql)
+            .bind(challenge_hash)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Atomically marks the challenge used and records the certificate issued under it. Of any
+    /// number of concurrent redemptions of one challenge exactly one commits; the others are
+    /// refused and leave nothing behind. A replayed transaction gets the earlier certificate.
+    pub async fn redeem_challenge_and_record(
+        &self,
+        challenge_hash: &str,
+        enrollment_id: &str,
+        now: DateTime<Utc>,
+        certificate: &CertificateRecord,
+    ) -> StoreResult<Result<Recorded, RedeemRefusal>> {
+        if let Some(earlier) = self
+            .certificate_by_transaction(&certificate.transaction_id, &certificate.sender_nonce)
+            .await?
+        {
+            return Ok(Ok(Recorded::Replay(Box::new(earlier))));
+        }
+        let redeem = "UPDATE scep_challenges SET redeemed_at = $1 \
+                      WHERE challenge_hash = $2 AND enrollment_id = $3 \
+                        AND redeemed_at IS NULL AND expires_at > $1";
+        let outcome: Result<Result<(), RedeemRefusal>, sqlx::Error> =
+            on_pool!(self, |pool| async {
+                let mut tx = pool.begin().await?;
+                let redeemed = sqlx::query(redeem)
+                    .bind(now)
+                    .bind(challenge_hash)
+                    .bind(enrollment_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if redeemed != 1 {
+                    tx.rollback().await?;
+                    return Ok(Err(RedeemRefusal::NotRedeemable));
+                }
+                bind_certificate(sqlx::query(INSERT_CERTIFICATE), certificate)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+            .await);
+        self.recorded_or_replay(outcome, certificate).await
+    }
+
+    /// Records a certificate issued without a challenge (a renewal).
+    pub async fn record_certificate(
+        &self,
+        certificate: &CertificateRecord,
+    ) -> StoreResult<Recorded> {
+        let outcome: Result<Result<(), RedeemRefusal>, sqlx::Error> = on_pool!(self, |pool| {
+            bind_certificate(sqlx::query(INSERT_CERTIFICATE), certificate)
+                .execute(pool)
+                .await
+                .map(|_| Ok(()))
+        });
+        match self.recorded_or_replay(outcome, certificate).await? {
+            Ok(recorded) => Ok(recorded),
+            Err(RedeemRefusal::NotRedeemable) => Err(StoreError::Conflict(
+                "certificate could not be recorded".into(),
+            )),
+        }
+    }
+
+    /// A unique violation on (transaction_id, sender_nonce) means a concurrent replay won:
+    /// answer with what it recorded.
+    async fn recorded_or_replay(
+        &self,
+        outcome: Result<Result<(), RedeemRefusal>, sqlx::Error>,
+        certificate: &CertificateRecord,
+    ) -> StoreResult<Result<Recorded, RedeemRefusal>> {
+        match outcome {
+            Ok(Ok(())) => Ok(Ok(Recorded::Issued)),
+            Ok(Err(refusal)) => Ok(Err(refusal)),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                match self
+                    .certificate_by_transaction(
+                        &certificate.transaction_id,
+                        &certificate.sender_nonce,
+                    )
+                    .await?
+                {
+                    Some(earlier) => Ok(Ok(Recorded::Replay(Box::new(earlier)))),
+                    // A serial collision (2^-128): the caller retries with a new serial.
+                    None => Err(StoreError::Conflict("certificate serial collision".into())),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn certificate_by_transaction(
+        &self,
+        transaction_id: &str,
+        sender_nonce: &str,
+    ) -> StoreResult<Option<CertificateRecord>> {
+        let sql = select_certificates!("WHERE transaction_id = $1 AND sender_nonce = $2");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(transaction_id)
+            .bind(sender_nonce)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// The newest certificate issued under a transaction id (for GetCertInitial polls).
+    pub async fn latest_certificate_for_transaction(
+        &self,
+        transaction_id: &str,
+    ) -> StoreResult<Option<CertificateRecord>> {
+        let sql = select_certificates!("WHERE transaction_id = $1 ORDER BY issued_at DESC LIMIT 1");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(transaction_id)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    pub async fn certificate(&self, serial: &str) -> StoreResult<Option<CertificateRecord>> {
+        let sql = select_certificates!("WHERE serial = $1");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(serial)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    pub async fn list_certificates(
+        &self,
+        query: &CertificateQuery,
+    ) -> StoreResult<Vec<CertificateRecord>> {
+        let sql = select_certificates!(
+            "WHERE ($1 IS NULL OR enrollment_id = $1) AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR serial > $3) ORDER BY serial LIMIT $4"
+        );
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(&query.enrollment_id)
+            .bind(&query.status)
+            .bind(&query.after)
+            .bind(i64::from(query.limit))
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Revokes a valid certificate; `NotFound` when there is no such valid certificate.
+    pub async fn revoke_certificate(
+        &self,
+        serial: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let sql = "UPDATE certificates SET status = $1, revoked_at = $2, revocation_reason = $3 \
+                   WHERE serial = $4 AND status = $5";
+        let changed = on_pool!(self, |pool| sqlx::query(sql)
+            .bind(CERT_REVOKED)
+            .bind(at)
+            .bind(reason)
+            .bind(serial)
+            .bind(CERT_VALID)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound)
+        }
+    }
+}
+
+fn bind_certificate<'q, DB: sqlx::Database>(
+    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>,
+    c: &'q CertificateRecord,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+where
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    query
+        .bind(c.serial.clone())
+        .bind(c.enrollment_id.clone())
+        .bind(c.subject.clone())
+        .bind(c.not_before)
+        .bind(c.not_after)
+        .bind(c.status.clone())
+        .bind(c.renewed_from.clone())
+        .bind(c.transaction_id.clone())
+        .bind(c.sender_nonce.clone())
+        .bind(c.der.clone())
+        .bind(c.issued_at)
+}
