@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, starts the real peers on loopback (PostgreSQL,
+# slapd, the OpenID provider, SimpleSAMLphp; scep's client and server binaries), runs fmt,
+# clippy and the whole suite, and stops every peer it started.
+#
+#   bash tests/run.sh [cargo test arguments...]
+#
+#   TRUSTBROKER_SKIP_LINT=1    skip cargo fmt and clippy
+#   TRUSTBROKER_PEERS_ONLY=1   start the peers and print their environment, then stop
+#   TRUSTBROKER_KEEP_PEERS=1   leave the peers running afterwards
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PEERS=$ROOT/tests/peers
+cd "$ROOT"
+# shellcheck source=tests/peers/common.sh
+. "$PEERS/common.sh"
+
+started_at=$(date +%s)
+step() { printf '\n==> %s (%ss)\n' "$*" "$(($(date +%s) - started_at))"; }
+
+if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+  export PATH=$HOME/.cargo/bin:$PATH
+fi
+
+# Peers this run started (not ones that were already up), to stop on exit.
+started=()
+cleanup() {
+  local status=$?
+  if [[ ${TRUSTBROKER_KEEP_PEERS:-0} != 1 ]]; then
+    for peer in "${started[@]}"; do bash "$PEERS/$peer.sh" stop >/dev/null 2>&1 || true; done
+  fi
+  printf '\n==> done in %ss (exit %s)\n' "$(($(date +%s) - started_at))" "$status"
+  exit "$status"
+}
+trap cleanup EXIT
+
+step "installing what is missing"
+rm -f "$PEERS_DIR/.apt-updated"
+# Native build dependencies of the Rust code, and the tools the tests drive.
+apt_install pkg-config libssl-dev openssl curl ca-certificates iproute2
+# For SAML (samael, a later step): libxml2-dev libxmlsec1-dev libclang-dev clang xmlsec1
+# One after the other: apt and dpkg take locks, so the parallel starts below install nothing.
+for peer in scep ldap oidc saml; do bash "$PEERS/$peer.sh" install; done
+
+step "starting PostgreSQL"
+TRUSTBROKER_TEST_PG=$(bash "$PEERS/postgres.sh")
+
+step "starting slapd, the OpenID provider and SimpleSAMLphp"
+mkdir -p "$PEERS_DIR"
+pids=()
+names=(ldap oidc saml)
+for peer in "${names[@]}"; do
+  bash "$PEERS/$peer.sh" start >"$PEERS_DIR/$peer-start.log" 2>&1 </dev/null &
+  pids+=($!)
+done
+failed=0
+for i in "${!pids[@]}"; do
+  if wait "${pids[$i]}"; then
+    log_file=$PEERS_DIR/${names[$i]}-start.log
+    grep -q "already running" "$log_file" || started+=("${names[$i]}")
+    tail -n 1 "$log_file"
+  else
+    failed=1
+    echo "!! ${names[$i]} failed to start:" >&2
+    cat "$PEERS_DIR/${names[$i]}-start.log" >&2
+  fi
+done
+[[ $failed == 0 ]] || exit 1
+
+export TRUSTBROKER_TEST_PEERS=1
+export TRUSTBROKER_TEST_PG
+export TRUSTBROKER_TEST_LDAP_URL=ldap://127.0.0.1:3389
+export TRUSTBROKER_TEST_LDAPS_URL=ldaps://127.0.0.1:6636
+export TRUSTBROKER_TEST_LDAP_CA=$PEERS_DIR/ldap/tls/ca.crt
+export TRUSTBROKER_TEST_OIDC_ISSUER=http://127.0.0.1:4444
+export TRUSTBROKER_TEST_SAML_METADATA_URL=http://127.0.0.1:8443/saml2/idp/metadata.php
+export TRUSTBROKER_TEST_SAML_CERT=$PEERS_DIR/saml/cert/idp.crt
+if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
+  env | grep '^TRUSTBROKER_TEST_' | sort
+  exit 0
+fi
+
+if [[ ${TRUSTBROKER_SKIP_LINT:-0} != 1 ]]; then
+  step "cargo fmt --check"
+  cargo fmt --check
+  step "cargo clippy"
+  cargo clippy --all-targets --locked -- -D warnings
+fi
+
+step "cargo test"
+cargo test --locked "$@"
