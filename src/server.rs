@@ -24,6 +24,7 @@ use tower::ServiceExt;
 use crate::config::{Config, Database, SecretKeySource};
 use crate::http::{self, AppState};
 use crate::pki::ca::CertificateAuthority;
+use crate::pki::service::ScepService;
 use crate::secrets::MasterKey;
 use crate::store::Store;
 use crate::{telemetry, tls};
@@ -130,10 +131,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .map(TcpListener::local_addr)
         .transpose()?;
     let public_url = config.public_url_for(https_addr);
+    let scep = ScepService::new(
+        store.clone(),
+        ca.clone(),
+        config.pki.static_challenge.clone(),
+    );
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
         metrics: telemetry::metrics_handle(),
+        scep,
         ca,
     };
     let app = http::router(state);

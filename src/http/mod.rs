@@ -4,6 +4,7 @@
 pub mod error;
 pub mod observe;
 pub mod ops;
+pub mod scep;
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::pki::ca::CertificateAuthority;
+use crate::pki::service::ScepService;
 use crate::store::Store;
 
 /// What every handler may reach. Cheap to clone.
@@ -29,6 +31,7 @@ pub struct AppState {
     pub store: Store,
     pub metrics: PrometheusHandle,
     pub ca: Arc<CertificateAuthority>,
+    pub scep: ScepService,
 }
 
 /// The whole application: every route, wrapped in the common middleware.
@@ -38,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route(&config.pki.scep_path, get(scep::get).post(scep::post))
         .nest("/api/v1", crate::admin::router())
         .fallback(error::not_found)
         .with_state(state)

@@ -3,6 +3,8 @@
 
 pub mod ca;
 pub mod challenge;
+pub mod scep;
+pub mod service;
 
 /// PEM text for DER bytes, 64 base64 characters to a line.
 pub fn pem(label: &str, der: &[u8]) -> String {

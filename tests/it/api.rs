@@ -37,26 +37,10 @@ async fn health_readiness_and_metrics_answer_on_both_databases() {
             .unwrap();
         assert_eq!(health.status(), StatusCode::OK);
         assert!(health.headers().contains_key("x-request-id"));
-        let ready: Value = server
-            .client
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ready: Value = server.get_json("/readyz", None).await;
         assert_eq!(ready["status"], "ok");
         assert_eq!(ready["database"], db.name());
-        let metrics = server
-            .client
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.get_text("/metrics").await;
         assert!(
             metrics.contains("trustbroker_http_requests_total{method=\"GET\",route=\"/healthz\""),
             "{metrics}"
@@ -218,16 +202,7 @@ async fn keys_created_over_the_api_work_and_cannot_exceed_their_creator() {
     assert_eq!(created.status(), StatusCode::CREATED);
     let created: Value = created.json().await.unwrap();
     let key = created["key"].as_str().unwrap();
-    let whoami: Value = server
-        .client
-        .get(server.url("/api/v1/whoami"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let whoami: Value = server.get_json("/api/v1/whoami", Some(key)).await;
     assert_eq!(whoami["name"], "reader");
     assert_eq!(whoami["scopes"], json!(["admin-keys:read"]));
 

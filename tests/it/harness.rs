@@ -119,6 +119,8 @@ impl Drop for PgTestDb {
 pub struct TestServer {
     pub server: Option<RunningServer>,
     pub base: String,
+    /// The plain-HTTP listener (SCEP clients such as scepclient speak HTTP).
+    pub http_base: String,
     pub client: reqwest::Client,
     /// Kept so the directory lives as long as the server.
     _data_dir: TempDir,
@@ -139,16 +141,22 @@ impl TestServer {
         let mut args = ConfigArgs {
             data_dir: Some(data_dir.path().to_path_buf()),
             listen: Some("127.0.0.1:0".parse().expect("addr")),
+            http_listen: Some("127.0.0.1:0".parse().expect("addr")),
             ..Default::default()
         };
         adjust(&mut args);
         let config = Config::merge(args, FileConfig::default()).expect("config");
         let server = server::start(config).await.expect("server starts");
         let base = format!("https://{}", server.https_addr);
+        let http_base = server
+            .http_addr
+            .map(|addr| format!("http://{addr}"))
+            .unwrap_or_default();
         let client = client_trusting(&server.tls_cert_path);
         TestServer {
             server: Some(server),
             base,
+            http_base,
             client,
             _data_dir: data_dir,
         }
@@ -169,6 +177,32 @@ impl TestServer {
             .await
             .expect("key created")
             .key
+    }
+
+    /// GET `path` (with an admin key when given), expecting success; the body as JSON.
+    pub async fn get_json(&self, path: &str, key: Option<&str>) -> serde_json::Value {
+        let mut request = self.client.get(self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request sent");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("a JSON body")
+    }
+
+    /// GET `path` without credentials; the body as text, whatever the status.
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent");
+        response.text().await.expect("a text body")
     }
 
     pub async fn stop(mut self) {

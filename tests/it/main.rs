@@ -8,4 +8,5 @@ mod ca;
 mod cli;
 mod harness;
 mod peers;
+mod scep;
 mod store;

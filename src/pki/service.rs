@@ -1,0 +1,484 @@
+//! The SCEP service: what the CA does with each PKIOperation, between the wire format
+//! (`pki::scep`) and the store. Every refusal becomes a signed CertRep FAILURE with the right
+//! failInfo when the request could be addressed at all; nothing is issued on any failure path.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use x509_cert::Certificate;
+
+use super::ca::{CertificateAuthority, IssuedCertificate, KeyMaterial, MIN_RSA_BITS};
+use super::challenge;
+use super::scep::{
+    self, CmsSigner, ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiMessage,
+    RequestHeader, ScepError,
+};
+use crate::config::Secret;
+use crate::store::{CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, Store, StoreError};
+
+/// What the HTTP layer sends back for a PKIOperation.
+pub enum PkiReply {
+    /// A CertRep (SUCCESS or FAILURE), `application/x-pki-message`.
+    CertRep(Vec<u8>),
+    /// Not even a failure CertRep could be addressed (no transaction id, no signer): 400.
+    Unaddressable(String),
+}
+
+#[derive(Clone)]
+pub struct ScepService {
+    store: Store,
+    ca: Arc<CertificateAuthority>,
+    static_challenge: Option<Secret>,
+}
+
+/// A refusal on the way to a certificate, with the failInfo the requester gets.
+struct Refusal {
+    fail_info: FailInfo,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(fail_info: FailInfo, reason: impl Into<String>) -> Self {
+        Refusal {
+            fail_info,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ScepError> for Refusal {
+    fn from(e: ScepError) -> Self {
+        Refusal::new(e.fail_info(), e.to_string())
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "SCEP: store failure");
+        Refusal::new(FailInfo::BadRequest, "internal error")
+    }
+}
+
+impl From<anyhow::Error> for Refusal {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!(error = %e, "SCEP: issuance failure");
+        Refusal::new(FailInfo::BadRequest, "internal error")
+    }
+}
+
+impl ScepService {
+    pub fn new(
+        store: Store,
+        ca: Arc<CertificateAuthority>,
+        static_challenge: Option<Secret>,
+    ) -> Self {
+        ScepService {
+            store,
+            ca,
+            static_challenge,
+        }
+    }
+
+    /// GetCACert: the CA alone (DER), or CA and RA as a degenerate PKCS#7.
+    pub fn ca_certificates(&self) -> Result<(&'static str, Vec<u8>), ScepError> {
+        match &self.ca.ra {
+            None => Ok((
+                "application/x-x509-ca-cert",
+                self.ca.ca.certificate_der.clone(),
+            )),
+            Some(ra) => Ok((
+                "application/x-x509-ca-ra-cert",
+                scep::degenerate_certificates(&[
+                    self.ca.ca.certificate_der.clone(),
+                    ra.certificate_der.clone(),
+                ])?,
+            )),
+        }
+    }
+
+    pub async fn pki_operation(&self, body: Vec<u8>) -> PkiReply {
+        let ca = self.ca.clone();
+        // Parsing, verification and decryption are CPU work with the CA key: off the reactor.
+        let opened = tokio::task::spawn_blocking(move || {
+            let message = scep::parse_pki_message(&body);
+            (body, message.map(|m| open(&ca, m)))
+        })
+        .await;
+        let (body, message) = match opened {
+            Ok(result) => result,
+            Err(e) => return PkiReply::Unaddressable(format!("internal error: {e}")),
+        };
+        let (message, opened) = match message {
+            Ok((message, Ok(opened))) => (message, opened),
+            Ok((message, Err(error))) => {
+                let header = message.header();
+                return self.failure(header, Refusal::from(error)).await;
+            }
+            Err(error) => {
+                // The message did not verify: answer FAILURE if it can be addressed at all.
+                return match scep::parse_request_header(&body) {
+                    Ok(header) => self.failure(header, Refusal::from(error)).await,
+                    Err(_) => PkiReply::Unaddressable(format!("not a SCEP PKIMessage: {error}")),
+                };
+            }
+        };
+        let header = message.header();
+        match self.handle(&message, &opened).await {
+            Ok(issued) => self.success(message, issued, opened.cipher).await,
+            Err(refusal) => self.failure(header, refusal).await,
+        }
+    }
+
+    async fn handle(
+        &self,
+        message: &PkiMessage,
+        opened: &scep::Opened,
+    ) -> Result<Vec<u8>, Refusal> {
+        match message.message_type {
+            MessageType::PkcsReq => self.enroll(message, &opened.content).await,
+            MessageType::RenewalReq => self.renew(message, &opened.content).await,
+            MessageType::CertPoll => {
+                // We never answer PENDING, so a poll can only ask for what was already issued.
+                let record = self
+                    .store
+                    .latest_certificate_for_transaction(&message.transaction_id)
+                    .await?
+                    .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown transaction"))?;
+                Ok(record.der)
+            }
+            MessageType::GetCert => {
+                let serial = scep::parse_issuer_and_serial(&opened.content)?;
+                let record = self
+                    .store
+                    .certificate(&super::ca::serial_hex(&serial))
+                    .await?
+                    .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown certificate"))?;
+                Ok(record.der)
+            }
+            MessageType::GetCrl | MessageType::CertRep => Err(Refusal::new(
+                FailInfo::BadRequest,
+                "unsupported message type",
+            )),
+        }
+    }
+
+    /// PKCSReq: a one-time challenge (or the static one) redeems for exactly one certificate.
+    async fn enroll(&self, message: &PkiMessage, csr_der: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let csr = scep::parse_csr(csr_der)?;
+        check_key(&csr)?;
+        // The request must be signed by the key it asks to have certified (RFC 8894 §2.3).
+        if signer_public_key(&message.signer_certificate)? != csr.public_key_der {
+            return Err(Refusal::new(
+                FailInfo::BadRequest,
+                "the request is not signed by the key it asks to certify",
+            ));
+        }
+        if let Some(earlier) = self
+            .store
+            .certificate_by_transaction(&message.transaction_id, &nonce_hex(message))
+            .await?
+        {
+            return Ok(earlier.der);
+        }
+        let challenge = csr
+            .challenge_password
+            .as_deref()
+            .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "no challenge password"))?;
+        if let Some(fixed) = &self.static_challenge
+            && bool::from(fixed.0.as_bytes().ct_eq(challenge.as_bytes()))
+        {
+            return self.enroll_with_static_challenge(message, &csr).await;
+        }
+        let hash = challenge::hash(challenge);
+        let now = crate::store::now();
+        let enrollment_id = self
+            .store
+            .redeemable_challenge(&hash, now)
+            .await?
+            .ok_or_else(|| {
+                Refusal::new(FailInfo::BadRequest, "challenge unknown, used or expired")
+            })?;
+        let enrollment = self.enrollment(&enrollment_id).await?;
+        let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
+        let record = certificate_record(&issued, message, Some(enrollment_id.clone()), None);
+        match self
+            .store
+            .redeem_challenge_and_record(&hash, &enrollment_id, now, &record)
+            .await?
+        {
+            Ok(Recorded::Issued) => {
+                tracing::info!(serial = %issued.serial, enrollment = %enrollment_id, "SCEP: issued");
+                Ok(issued.der)
+            }
+            Ok(Recorded::Replay(earlier)) => Ok(earlier.der),
+            Err(_) => Err(Refusal::new(
+                FailInfo::BadRequest,
+                "challenge unknown, used or expired",
+            )),
+        }
+    }
+
+    async fn enroll_with_static_challenge(
+        &self,
+        message: &PkiMessage,
+        csr: &scep::CertificationRequest,
+    ) -> Result<Vec<u8>, Refusal> {
+        let enrollment = EnrollmentRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            for_user: None,
+            for_device: None,
+            requested_by: "scep:static-challenge".into(),
+            created_at: crate::store::now(),
+            status: challenge::ENROLLMENT_PENDING.into(),
+        };
+        self.store.insert_enrollment(&enrollment).await?;
+        let enrollment_id = enrollment.id.clone();
+        let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
+        let record = certificate_record(&issued, message, Some(enrollment_id), None);
+        self.record(issued, record).await
+    }
+
+    /// RenewalReq: signed by a still-valid certificate of ours; no challenge needed.
+    async fn renew(&self, message: &PkiMessage, csr_der: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let csr = scep::parse_csr(csr_der)?;
+        check_key(&csr)?;
+        let signer = Certificate::from_der_bytes(&message.signer_certificate)?;
+        let serial = super::ca::serial_hex(signer.tbs_certificate().serial_number().as_bytes());
+        let old = self
+            .store
+            .certificate(&serial)
+            .await?
+            .filter(|c| c.der == message.signer_certificate)
+            .ok_or_else(|| {
+                Refusal::new(
+                    FailInfo::BadMessageCheck,
+                    "renewal not signed by a certificate of this CA",
+                )
+            })?;
+        if old.status != CERT_VALID {
+            return Err(Refusal::new(
+                FailInfo::BadRequest,
+                "the certificate is revoked",
+            ));
+        }
+        if old.not_after <= chrono::Utc::now() {
+            return Err(Refusal::new(
+                FailInfo::BadRequest,
+                "the certificate has expired",
+            ));
+        }
+        if let Some(earlier) = self
+            .store
+            .certificate_by_transaction(&message.transaction_id, &nonce_hex(message))
+            .await?
+        {
+            return Ok(earlier.der);
+        }
+        let enrollment_id = old
+            .enrollment_id
+            .clone()
+            .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "certificate has no enrollment"))?;
+        let enrollment = self.enrollment(&enrollment_id).await?;
+        let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
+        let record = certificate_record(
+            &issued,
+            message,
+            Some(enrollment_id),
+            Some(old.serial.clone()),
+        );
+        self.record(issued, record).await
+    }
+
+    async fn record(
+        &self,
+        issued: IssuedCertificate,
+        record: CertificateRecord,
+    ) -> Result<Vec<u8>, Refusal> {
+        match self.store.record_certificate(&record).await? {
+            Recorded::Issued => {
+                tracing::info!(serial = %issued.serial, "SCEP: issued");
+                Ok(issued.der)
+            }
+            Recorded::Replay(earlier) => Ok(earlier.der),
+        }
+    }
+
+    async fn enrollment(&self, id: &str) -> Result<EnrollmentRecord, Refusal> {
+        self.store
+            .enrollment(id)
+            .await?
+            .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "enrollment record missing"))
+    }
+
+    async fn issue(
+        &self,
+        spki: Vec<u8>,
+        enrollment: EnrollmentRecord,
+    ) -> Result<IssuedCertificate, Refusal> {
+        let ca = self.ca.clone();
+        let issued = tokio::task::spawn_blocking(move || ca.issue(&spki, &enrollment))
+            .await
+            .map_err(|e| anyhow::anyhow!("issuing task: {e}"))??;
+        Ok(issued)
+    }
+
+    async fn success(
+        &self,
+        mut message: PkiMessage,
+        issued_der: Vec<u8>,
+        cipher: ContentCipher,
+    ) -> PkiReply {
+        let ca = self.ca.clone();
+        message.digest = reply_digest(message.digest);
+        let built = tokio::task::spawn_blocking(move || {
+            let signer = RingSigner(ca.scep_recipient());
+            let chain = [issued_der, ca.ca.certificate_der.clone()];
+            scep::cert_rep_success(&message, &chain, cipher, &signer)
+        })
+        .await;
+        match built {
+            Ok(Ok(body)) => PkiReply::CertRep(body),
+            Ok(Err(e)) => PkiReply::Unaddressable(format!("cannot build the reply: {e}")),
+            Err(e) => PkiReply::Unaddressable(format!("internal error: {e}")),
+        }
+    }
+
+    async fn failure(&self, mut header: RequestHeader, refusal: Refusal) -> PkiReply {
+        tracing::info!(
+            transaction = %header.transaction_id,
+            fail_info = ?refusal.fail_info,
+            reason = %refusal.reason,
+            "SCEP: refused"
+        );
+        metrics::counter!("trustbroker_scep_failures_total",
+            "fail_info" => format!("{:?}", refusal.fail_info))
+        .increment(1);
+        let ca = self.ca.clone();
+        header.digest = reply_digest(header.digest);
+        let built = tokio::task::spawn_blocking(move || {
+            scep::cert_rep_failure(&header, refusal.fail_info, &RingSigner(ca.scep_recipient()))
+        })
+        .await;
+        match built {
+            Ok(Ok(body)) => PkiReply::CertRep(body),
+            Ok(Err(e)) => PkiReply::Unaddressable(format!("cannot build the reply: {e}")),
+            Err(e) => PkiReply::Unaddressable(format!("internal error: {e}")),
+        }
+    }
+}
+
+/// Decrypts the envelope of a verified message with the SCEP recipient key.
+#[allow(clippy::result_large_err)]
+fn open(
+    ca: &CertificateAuthority,
+    message: PkiMessage,
+) -> (PkiMessage, Result<scep::Opened, ScepError>) {
+    let recipient = ca.scep_recipient();
+    let opened = scep::open_envelope(
+        &message.enveloped_data,
+        &recipient.certificate_der,
+        &recipient.rsa_key,
+    );
+    (message, opened)
+}
+
+/// ring signs RSA with SHA-256 or SHA-512 only; a SHA-1 request gets a SHA-256 reply, which is
+/// stronger and which every SCEP client that speaks SHA-1 also verifies.
+fn reply_digest(requested: DigestAlgorithm) -> DigestAlgorithm {
+    match requested {
+        DigestAlgorithm::Sha1 => DigestAlgorithm::Sha256,
+        other => other,
+    }
+}
+
+fn check_key(csr: &scep::CertificationRequest) -> Result<(), Refusal> {
+    match csr.rsa_key_bits {
+        Some(bits) if bits >= MIN_RSA_BITS => Ok(()),
+        Some(bits) => Err(Refusal::new(
+            FailInfo::BadRequest,
+            format!("RSA key of {bits} bits; at least {MIN_RSA_BITS} are required"),
+        )),
+        None => Err(Refusal::new(
+            FailInfo::BadAlg,
+            "only RSA keys are issued certificates",
+        )),
+    }
+}
+
+fn signer_public_key(certificate_der: &[u8]) -> Result<Vec<u8>, Refusal> {
+    use der::Encode;
+    let cert = Certificate::from_der_bytes(certificate_der)?;
+    cert.tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|_| Refusal::new(FailInfo::BadRequest, "unreadable signer certificate"))
+}
+
+fn nonce_hex(message: &PkiMessage) -> String {
+    hex::encode(&message.sender_nonce)
+}
+
+fn certificate_record(
+    issued: &IssuedCertificate,
+    message: &PkiMessage,
+    enrollment_id: Option<String>,
+    renewed_from: Option<String>,
+) -> CertificateRecord {
+    CertificateRecord {
+        serial: issued.serial.clone(),
+        enrollment_id,
+        subject: issued.subject.clone(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        status: CERT_VALID.into(),
+        revoked_at: None,
+        revocation_reason: None,
+        renewed_from,
+        transaction_id: message.transaction_id.clone(),
+        sender_nonce: nonce_hex(message),
+        der: issued.der.clone(),
+        issued_at: crate::store::now(),
+    }
+}
+
+/// CMS signatures with the SCEP recipient's key, through ring.
+struct RingSigner<'a>(&'a KeyMaterial);
+
+impl CmsSigner for RingSigner<'_> {
+    fn certificate_der(&self) -> &[u8] {
+        &self.0.certificate_der
+    }
+
+    fn sign(&self, digest: DigestAlgorithm, message: &[u8]) -> Result<Vec<u8>, ScepError> {
+        let algorithm: &'static dyn ring::signature::RsaEncoding = match digest {
+            DigestAlgorithm::Sha256 => &ring::signature::RSA_PKCS1_SHA256,
+            DigestAlgorithm::Sha512 => &ring::signature::RSA_PKCS1_SHA512,
+            DigestAlgorithm::Sha1 => {
+                return Err(ScepError::Internal("ring does not sign with SHA-1".into()));
+            }
+        };
+        let key = &self.0.ring_key;
+        let mut signature = vec![0u8; key.public().modulus_len()];
+        key.sign(
+            algorithm,
+            &ring::rand::SystemRandom::new(),
+            message,
+            &mut signature,
+        )
+        .map_err(|_| ScepError::Internal("RSA signing failed".into()))?;
+        Ok(signature)
+    }
+}
+
+/// `Certificate::from_der` with the error mapped to a SCEP refusal.
+trait FromDerBytes: Sized {
+    fn from_der_bytes(der: &[u8]) -> Result<Self, Refusal>;
+}
+
+impl FromDerBytes for Certificate {
+    fn from_der_bytes(der: &[u8]) -> Result<Self, Refusal> {
+        use der::Decode;
+        Certificate::from_der(der)
+            .map_err(|_| Refusal::new(FailInfo::BadRequest, "unreadable signer certificate"))
+    }
+}

@@ -1,0 +1,610 @@
+//! The SCEP endpoint end to end: micromdm's scepclient against the running broker, the
+//! project's own client over every cipher, one-time challenges under concurrency, replays,
+//! renewal and revocation, and hostile input.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use trustbroker::pki::scep::client::{self, ClientIdentity, Request};
+use trustbroker::pki::scep::{ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiStatus};
+
+use crate::harness::{TestDb, TestServer, peer_env};
+
+/// A server, an admin key for challenges and certificates, and the CA certificate.
+struct Scep {
+    server: TestServer,
+    admin: String,
+    ca: Vec<u8>,
+}
+
+impl Scep {
+    async fn start_on(db: &TestDb) -> Scep {
+        Self::with(TestServer::start_on(db).await).await
+    }
+
+    async fn with(server: TestServer) -> Scep {
+        let admin = server
+            .admin_key(
+                "scep-admin",
+                &["scep:challenge", "certificates:read", "certificates:write"],
+            )
+            .await;
+        let ca = server
+            .client
+            .get(server.url("/scep?operation=GetCACert"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            ca.headers()["content-type"],
+            "application/x-x509-ca-cert",
+            "a CA without RA answers with one DER certificate"
+        );
+        let ca = ca.bytes().await.unwrap().to_vec();
+        Scep { server, admin, ca }
+    }
+
+    async fn challenge(&self) -> Value {
+        self.server
+            .client
+            .post(self.server.url("/api/v1/scep/challenges"))
+            .bearer_auth(&self.admin)
+            .json(&serde_json::json!({"for_user": "bob@example.org"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn post(&self, body: Vec<u8>) -> reqwest::Response {
+        self.server
+            .client
+            .post(self.server.url("/scep?operation=PKIOperation"))
+            .header("content-type", "application/x-pki-message")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn certificates(&self) -> Vec<Value> {
+        let listed = self
+            .server
+            .get_json("/api/v1/certificates", Some(&self.admin))
+            .await;
+        listed["certificates"].as_array().unwrap().clone()
+    }
+}
+
+/// Client keys are slow to make; the suite shares a few.
+fn identity(n: usize) -> &'static ClientIdentity {
+    static IDS: std::sync::OnceLock<Vec<ClientIdentity>> = std::sync::OnceLock::new();
+    &IDS.get_or_init(|| {
+        (0..3)
+            .map(|_| ClientIdentity::generate(2048).unwrap())
+            .collect()
+    })[n]
+}
+
+fn pkcs_req(
+    id: &ClientIdentity,
+    ca: &[u8],
+    challenge: Option<&str>,
+    cipher: ContentCipher,
+    digest: DigestAlgorithm,
+) -> Vec<u8> {
+    let csr = id
+        .csr("whatever-the-device-asks", challenge, digest)
+        .unwrap();
+    let txn = uuid::Uuid::new_v4().to_string();
+    client::build_request(
+        id,
+        &Request {
+            message_type: MessageType::PkcsReq,
+            content: &csr,
+            recipient_der: ca,
+            cipher,
+            digest,
+            transaction_id: &txn,
+            sender_nonce: &uuid::Uuid::new_v4().into_bytes(),
+        },
+    )
+    .unwrap()
+}
+
+async fn outcome(scep: &Scep, id: &ClientIdentity, body: Vec<u8>) -> client::CertRepOutcome {
+    let response = scep.post(body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/x-pki-message"
+    );
+    let bytes = response.bytes().await.unwrap();
+    client::open_cert_rep(&bytes, id, &scep.ca).unwrap()
+}
+
+#[tokio::test]
+async fn capabilities_and_ca_certificate() {
+    let server = TestServer::start().await;
+    let caps = server.get_text("/scep?operation=GetCACaps").await;
+    for cap in [
+        "POSTPKIOperation",
+        "SHA-256",
+        "SHA-512",
+        "AES",
+        "SCEPStandard",
+        "Renewal",
+    ] {
+        assert!(caps.lines().any(|l| l == cap), "{cap} missing from {caps}");
+    }
+    let unknown = server
+        .client
+        .get(server.url("/scep?operation=Nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::BAD_REQUEST);
+    server.stop().await;
+
+    // With an RA, GetCACert is a degenerate PKCS#7 holding the CA and the RA.
+    let server = TestServer::start_with(|args| args.scep_ra = Some(true)).await;
+    let response = server
+        .client
+        .get(server.url("/scep?operation=GetCACert"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/x-x509-ca-ra-cert"
+    );
+    let bundle = response.bytes().await.unwrap();
+    let certs = trustbroker::pki::scep::parse_degenerate_certificates(&bundle).unwrap();
+    assert_eq!(certs.len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_cipher_and_digest_enrolls_once_per_challenge() {
+    let scep = Scep::with(TestServer::start().await).await;
+    let id = identity(0);
+    let mut serials = Vec::new();
+    for cipher in ContentCipher::ALL {
+        for digest in [
+            DigestAlgorithm::Sha1,
+            DigestAlgorithm::Sha256,
+            DigestAlgorithm::Sha512,
+        ] {
+            let challenge = scep.challenge().await;
+            let body = pkcs_req(
+                id,
+                &scep.ca,
+                challenge["challenge"].as_str(),
+                cipher,
+                digest,
+            );
+            let got = outcome(&scep, id, body).await;
+            assert_eq!(got.status, PkiStatus::Success, "{cipher:?} {digest:?}");
+            // Never weaker than the request: SHA-1 requests get SHA-256 replies.
+            assert!(got.digest >= digest.max(DigestAlgorithm::Sha256));
+            let leaf = x509(&got.certificates[0]);
+            assert!(
+                leaf.contains(&format!(
+                    "CN = {}",
+                    challenge["enrollment_id"].as_str().unwrap()
+                )),
+                "{leaf}"
+            );
+            assert!(
+                !leaf.contains("whatever-the-device-asks"),
+                "subject comes from the enrollment"
+            );
+            assert!(leaf.contains("TLS Web Client Authentication"), "{leaf}");
+            assert!(
+                leaf.contains("Digital Signature, Key Encipherment"),
+                "{leaf}"
+            );
+            assert!(leaf.contains("OU = bob@example.org"), "{leaf}");
+            serials.push(serial_of(&leaf));
+        }
+    }
+    serials.sort();
+    serials.dedup();
+    assert_eq!(serials.len(), 12);
+    assert!(
+        serials.iter().all(|s| s.len() >= 30),
+        "128-bit serials: {serials:?}"
+    );
+    assert_eq!(scep.certificates().await.len(), 12);
+    scep.server.stop().await;
+}
+
+#[tokio::test]
+async fn one_challenge_issues_exactly_one_certificate_under_concurrency() {
+    for db in TestDb::all().await {
+        let scep = Arc::new(Scep::start_on(&db).await);
+        let challenge = scep.challenge().await;
+        let challenge = challenge["challenge"].as_str().unwrap().to_string();
+        let attempts: Vec<_> = (0..8)
+            .map(|i| {
+                let scep = scep.clone();
+                let challenge = challenge.clone();
+                tokio::spawn(async move {
+                    let id = identity(i % 3);
+                    let body = pkcs_req(
+                        id,
+                        &scep.ca,
+                        Some(&challenge),
+                        ContentCipher::Aes128Cbc,
+                        DigestAlgorithm::Sha256,
+                    );
+                    outcome(&scep, id, body).await
+                })
+            })
+            .collect();
+        let mut successes = 0;
+        for attempt in attempts {
+            let got = attempt.await.unwrap();
+            match got.status {
+                PkiStatus::Success => successes += 1,
+                _ => assert_eq!(got.fail_info, Some(FailInfo::BadRequest)),
+            }
+        }
+        assert_eq!(successes, 1, "{}", db.name());
+        assert_eq!(scep.certificates().await.len(), 1, "{}", db.name());
+    }
+}
+
+#[tokio::test]
+async fn wrong_reused_expired_and_missing_challenges_issue_nothing() {
+    let server = TestServer::start_with(|args| args.scep_challenge_ttl_secs = Some(1)).await;
+    let scep = Scep::with(server).await;
+    let id = identity(1);
+    let req = |challenge: Option<&str>| {
+        pkcs_req(
+            id,
+            &scep.ca,
+            challenge,
+            ContentCipher::Aes256Cbc,
+            DigestAlgorithm::Sha256,
+        )
+    };
+    for challenge in [Some("not-a-challenge"), None] {
+        let got = outcome(&scep, id, req(challenge)).await;
+        assert_eq!(got.status, PkiStatus::Failure);
+        assert_eq!(got.fail_info, Some(FailInfo::BadRequest));
+    }
+    let issued = scep.challenge().await;
+    let challenge = issued["challenge"].as_str().unwrap();
+    assert_eq!(
+        outcome(&scep, id, req(Some(challenge))).await.status,
+        PkiStatus::Success
+    );
+    let reused = outcome(&scep, id, req(Some(challenge))).await;
+    assert_eq!(reused.status, PkiStatus::Failure);
+    let expiring = scep.challenge().await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let expired = outcome(&scep, id, req(expiring["challenge"].as_str())).await;
+    assert_eq!(expired.status, PkiStatus::Failure);
+    assert_eq!(scep.certificates().await.len(), 1);
+    scep.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_replayed_request_never_issues_twice() {
+    let scep = Scep::with(TestServer::start().await).await;
+    let id = identity(2);
+    let challenge = scep.challenge().await;
+    let body = pkcs_req(
+        id,
+        &scep.ca,
+        challenge["challenge"].as_str(),
+        ContentCipher::DesEde3Cbc,
+        DigestAlgorithm::Sha1,
+    );
+    let first = outcome(&scep, id, body.clone()).await;
+    let again = outcome(&scep, id, body).await;
+    assert_eq!(first.status, PkiStatus::Success);
+    // The retry gets the certificate it already has, not a second one.
+    assert_eq!(again.status, PkiStatus::Success);
+    assert_eq!(again.certificates[0], first.certificates[0]);
+    assert_eq!(scep.certificates().await.len(), 1);
+    scep.server.stop().await;
+}
+
+#[tokio::test]
+async fn renewal_needs_a_valid_certificate_of_ours_and_revocation_ends_it() {
+    let scep = Scep::with(TestServer::start().await).await;
+    let id = identity(0);
+    let challenge = scep.challenge().await;
+    let first = outcome(
+        &scep,
+        id,
+        pkcs_req(
+            id,
+            &scep.ca,
+            challenge["challenge"].as_str(),
+            ContentCipher::Aes128Cbc,
+            DigestAlgorithm::Sha256,
+        ),
+    )
+    .await;
+    let issued = first.certificates[0].clone();
+    let renewal = |signer: &ClientIdentity| {
+        let csr = signer.csr("renew", None, DigestAlgorithm::Sha256).unwrap();
+        client::build_request(
+            signer,
+            &Request {
+                message_type: MessageType::RenewalReq,
+                content: &csr,
+                recipient_der: &scep.ca,
+                cipher: ContentCipher::Aes128Cbc,
+                digest: DigestAlgorithm::Sha256,
+                transaction_id: &uuid::Uuid::new_v4().to_string(),
+                sender_nonce: &[9; 16],
+            },
+        )
+        .unwrap()
+    };
+    let holder = id.with_certificate(issued.clone());
+    let renewed = outcome(&scep, &holder, renewal(&holder)).await;
+    assert_eq!(renewed.status, PkiStatus::Success);
+    assert_ne!(renewed.certificates[0], issued);
+    let certs = scep.certificates().await;
+    assert_eq!(certs.len(), 2);
+    assert!(
+        certs
+            .iter()
+            .any(|c| c["renewed_from"].as_str() == Some(&serial_of(&x509(&issued))))
+    );
+    // Same enrollment, so the same subject.
+    assert_eq!(
+        subject_of(&x509(&renewed.certificates[0])),
+        subject_of(&x509(&issued))
+    );
+
+    // A self-signed certificate is not ours: no renewal without a challenge.
+    let stranger = outcome(&scep, id, renewal(id)).await;
+    assert_eq!(stranger.status, PkiStatus::Failure);
+    assert_eq!(stranger.fail_info, Some(FailInfo::BadMessageCheck));
+
+    let serial = serial_of(&x509(&issued));
+    let revoked = scep
+        .server
+        .client
+        .post(
+            scep.server
+                .url(&format!("/api/v1/certificates/{serial}/revoke")),
+        )
+        .bearer_auth(&scep.admin)
+        .json(&serde_json::json!({"reason": "device lost"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let refused = outcome(&scep, &holder, renewal(&holder)).await;
+    assert_eq!(refused.status, PkiStatus::Failure);
+    assert_eq!(
+        scep.certificates().await.len(),
+        2,
+        "nothing issued after revocation"
+    );
+    let again = scep
+        .server
+        .client
+        .post(
+            scep.server
+                .url(&format!("/api/v1/certificates/{serial}/revoke")),
+        )
+        .bearer_auth(&scep.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    scep.server.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_input_gets_failures_or_4xx_and_issues_nothing() {
+    let scep =
+        Scep::with(TestServer::start_with(|a| a.max_body_bytes = Some(16 * 1024)).await).await;
+    let id = identity(1);
+    let challenge = scep.challenge().await;
+    let good = pkcs_req(
+        id,
+        &scep.ca,
+        challenge["challenge"].as_str(),
+        ContentCipher::Aes128Cbc,
+        DigestAlgorithm::Sha256,
+    );
+
+    // Garbage and truncation: not addressable, so a 400.
+    for body in [b"garbage".to_vec(), good[..200].to_vec(), Vec::new()] {
+        assert_eq!(scep.post(body).await.status(), StatusCode::BAD_REQUEST);
+    }
+    // Oversized: 413 before anything is parsed.
+    assert_eq!(
+        scep.post(vec![0x30; 64 * 1024]).await.status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    // A tampered signature: a signed FAILURE with badMessageCheck.
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x55;
+    let got = outcome(&scep, id, tampered).await;
+    assert_eq!(got.fail_info, Some(FailInfo::BadMessageCheck));
+    // Encrypted to someone else: badMessageCheck as well.
+    let other = identity(2);
+    let foreign = pkcs_req(
+        id,
+        &other.certificate_der,
+        challenge["challenge"].as_str(),
+        ContentCipher::Aes128Cbc,
+        DigestAlgorithm::Sha256,
+    );
+    let got = outcome(&scep, id, foreign).await;
+    assert_eq!(got.fail_info, Some(FailInfo::BadMessageCheck));
+    // GET with base64 works the same way as POST, and bad base64 is a 400.
+    let bad_b64 = scep
+        .server
+        .client
+        .get(scep.server.url("/scep?operation=PKIOperation&message=%%%"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_b64.status(), StatusCode::BAD_REQUEST);
+
+    assert!(scep.certificates().await.is_empty(), "nothing was issued");
+    // The challenge survived all of that and still works, over GET.
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&good);
+    let response = scep
+        .server
+        .client
+        .get(scep.server.url("/scep"))
+        .query(&[("operation", "PKIOperation"), ("message", encoded.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let bytes = response.bytes().await.unwrap();
+    let got = client::open_cert_rep(&bytes, id, &scep.ca).unwrap();
+    assert_eq!(got.status, PkiStatus::Success);
+    scep.server.stop().await;
+}
+
+#[tokio::test]
+async fn micromdm_scepclient_enrolls_with_a_one_time_challenge() {
+    if peer_env("TRUSTBROKER_TEST_PEERS").is_none() {
+        return;
+    }
+    let scep = Scep::with(TestServer::start().await).await;
+    let challenge = scep.challenge().await;
+    let dir = tempfile::tempdir().unwrap();
+    // tokio's Command: a blocking wait would starve the server on this runtime.
+    let run = |challenge: &str| {
+        tokio::process::Command::new("scepclient")
+            .current_dir(dir.path())
+            .args([
+                "-private-key",
+                "device.key",
+                "-server-url",
+                &format!("{}/scep", scep.server.http_base),
+                "-challenge",
+                challenge,
+                "-cn",
+                "ignored-by-policy",
+            ])
+            .kill_on_drop(true)
+            .output()
+    };
+    let out = run(challenge["challenge"].as_str().unwrap())
+        .await
+        .expect("scepclient runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        trustbroker::pki::pem("CERTIFICATE", &scep.ca),
+    )
+    .unwrap();
+    let verify = Command::new("openssl")
+        .current_dir(dir.path())
+        .args([
+            "verify",
+            "-CAfile",
+            "ca.pem",
+            "-purpose",
+            "sslclient",
+            "client.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let text = Command::new("openssl")
+        .current_dir(dir.path())
+        .args(["x509", "-in", "client.pem", "-noout", "-text"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(challenge["enrollment_id"].as_str().unwrap()),
+        "{text}"
+    );
+    assert_eq!(scep.certificates().await.len(), 1);
+
+    // The same challenge again, from a fresh key: refused, nothing issued.
+    std::fs::remove_file(dir.path().join("client.pem")).unwrap();
+    std::fs::remove_file(dir.path().join("device.key")).unwrap();
+    std::fs::remove_file(dir.path().join("csr.pem")).ok();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        run(challenge["challenge"].as_str().unwrap()),
+    )
+    .await;
+    assert!(!dir.path().join("client.pem").exists(), "{out:?}");
+    assert_eq!(scep.certificates().await.len(), 1);
+    scep.server.stop().await;
+}
+
+fn x509(der: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.der");
+    std::fs::write(&path, der).unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            path.to_str().unwrap(),
+            "-noout",
+            "-text",
+            "-nameopt",
+            "oneline,-esc_msb",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn serial_of(text: &str) -> String {
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("Serial Number:") {
+            let rest = rest.trim();
+            let hex = if rest.is_empty() {
+                lines.next().unwrap_or("").trim()
+            } else {
+                rest.split(' ').next().unwrap_or("")
+            };
+            return hex
+                .replace(':', "")
+                .to_lowercase()
+                .trim_start_matches("0x")
+                .to_string();
+        }
+    }
+    panic!("no serial in {text}");
+}
+
+fn subject_of(text: &str) -> String {
+    text.lines()
+        .find(|l| l.trim().starts_with("Subject:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
