@@ -4,6 +4,7 @@
 //! integration tests can start the same server in-process.
 
 pub mod admin;
+pub mod apple;
 pub mod audit;
 pub mod config;
 pub mod fsutil;

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use crate::apple::service::MdmService;
 use crate::config::{Config, Database, SecretKeySource};
 use crate::http::{self, AppState};
 use crate::pki::ca::CertificateAuthority;
@@ -136,11 +137,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ca.clone(),
         config.pki.static_challenge.clone(),
     );
+    let mdm = MdmService::new(store.clone(), Arc::new(master), Vec::new());
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
         metrics: telemetry::metrics_handle(),
         scep,
+        mdm,
         ca,
     };
     let app = http::router(state);

@@ -44,6 +44,8 @@ required_scopes! {
     ScepChallenge => Some(Scope::ScepChallenge),
     CertificatesRead => Some(Scope::CertificatesRead),
     CertificatesWrite => Some(Scope::CertificatesWrite),
+    DevicesRead => Some(Scope::DevicesRead),
+    CommandsWrite => Some(Scope::CommandsWrite),
 }
 
 /// Where a request came from, for audit records.

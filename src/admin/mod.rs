@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod keys;
+pub mod mdm;
 pub mod pki;
 pub mod scope;
 
@@ -26,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin-keys", get(list_keys).post(create_key))
         .route("/admin-keys/{name}", delete(revoke_key))
         .merge(pki::router())
+        .merge(mdm::router())
 }
 
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {
@@ -168,5 +170,15 @@ async fn revoke_key(
                 .await;
             Err(err)
         }
+    }
+}
+
+/// The `limit` of a listing: 1 to 1000, 100 when not given.
+pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=1000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request("limit must be between 1 and 1000"))
     }
 }

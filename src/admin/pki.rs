@@ -146,10 +146,7 @@ async fn list_certificates(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
-    }
+    let limit = super::page_limit(params.limit)?;
     if let Some(status) = &params.status
         && ![crate::store::CERT_VALID, crate::store::CERT_REVOKED].contains(&status.as_str())
     {

@@ -13,6 +13,8 @@ pub enum Scope {
     ScepChallenge,
     CertificatesRead,
     CertificatesWrite,
+    DevicesRead,
+    CommandsWrite,
 }
 
 impl Scope {
@@ -24,6 +26,8 @@ impl Scope {
         Scope::ScepChallenge,
         Scope::CertificatesRead,
         Scope::CertificatesWrite,
+        Scope::DevicesRead,
+        Scope::CommandsWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +39,8 @@ impl Scope {
             Scope::ScepChallenge => "scep:challenge",
             Scope::CertificatesRead => "certificates:read",
             Scope::CertificatesWrite => "certificates:write",
+            Scope::DevicesRead => "devices:read",
+            Scope::CommandsWrite => "commands:write",
         }
     }
 

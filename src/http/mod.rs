@@ -2,6 +2,7 @@
 //! Handlers stay thin (parse, call a service, map the result); no SQL or protocol code here.
 
 pub mod error;
+pub mod mdm;
 pub mod observe;
 pub mod ops;
 pub mod scep;
@@ -12,13 +13,14 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Request, StatusCode};
 use axum::middleware;
-use axum::routing::get;
+use axum::routing::{get, put};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::apple::service::MdmService;
 use crate::config::Config;
 use crate::pki::ca::CertificateAuthority;
 use crate::pki::service::ScepService;
@@ -32,6 +34,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub ca: Arc<CertificateAuthority>,
     pub scep: ScepService,
+    pub mdm: MdmService,
 }
 
 /// The whole application: every route, wrapped in the common middleware.
@@ -42,6 +45,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route(&config.pki.scep_path, get(scep::get).post(scep::post))
+        .route(mdm::CHECKIN_PATH, put(mdm::check_in))
+        .route(mdm::CONNECT_PATH, put(mdm::connect))
         .nest("/api/v1", crate::admin::router())
         .fallback(error::not_found)
         .with_state(state)

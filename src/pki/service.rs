@@ -29,6 +29,9 @@ pub struct ScepService {
     store: Store,
     ca: Arc<CertificateAuthority>,
     static_challenge: Option<Secret>,
+    /// One permit per core for RSA work: more at once only interleaves requests on the same
+    /// cores, so every request finishes later and the slowest much later.
+    cpu: Arc<tokio::sync::Semaphore>,
 }
 
 /// A refusal on the way to a certificate, with the failInfo the requester gets.
@@ -72,11 +75,23 @@ impl ScepService {
         ca: Arc<CertificateAuthority>,
         static_challenge: Option<Secret>,
     ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         ScepService {
             store,
             ca,
             static_challenge,
+            cpu: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
+    }
+
+    /// Runs CPU-bound work with the CA key on the blocking pool, at most one task per core.
+    async fn cpu_bound<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = self.cpu.acquire().await.ok();
+        tokio::task::spawn_blocking(work).await
     }
 
     /// GetCACert: the CA alone (DER), or CA and RA as a degenerate PKCS#7.
@@ -99,11 +114,12 @@ impl ScepService {
     pub async fn pki_operation(&self, body: Vec<u8>) -> PkiReply {
         let ca = self.ca.clone();
         // Parsing, verification and decryption are CPU work with the CA key: off the reactor.
-        let opened = tokio::task::spawn_blocking(move || {
-            let message = scep::parse_pki_message(&body);
-            (body, message.map(|m| open(&ca, m)))
-        })
-        .await;
+        let opened = self
+            .cpu_bound(move || {
+                let message = scep::parse_pki_message(&body);
+                (body, message.map(|m| open(&ca, m)))
+            })
+            .await;
         let (body, message) = match opened {
             Ok(result) => result,
             Err(e) => return PkiReply::Unaddressable(format!("internal error: {e}")),
@@ -251,19 +267,19 @@ impl ScepService {
             .filter(|c| c.der == message.signer_certificate)
             .ok_or_else(|| {
                 Refusal::new(
-                    FailInfo::BadMessageCheck,
+                    FailInfo::BadCertId,
                     "renewal not signed by a certificate of this CA",
                 )
             })?;
         if old.status != CERT_VALID {
             return Err(Refusal::new(
-                FailInfo::BadRequest,
+                FailInfo::BadCertId,
                 "the certificate is revoked",
             ));
         }
         if old.not_after <= chrono::Utc::now() {
             return Err(Refusal::new(
-                FailInfo::BadRequest,
+                FailInfo::BadTime,
                 "the certificate has expired",
             ));
         }
@@ -316,7 +332,8 @@ impl ScepService {
         enrollment: EnrollmentRecord,
     ) -> Result<IssuedCertificate, Refusal> {
         let ca = self.ca.clone();
-        let issued = tokio::task::spawn_blocking(move || ca.issue(&spki, &enrollment))
+        let issued = self
+            .cpu_bound(move || ca.issue(&spki, &enrollment))
             .await
             .map_err(|e| anyhow::anyhow!("issuing task: {e}"))??;
         Ok(issued)
@@ -330,12 +347,13 @@ impl ScepService {
     ) -> PkiReply {
         let ca = self.ca.clone();
         message.digest = reply_digest(message.digest);
-        let built = tokio::task::spawn_blocking(move || {
-            let signer = RingSigner(ca.scep_recipient());
-            let chain = [issued_der, ca.ca.certificate_der.clone()];
-            scep::cert_rep_success(&message, &chain, cipher, &signer)
-        })
-        .await;
+        let built = self
+            .cpu_bound(move || {
+                let signer = RingSigner(ca.scep_recipient());
+                let chain = [issued_der, ca.ca.certificate_der.clone()];
+                scep::cert_rep_success(&message, &chain, cipher, &signer)
+            })
+            .await;
         match built {
             Ok(Ok(body)) => PkiReply::CertRep(body),
             Ok(Err(e)) => PkiReply::Unaddressable(format!("cannot build the reply: {e}")),
@@ -355,10 +373,11 @@ impl ScepService {
         .increment(1);
         let ca = self.ca.clone();
         header.digest = reply_digest(header.digest);
-        let built = tokio::task::spawn_blocking(move || {
-            scep::cert_rep_failure(&header, refusal.fail_info, &RingSigner(ca.scep_recipient()))
-        })
-        .await;
+        let built = self
+            .cpu_bound(move || {
+                scep::cert_rep_failure(&header, refusal.fail_info, &RingSigner(ca.scep_recipient()))
+            })
+            .await;
         match built {
             Ok(Ok(body)) => PkiReply::CertRep(body),
             Ok(Err(e)) => PkiReply::Unaddressable(format!("cannot build the reply: {e}")),

@@ -8,6 +8,7 @@
 
 mod admin_keys;
 mod audit;
+mod mdm;
 mod pki;
 
 use std::path::Path;
@@ -20,6 +21,10 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use mdm::{
+    BindRefusal, CommandOutcome, CommandRecord, DeviceFacts, DeviceRecord, MdmEnrollment,
+    NewCommand, PENDING, Queued, TokenUpdateRecord,
+};
 pub use pki::{
     CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,
     Recorded, RedeemRefusal,

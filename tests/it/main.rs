@@ -6,7 +6,9 @@
 mod api;
 mod ca;
 mod cli;
+mod device;
 mod harness;
+mod mdm;
 mod peers;
 mod scep;
 mod store;

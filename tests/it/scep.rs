@@ -370,7 +370,7 @@ async fn renewal_needs_a_valid_certificate_of_ours_and_revocation_ends_it() {
     // A self-signed certificate is not ours: no renewal without a challenge.
     let stranger = outcome(&scep, id, renewal(id)).await;
     assert_eq!(stranger.status, PkiStatus::Failure);
-    assert_eq!(stranger.fail_info, Some(FailInfo::BadMessageCheck));
+    assert_eq!(stranger.fail_info, Some(FailInfo::BadCertId));
 
     let serial = serial_of(&x509(&issued));
     let revoked = scep
@@ -388,6 +388,7 @@ async fn renewal_needs_a_valid_certificate_of_ours_and_revocation_ends_it() {
     assert_eq!(revoked.status(), StatusCode::OK);
     let refused = outcome(&scep, &holder, renewal(&holder)).await;
     assert_eq!(refused.status, PkiStatus::Failure);
+    assert_eq!(refused.fail_info, Some(FailInfo::BadCertId));
     assert_eq!(
         scep.certificates().await.len(),
         2,

@@ -143,7 +143,7 @@ pub fn seal_envelope(
     let recipient = Certificate::from_der(recipient_cert_der)?;
     let tbs = recipient.tbs_certificate();
     let public_key =
-        RsaPublicKey::from_pkcs1_der(&super::message::rsa_public_key(recipient_cert_der)?)
+        RsaPublicKey::from_pkcs1_der(&super::signed_data::rsa_public_key(recipient_cert_der)?)
             .map_err(|_| malformed("recipient RSA key"))?;
     let mut content_key = vec![0u8; cipher.key_len()];
     fill_random(&mut content_key);

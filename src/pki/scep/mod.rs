@@ -1,5 +1,5 @@
 //! SCEP (RFC 8894) on the wire: PKIMessages, their CMS envelopes and signatures, CertRep
-//! replies. Pure functions over bytes: no I/O, no async, no storage. Strict and bounded, because
+//! replies; and the CMS SignedData verification that Apple's `Mdm-Signature` shares with them. Pure functions over bytes: no I/O, no async, no storage. Strict and bounded, because
 //! every byte here comes from the network and is opened with the CA key.
 //!
 //! RustCrypto's `cms` provides the ASN.1 types used to build replies; verification, decryption,
@@ -10,6 +10,7 @@ mod csr;
 mod envelope;
 mod message;
 mod reply;
+mod signed_data;
 mod tlv;
 
 #[cfg(test)]
@@ -20,8 +21,9 @@ pub use envelope::{Opened, open_envelope, seal_envelope};
 pub use message::{PkiMessage, RequestHeader, parse_pki_message, parse_request_header};
 pub use reply::{
     cert_rep_failure, cert_rep_success, degenerate_certificates, parse_degenerate_certificates,
-    parse_issuer_and_serial,
+    parse_issuer_and_serial, sign_attached, sign_detached,
 };
+pub use signed_data::{VerifiedSigner, verify_detached};
 
 use const_oid::ObjectIdentifier;
 

@@ -18,6 +18,34 @@ pub(crate) fn sign_pki_message(
     digest: DigestAlgorithm,
     signer: &dyn CmsSigner,
 ) -> Result<Vec<u8>, ScepError> {
+    sign_cms(econtent, true, scep_attributes, digest, signer)
+}
+
+/// SignedData over `content`, carried inside (a signed configuration profile).
+pub fn sign_attached(
+    content: &[u8],
+    digest: DigestAlgorithm,
+    signer: &dyn CmsSigner,
+) -> Result<Vec<u8>, ScepError> {
+    sign_cms(content, true, &[], digest, signer)
+}
+
+/// A detached signature over `content`: what an Apple device sends as `Mdm-Signature`.
+pub fn sign_detached(
+    content: &[u8],
+    digest: DigestAlgorithm,
+    signer: &dyn CmsSigner,
+) -> Result<Vec<u8>, ScepError> {
+    sign_cms(content, false, &[], digest, signer)
+}
+
+fn sign_cms(
+    econtent: &[u8],
+    attached: bool,
+    scep_attributes: &[(ObjectIdentifier, Vec<u8>)],
+    digest: DigestAlgorithm,
+    signer: &dyn CmsSigner,
+) -> Result<Vec<u8>, ScepError> {
     let mut attributes = vec![
         build::attribute(&oids::CONTENT_TYPE, &build::oid(&oids::DATA)),
         build::attribute(
@@ -49,10 +77,14 @@ pub(crate) fn sign_pki_message(
     let signed_data = build::sequence(&[
         &build::small_integer(1),
         &build::set_of(vec![digest_algorithm.clone()]),
-        &build::sequence(&[
-            &build::oid(&oids::DATA),
-            &build::explicit(0, &build::octet_string(econtent)),
-        ]),
+        &if attached {
+            build::sequence(&[
+                &build::oid(&oids::DATA),
+                &build::explicit(0, &build::octet_string(econtent)),
+            ])
+        } else {
+            build::sequence(&[&build::oid(&oids::DATA)])
+        },
         &build::element(0xa0, signer.certificate_der()),
         &build::set_of(vec![signer_info]),
     ]);

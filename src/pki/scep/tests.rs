@@ -64,7 +64,7 @@ fn scepclient_request_parses_verifies_and_opens() {
     assert_eq!(csr.challenge_password.as_deref(), Some("secret123"));
     assert_eq!(csr.rsa_key_bits, Some(2048));
     // The request is signed by the key it asks to certify.
-    let signer_key = super::message::rsa_public_key(&message.signer_certificate).unwrap();
+    let signer_key = super::signed_data::rsa_public_key(&message.signer_certificate).unwrap();
     assert!(
         csr.public_key_der
             .windows(signer_key.len())

@@ -1,0 +1,302 @@
+//! Admin API for Apple MDM: enrollments (command channels) and their devices, and the command
+//! queue: enqueue for many enrollments at once, inspect history with results, cancel.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{self, Admin};
+use crate::apple::commands;
+use crate::apple::inventory;
+use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::store::{CommandRecord, MdmEnrollment, NewCommand, Queued};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/commands", post(enqueue))
+        .route("/commands/{uuid}", delete(cancel).get(show_command))
+        .route("/enrollments", get(list_enrollments))
+        .route("/enrollments/{id}", get(show_enrollment))
+        .route("/enrollments/{id}/commands", get(enrollment_commands))
+}
+
+/// Most enrollments one enqueue may address.
+const MAX_TARGETS: usize = 10_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueBody {
+    enrollment_ids: Vec<String>,
+    /// A typed command with Apple's key names.
+    command: Option<Value>,
+    /// Or a raw command plist (XML text).
+    command_plist: Option<String>,
+    /// Queue even when an identical command is pending for an enrollment.
+    #[serde(default)]
+    allow_duplicates: bool,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        message.into(),
+    )
+}
+
+async fn enqueue(
+    admin: Admin<auth::CommandsWrite>,
+    State(state): State<AppState>,
+    Json(body): Json<EnqueueBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let command = match (&body.command, &body.command_plist) {
+        (Some(json), None) => commands::from_json(json),
+        (None, Some(xml)) => commands::from_plist(xml.as_bytes()),
+        _ => {
+            return Err(invalid(
+                "give exactly one of command (JSON with Apple's keys) or command_plist",
+            ));
+        }
+    }
+    .map_err(|e| invalid(e.to_string()))?;
+    let mut targets = body.enrollment_ids.clone();
+    targets.sort();
+    targets.dedup();
+    if targets.is_empty() || targets.len() > MAX_TARGETS {
+        return Err(invalid(format!(
+            "enrollment_ids must name 1 to {MAX_TARGETS} enrollments"
+        )));
+    }
+    let mut unknown = Vec::new();
+    for id in &targets {
+        match state.store.mdm_enrollment(id).await? {
+            Some(e) if e.status != "checked-out" => {}
+            _ => unknown.push(id.clone()),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(invalid(format!(
+            "not enrolled (unknown or checked out): {}",
+            unknown.join(", ")
+        )));
+    }
+    let fingerprint = command.fingerprint();
+    let actor = admin.principal.actor();
+    let new: Vec<NewCommand> = targets
+        .iter()
+        .map(|id| {
+            let uuid = uuid::Uuid::new_v4().to_string().to_uppercase();
+            NewCommand {
+                body: command.envelope(&uuid),
+                uuid,
+                enrollment_id: id.clone(),
+                request_type: command.request_type.clone(),
+                fingerprint: fingerprint.clone(),
+                created_by: actor.clone(),
+            }
+        })
+        .collect();
+    let queued = match state.store.enqueue(&new, !body.allow_duplicates).await {
+        Ok(queued) => queued,
+        Err(e) => {
+            admin
+                .audit(
+                    &state,
+                    "command.enqueue",
+                    Some(&command.request_type),
+                    OUTCOME_FAILURE,
+                    None,
+                )
+                .await;
+            return Err(e.into());
+        }
+    };
+    let results: Vec<Value> = new
+        .iter()
+        .zip(&queued)
+        .map(|(c, q)| match q {
+            Queued::Queued => json!({"enrollment_id": c.enrollment_id, "command_uuid": c.uuid,
+                                     "status": "queued"}),
+            Queued::Duplicate(existing) => json!({"enrollment_id": c.enrollment_id,
+                "command_uuid": existing, "status": "duplicate"}),
+        })
+        .collect();
+    admin
+        .audit(
+            &state,
+            "command.enqueue",
+            Some(&command.request_type),
+            OUTCOME_SUCCESS,
+            Some(json!({"commands": results})),
+        )
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"request_type": command.request_type, "commands": results})),
+    ))
+}
+
+async fn cancel(
+    admin: Admin<auth::CommandsWrite>,
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if state.store.cancel_command(&uuid).await? {
+        admin
+            .audit(&state, "command.cancel", Some(&uuid), OUTCOME_SUCCESS, None)
+            .await;
+        Ok(Json(json!({"cancelled": uuid})))
+    } else {
+        admin
+            .audit(&state, "command.cancel", Some(&uuid), OUTCOME_FAILURE, None)
+            .await;
+        Err(ApiError::not_found(
+            "no pending command with that UUID (unknown, answered or already cancelled)",
+        ))
+    }
+}
+
+async fn show_command(
+    _admin: Admin<auth::DevicesRead>,
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let command = state
+        .store
+        .command(&uuid)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no command with that UUID"))?;
+    Ok(Json(command_view(&command)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_enrollments(
+    _admin: Admin<auth::DevicesRead>,
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = super::page_limit(params.limit)?;
+    let page = state
+        .store
+        .list_mdm_enrollments(params.after.as_deref(), limit)
+        .await?;
+    let next_after = (page.len() == limit as usize)
+        .then(|| page.last().map(|e| e.id.clone()))
+        .flatten();
+    let mut enrollments = Vec::with_capacity(page.len());
+    for enrollment in page {
+        enrollments.push(enrollment_view(&state, enrollment, false).await?);
+    }
+    Ok(Json(
+        json!({"enrollments": enrollments, "next_after": next_after}),
+    ))
+}
+
+async fn show_enrollment(
+    _admin: Admin<auth::DevicesRead>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let enrollment = state
+        .store
+        .mdm_enrollment(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no enrollment with that ID"))?;
+    Ok(Json(enrollment_view(&state, enrollment, true).await?))
+}
+
+async fn enrollment_commands(
+    _admin: Admin<auth::DevicesRead>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    if state.store.mdm_enrollment(&id).await?.is_none() {
+        return Err(ApiError::not_found("no enrollment with that ID"));
+    }
+    let limit = params.limit.unwrap_or(1000).clamp(1, 1000);
+    let commands = state.store.commands_for(&id, limit).await?;
+    Ok(Json(json!({
+        "enrollment_id": id,
+        "commands": commands.iter().map(command_view).collect::<Vec<_>>(),
+    })))
+}
+
+/// An enrollment with its device; `detailed` adds the inventory and installed profiles.
+async fn enrollment_view(
+    state: &AppState,
+    enrollment: MdmEnrollment,
+    detailed: bool,
+) -> Result<Value, ApiError> {
+    let device = state.store.device(&enrollment.udid).await?;
+    let mut view = serde_json::to_value(&enrollment).map_err(|e| ApiError::internal(&e))?;
+    if let (Some(device), Some(object)) = (device, view.as_object_mut()) {
+        let parse = |text: &Option<String>| {
+            text.as_deref()
+                .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        };
+        let mut d = json!({
+            "udid": device.udid,
+            "enrollment_record_id": device.enrollment_id,
+            "serial_number": device.serial_number,
+            "model": device.model,
+            "model_name": device.model_name,
+            "product_name": device.product_name,
+            "device_name": device.device_name,
+            "os_version": device.os_version,
+            "build_version": device.build_version,
+            "topic": device.topic,
+            "authenticated_at": device.authenticated_at,
+            "updated_at": device.updated_at,
+        });
+        if detailed && let Some(d) = d.as_object_mut() {
+            d.insert(
+                "inventory".into(),
+                parse(&device.inventory).unwrap_or(Value::Null),
+            );
+            d.insert(
+                "profiles".into(),
+                parse(&device.profiles).unwrap_or(Value::Null),
+            );
+        }
+        object.insert("device".into(), d);
+    }
+    Ok(view)
+}
+
+fn command_view(command: &CommandRecord) -> Value {
+    let mut view = serde_json::to_value(command).unwrap_or_else(|_| json!({}));
+    if let Some(object) = view.as_object_mut() {
+        let result = command
+            .result
+            .as_deref()
+            .and_then(|raw| crate::apple::plist::parse_value(raw).ok())
+            .map(|v| inventory::to_json(&v));
+        object.insert("result".into(), result.unwrap_or(Value::Null));
+        if let Some(chain) = command
+            .error_chain
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        {
+            object.insert("error_chain".into(), chain);
+        }
+        let sent = crate::apple::plist::parse_value(&command.body)
+            .ok()
+            .and_then(|v| v.into_dictionary())
+            .and_then(|mut d| d.remove("Command"))
+            .map(|c| inventory::to_json(&c));
+        object.insert("command".into(), sent.unwrap_or(Value::Null));
+    }
+    view
+}

@@ -1,0 +1,11 @@
+//! The Apple MDM protocol: what a device says after it installs its enrollment profile.
+//! `messages` and `plist` read what devices send, `identity` checks who signed it, `service`
+//! runs check-in and the command channel, `commands` builds what the queue sends, `inventory`
+//! keeps what devices report.
+
+pub mod commands;
+pub mod identity;
+pub mod inventory;
+pub mod messages;
+pub mod plist;
+pub mod service;

@@ -1,0 +1,581 @@
+//! Apple MDM state: devices (bound to the enrollment record whose certificate first
+//! authenticated them), their command channels ("enrollments"), and the command queue.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Store, StoreError, StoreResult, on_pool};
+
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct DeviceRecord {
+    /// The UDID, or the EnrollmentID of a User Enrollment.
+    pub udid: String,
+    /// The enrollment record (`enrollments.id`) whose certificates may speak for this device.
+    pub enrollment_id: String,
+    pub serial_number: Option<String>,
+    pub model: Option<String>,
+    pub model_name: Option<String>,
+    pub product_name: Option<String>,
+    pub device_name: Option<String>,
+    pub os_version: Option<String>,
+    pub build_version: Option<String>,
+    pub topic: String,
+    /// JSON: the last DeviceInformation QueryResponses.
+    pub inventory: Option<String>,
+    /// JSON: the last ProfileList.
+    pub profiles: Option<String>,
+    #[serde(skip)]
+    pub bootstrap_token: Option<String>,
+    pub authenticated_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What an Authenticate says about a device.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFacts {
+    pub serial_number: Option<String>,
+    pub model: Option<String>,
+    pub model_name: Option<String>,
+    pub product_name: Option<String>,
+    pub device_name: Option<String>,
+    pub os_version: Option<String>,
+    pub build_version: Option<String>,
+}
+
+/// A command channel: the device channel, or a user channel on it.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct MdmEnrollment {
+    pub id: String,
+    pub udid: String,
+    /// `device` or `user`.
+    pub channel: String,
+    pub user_id: Option<String>,
+    pub user_short_name: Option<String>,
+    pub user_long_name: Option<String>,
+    #[serde(skip)]
+    pub push_token: Option<String>,
+    #[serde(skip)]
+    pub push_magic: Option<String>,
+    #[serde(skip)]
+    pub unlock_token: Option<String>,
+    /// `pending` (authenticated, no push token yet), `active`, `checked-out`.
+    pub status: String,
+    /// `unknown`, `ok`, or `unregistered` (APNs said the token is dead).
+    pub push_status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+/// What a TokenUpdate records for a channel.
+#[derive(Clone, Debug)]
+pub struct TokenUpdateRecord {
+    pub enrollment_id: String,
+    pub udid: String,
+    pub channel: &'static str,
+    pub user_id: Option<String>,
+    pub user_short_name: Option<String>,
+    pub user_long_name: Option<String>,
+    /// Hex of the APNs device token.
+    pub push_token: String,
+    pub push_magic: String,
+    /// Sealed with the master key (it can clear the passcode).
+    pub unlock_token: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct CommandRecord {
+    pub uuid: String,
+    pub enrollment_id: String,
+    pub request_type: String,
+    #[serde(skip)]
+    pub fingerprint: String,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+    pub status: String,
+    pub created_by: String,
+    pub queued_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub answered_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub result: Option<Vec<u8>>,
+    pub error_chain: Option<String>,
+}
+
+/// A command to queue for one enrollment.
+#[derive(Clone, Debug)]
+pub struct NewCommand {
+    pub uuid: String,
+    pub enrollment_id: String,
+    pub request_type: String,
+    pub fingerprint: String,
+    pub body: Vec<u8>,
+    pub created_by: String,
+}
+
+/// The outcome of queueing one command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Queued {
+    Queued,
+    /// An identical command is already pending for that enrollment: its UUID.
+    Duplicate(String),
+}
+
+/// What the device said about a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    Acknowledged,
+    Error,
+    FormatError,
+    NotNow,
+}
+
+impl CommandOutcome {
+    fn status(self) -> &'static str {
+        match self {
+            CommandOutcome::Acknowledged => "acknowledged",
+            CommandOutcome::Error => "error",
+            CommandOutcome::FormatError => "format-error",
+            CommandOutcome::NotNow => "not-now",
+        }
+    }
+}
+
+/// Statuses of a command that has not been answered for good.
+pub const PENDING: [&str; 3] = ["queued", "sent", "not-now"];
+
+macro_rules! select_devices {
+    ($clause:literal) => {
+        concat!(
+            "SELECT udid, enrollment_id, serial_number, model, model_name, product_name, \
+             device_name, os_version, build_version, topic, inventory, profiles, \
+             bootstrap_token, authenticated_at, updated_at FROM mdm_devices ",
+            $clause
+        )
+    };
+}
+
+macro_rules! select_enrollments {
+    ($clause:literal) => {
+        concat!(
+            "SELECT id, udid, channel, user_id, user_short_name, user_long_name, push_token, \
+             push_magic, unlock_token, status, push_status, created_at, updated_at, \
+             last_seen_at FROM mdm_enrollments ",
+            $clause
+        )
+    };
+}
+
+macro_rules! select_commands {
+    ($clause:literal) => {
+        concat!(
+            "SELECT uuid, enrollment_id, request_type, fingerprint, body, status, created_by, \
+             queued_at, sent_at, answered_at, result, error_chain FROM mdm_commands ",
+            $clause
+        )
+    };
+}
+
+/// Why an Authenticate could not bind the device.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindRefusal {
+    /// The device is bound to another enrollment record's certificates.
+    DeviceBoundElsewhere,
+    /// This enrollment record's certificate already speaks for another device.
+    CertificateBoundElsewhere,
+}
+
+impl Store {
+    pub async fn device(&self, udid: &str) -> StoreResult<Option<DeviceRecord>> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(select_devices!(
+            "WHERE udid = $1"
+        ))
+        .bind(udid)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// Authenticate: records (or refreshes) the device, bound to `enrollment_id`. A device
+    /// already bound to another record, or a record already bound to another device, is
+    /// refused. Every channel of the device goes back to `pending` until its next TokenUpdate,
+    /// because Authenticate means the device (re)enrolled and earlier tokens are void.
+    pub async fn authenticate_device(
+        &self,
+        udid: &str,
+        enrollment_id: &str,
+        topic: &str,
+        facts: &DeviceFacts,
+    ) -> StoreResult<Result<(), BindRefusal>> {
+        let now = super::now();
+        let outcome: Result<Result<(), BindRefusal>, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            let bound: Option<String> =
+                sqlx::query_scalar("SELECT enrollment_id FROM mdm_devices WHERE udid = $1")
+                    .bind(udid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match bound {
+                Some(record) if record != enrollment_id => {
+                    return Ok(Err(BindRefusal::DeviceBoundElsewhere));
+                }
+                Some(_) => {
+                    sqlx::query(
+                        "UPDATE mdm_devices SET serial_number = $2, model = $3, \
+                             model_name = $4, product_name = $5, device_name = $6, \
+                             os_version = $7, build_version = $8, topic = $9, \
+                             authenticated_at = $10, updated_at = $10 WHERE udid = $1",
+                    )
+                    .bind(udid)
+                    .bind(&facts.serial_number)
+                    .bind(&facts.model)
+                    .bind(&facts.model_name)
+                    .bind(&facts.product_name)
+                    .bind(&facts.device_name)
+                    .bind(&facts.os_version)
+                    .bind(&facts.build_version)
+                    .bind(topic)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    let taken: Option<String> =
+                        sqlx::query_scalar("SELECT udid FROM mdm_devices WHERE enrollment_id = $1")
+                            .bind(enrollment_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if taken.is_some() {
+                        return Ok(Err(BindRefusal::CertificateBoundElsewhere));
+                    }
+                    let inserted = sqlx::query(
+                        "INSERT INTO mdm_devices (udid, enrollment_id, serial_number, model, \
+                             model_name, product_name, device_name, os_version, build_version, \
+                             topic, authenticated_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
+                    )
+                    .bind(udid)
+                    .bind(enrollment_id)
+                    .bind(&facts.serial_number)
+                    .bind(&facts.model)
+                    .bind(&facts.model_name)
+                    .bind(&facts.product_name)
+                    .bind(&facts.device_name)
+                    .bind(&facts.os_version)
+                    .bind(&facts.build_version)
+                    .bind(topic)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await;
+                    match inserted {
+                        Ok(_) => {}
+                        // A concurrent Authenticate with the same record won the race.
+                        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                            return Ok(Err(BindRefusal::CertificateBoundElsewhere));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            sqlx::query(
+                "UPDATE mdm_enrollments SET status = 'pending', updated_at = $2 \
+                     WHERE udid = $1 AND status = 'active'",
+            )
+            .bind(udid)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        }
+        .await);
+        Ok(outcome?)
+    }
+
+    /// TokenUpdate: creates or refreshes the channel and makes it active.
+    pub async fn token_update(&self, t: &TokenUpdateRecord) -> StoreResult<()> {
+        let now = super::now();
+        let sql = "INSERT INTO mdm_enrollments (id, udid, channel, user_id, user_short_name, \
+                   user_long_name, push_token, push_magic, unlock_token, status, push_status, \
+                   created_at, updated_at, last_seen_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'active', 'unknown', $10, $10, $10) \
+                   ON CONFLICT (id) DO UPDATE SET push_token = excluded.push_token, \
+                   push_magic = excluded.push_magic, \
+                   unlock_token = COALESCE(excluded.unlock_token, mdm_enrollments.unlock_token), \
+                   user_short_name = excluded.user_short_name, \
+                   user_long_name = excluded.user_long_name, status = 'active', \
+                   push_status = 'unknown', updated_at = excluded.updated_at, \
+                   last_seen_at = excluded.last_seen_at";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(&t.enrollment_id)
+            .bind(&t.udid)
+            .bind(t.channel)
+            .bind(&t.user_id)
+            .bind(&t.user_short_name)
+            .bind(&t.user_long_name)
+            .bind(&t.push_token)
+            .bind(&t.push_magic)
+            .bind(&t.unlock_token)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// CheckOut: the device left management; its channels stop receiving commands.
+    pub async fn check_out(&self, udid: &str) -> StoreResult<()> {
+        let sql = "UPDATE mdm_enrollments SET status = 'checked-out', updated_at = $2 \
+                   WHERE udid = $1";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(udid)
+            .bind(super::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn set_bootstrap_token(&self, udid: &str, sealed: Option<&str>) -> StoreResult<()> {
+        let sql = "UPDATE mdm_devices SET bootstrap_token = $2, updated_at = $3 WHERE udid = $1";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(udid)
+            .bind(sealed)
+            .bind(super::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// Stores what DeviceInformation or ProfileList reported (JSON), and the OS facts.
+    pub async fn update_inventory(
+        &self,
+        udid: &str,
+        inventory: Option<&str>,
+        profiles: Option<&str>,
+        facts: &DeviceFacts,
+    ) -> StoreResult<()> {
+        let sql = "UPDATE mdm_devices SET inventory = COALESCE($2, inventory), \
+                   profiles = COALESCE($3, profiles), \
+                   os_version = COALESCE($4, os_version), \
+                   build_version = COALESCE($5, build_version), \
+                   serial_number = COALESCE($6, serial_number), \
+                   device_name = COALESCE($7, device_name), \
+                   model_name = COALESCE($8, model_name), \
+                   product_name = COALESCE($9, product_name), updated_at = $10 \
+                   WHERE udid = $1";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(udid)
+            .bind(inventory)
+            .bind(profiles)
+            .bind(&facts.os_version)
+            .bind(&facts.build_version)
+            .bind(&facts.serial_number)
+            .bind(&facts.device_name)
+            .bind(&facts.model_name)
+            .bind(&facts.product_name)
+            .bind(super::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn mdm_enrollment(&self, id: &str) -> StoreResult<Option<MdmEnrollment>> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(select_enrollments!(
+            "WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// Enrollments ordered by id, after `after`, at most `limit`.
+    pub async fn list_mdm_enrollments(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<MdmEnrollment>> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(select_enrollments!(
+            "WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?))
+    }
+
+    /// Notes that the channel was heard from (called at most once a minute per channel).
+    pub async fn touch_enrollment(&self, id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let sql = "UPDATE mdm_enrollments SET last_seen_at = $2 WHERE id = $1";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(at)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn set_push_status(&self, id: &str, status: &str) -> StoreResult<()> {
+        let sql = "UPDATE mdm_enrollments SET push_status = $2 WHERE id = $1";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(status)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// Queues commands, each in its enrollment's order. With `dedupe`, a command identical to
+    /// one still pending for the same enrollment is not queued again.
+    pub async fn enqueue(&self, commands: &[NewCommand], dedupe: bool) -> StoreResult<Vec<Queued>> {
+        let now = super::now();
+        let find = "SELECT uuid FROM mdm_commands WHERE enrollment_id = $1 AND fingerprint = $2 \
+                    AND status IN ('queued', 'sent', 'not-now') ORDER BY seq LIMIT 1";
+        let insert = "INSERT INTO mdm_commands (uuid, enrollment_id, request_type, fingerprint, \
+                      body, status, created_by, queued_at) \
+                      VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7)";
+        let outcome: Result<Vec<Queued>, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            let mut out = Vec::with_capacity(commands.len());
+            for c in commands {
+                if dedupe {
+                    let existing: Option<String> = sqlx::query_scalar(find)
+                        .bind(&c.enrollment_id)
+                        .bind(&c.fingerprint)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let Some(uuid) = existing {
+                        out.push(Queued::Duplicate(uuid));
+                        continue;
+                    }
+                }
+                sqlx::query(insert)
+                    .bind(&c.uuid)
+                    .bind(&c.enrollment_id)
+                    .bind(&c.request_type)
+                    .bind(&c.fingerprint)
+                    .bind(&c.body)
+                    .bind(&c.created_by)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                out.push(Queued::Queued);
+            }
+            tx.commit().await?;
+            Ok(out)
+        }
+        .await);
+        outcome.map_err(|e| StoreError::conflict_on_unique(e, "a command with that UUID exists"))
+    }
+
+    /// The next command to send on a channel, marked sent. After a NotNow the device is busy,
+    /// so commands it deferred wait for its next Idle (`include_not_now`) instead of being
+    /// offered again at once, which would spin.
+    pub async fn next_command(
+        &self,
+        enrollment_id: &str,
+        include_not_now: bool,
+    ) -> StoreResult<Option<CommandRecord>> {
+        let find = select_commands!(
+            "WHERE enrollment_id = $1 AND (status IN ('queued', 'sent') \
+             OR ($2 AND status = 'not-now')) ORDER BY seq LIMIT 1"
+        );
+        let mark = "UPDATE mdm_commands SET status = 'sent', sent_at = $2 \
+                    WHERE uuid = $1 AND status = $3";
+        // Reads first: most connects find nothing, and a read takes no write lock.
+        for _ in 0..3 {
+            let next: Option<CommandRecord> = on_pool!(self, |pool| sqlx::query_as(find)
+                .bind(enrollment_id)
+                .bind(include_not_now)
+                .fetch_optional(pool)
+                .await?);
+            let Some(mut command) = next else {
+                return Ok(None);
+            };
+            let now = super::now();
+            let marked = on_pool!(self, |pool| sqlx::query(mark)
+                .bind(&command.uuid)
+                .bind(now)
+                .bind(&command.status)
+                .execute(pool)
+                .await?
+                .rows_affected());
+            if marked == 1 {
+                command.status = "sent".into();
+                command.sent_at = Some(now);
+                return Ok(Some(command));
+            }
+            // Answered or cancelled between the read and the write: look again.
+        }
+        Ok(None)
+    }
+
+    /// Records a device's answer to one of its commands. Returns the command when it was
+    /// pending on this enrollment; an unknown or finished command changes nothing.
+    pub async fn record_result(
+        &self,
+        enrollment_id: &str,
+        uuid: &str,
+        outcome: CommandOutcome,
+        raw: &[u8],
+        error_chain: Option<&str>,
+    ) -> StoreResult<Option<CommandRecord>> {
+        let sql = "UPDATE mdm_commands SET status = $3, answered_at = $4, result = $5, \
+                   error_chain = $6 WHERE uuid = $1 AND enrollment_id = $2 \
+                   AND status IN ('sent', 'not-now', 'queued')";
+        let changed = on_pool!(self, |pool| sqlx::query(sql)
+            .bind(uuid)
+            .bind(enrollment_id)
+            .bind(outcome.status())
+            .bind(super::now())
+            .bind(raw)
+            .bind(error_chain)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if changed == 0 {
+            return Ok(None);
+        }
+        self.command(uuid).await
+    }
+
+    pub async fn command(&self, uuid: &str) -> StoreResult<Option<CommandRecord>> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(select_commands!(
+            "WHERE uuid = $1"
+        ))
+        .bind(uuid)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// A channel's commands, oldest first.
+    pub async fn commands_for(
+        &self,
+        enrollment_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<CommandRecord>> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(select_commands!(
+            "WHERE enrollment_id = $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(enrollment_id)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?))
+    }
+
+    /// Cancels a command that has not been answered; false if there is none.
+    pub async fn cancel_command(&self, uuid: &str) -> StoreResult<bool> {
+        let sql = "UPDATE mdm_commands SET status = 'cancelled', answered_at = $2 \
+                   WHERE uuid = $1 AND status IN ('queued', 'sent', 'not-now')";
+        let changed = on_pool!(self, |pool| sqlx::query(sql)
+            .bind(uuid)
+            .bind(super::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(changed == 1)
+    }
+}
