@@ -40,6 +40,23 @@ enum Command {
     /// SCEP enrollment helpers.
     #[command(subcommand)]
     Scep(ScepCommand),
+    /// The APNs push certificate (its topic goes into enrollment profiles).
+    #[command(subcommand)]
+    PushCert(PushCertCommand),
+}
+
+#[derive(Subcommand)]
+enum PushCertCommand {
+    /// Import the MDM push certificate and its RSA key (PEM; convert a .p12 with
+    /// `openssl pkcs12 -in push.p12 -nodes`). Replaces the current one.
+    Import {
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
+    /// Show the push certificate's topic and expiry.
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +151,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::AdminKey(cmd) => admin_key(cmd, config).await,
         Command::Ca(cmd) => ca(cmd, config).await,
         Command::Scep(cmd) => scep(cmd, config).await,
+        Command::PushCert(cmd) => push_cert(cmd, config).await,
     }
 }
 
@@ -381,5 +399,42 @@ async fn scep(cmd: ScepCommand, config: Config) -> anyhow::Result<()> {
         }
     }
     store.close().await;
+    Ok(())
+}
+
+async fn push_cert(cmd: PushCertCommand, config: Config) -> anyhow::Result<()> {
+    let store = server::open_store(&config).await?;
+    match cmd {
+        PushCertCommand::Import { cert, key } => {
+            let master = server::load_master_key(&config)?;
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let result =
+                trustbroker::apple::push_cert::import(&store, &master, &read(&cert)?, &read(&key)?)
+                    .await;
+            let (outcome, target) = match &result {
+                Ok(imported) => (audit::OUTCOME_SUCCESS, Some(imported.topic.clone())),
+                Err(_) => (audit::OUTCOME_FAILURE, None),
+            };
+            audit::record(
+                &store,
+                cli_entry("push-cert.import", target.as_deref(), outcome),
+            )
+            .await;
+            let imported = result?;
+            println!(
+                "imported the push certificate for topic {} (valid until {})",
+                imported.topic, imported.not_after
+            );
+        }
+        PushCertCommand::Show => match store.push_certificate().await? {
+            Some(push) => println!(
+                "topic {}\nvalid until {}\nimported {}",
+                push.topic, push.not_after, push.imported_at
+            ),
+            None => println!("no push certificate imported"),
+        },
+    }
     Ok(())
 }

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use crate::apple::enrollment::{ProfileService, ProfileSettings};
 use crate::apple::service::MdmService;
 use crate::config::{Config, Database, SecretKeySource};
 use crate::http::{self, AppState};
@@ -137,13 +138,27 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ca.clone(),
         config.pki.static_challenge.clone(),
     );
-    let mdm = MdmService::new(store.clone(), Arc::new(master), Vec::new());
+    let master = Arc::new(master);
+    let mdm = MdmService::new(store.clone(), master.clone());
+    let profiles = ProfileService::new(
+        store.clone(),
+        ca.clone(),
+        master.clone(),
+        ProfileSettings {
+            public_url: public_url.clone(),
+            scep_path: config.pki.scep_path.clone(),
+            organization: config.pki.organization.clone(),
+            challenge_ttl: config.pki.challenge_ttl,
+        },
+    );
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
         metrics: telemetry::metrics_handle(),
         scep,
         mdm,
+        profiles,
+        master_key: master,
         ca,
     };
     let app = http::router(state);

@@ -46,6 +46,7 @@ required_scopes! {
     CertificatesWrite => Some(Scope::CertificatesWrite),
     DevicesRead => Some(Scope::DevicesRead),
     CommandsWrite => Some(Scope::CommandsWrite),
+    PushCertWrite => Some(Scope::PushCertWrite),
 }
 
 /// Where a request came from, for audit records.

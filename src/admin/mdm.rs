@@ -2,7 +2,8 @@
 //! queue: enqueue for many enrollments at once, inspect history with results, cancel.
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -10,14 +11,21 @@ use serde_json::{Value, json};
 
 use super::auth::{self, Admin};
 use crate::apple::commands;
+use crate::apple::enrollment::ProfileError;
 use crate::apple::inventory;
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
 use crate::http::error::ApiError;
+use crate::pki::challenge::ChallengeRequest;
 use crate::store::{CommandRecord, MdmEnrollment, NewCommand, Queued};
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/enrollment-profiles", post(create_profile))
+        .route(
+            "/push-certificate",
+            get(show_push_certificate).put(import_push_certificate),
+        )
         .route("/commands", post(enqueue))
         .route("/commands/{uuid}", delete(cancel).get(show_command))
         .route("/enrollments", get(list_enrollments))
@@ -299,4 +307,149 @@ fn command_view(command: &CommandRecord) -> Value {
         object.insert("command".into(), sent.unwrap_or(Value::Null));
     }
     view
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileParams {
+    signed: Option<bool>,
+}
+
+/// A new enrollment (record and one-time challenge) packaged as a `.mobileconfig`.
+async fn create_profile(
+    admin: Admin<auth::ScepChallenge>,
+    State(state): State<AppState>,
+    Query(params): Query<ProfileParams>,
+    body: Option<Json<super::pki::ChallengeBody>>,
+) -> Result<Response, ApiError> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    body.validate()?;
+    let signed = params.signed.unwrap_or(true);
+    let issued = state
+        .profiles
+        .issue(
+            ChallengeRequest {
+                requested_by: admin.principal.actor(),
+                for_user: body.for_user.clone(),
+                for_device: body.for_device.clone(),
+            },
+            signed,
+        )
+        .await;
+    let issued = match issued {
+        Ok(issued) => issued,
+        Err(e) => {
+            admin
+                .audit(
+                    &state,
+                    "enrollment-profile.create",
+                    None,
+                    OUTCOME_FAILURE,
+                    None,
+                )
+                .await;
+            return Err(match e {
+                ProfileError::NoPushCertificate => {
+                    ApiError::new(StatusCode::CONFLICT, "no_push_certificate", e.to_string())
+                }
+                ProfileError::Internal(e) => ApiError::internal(&e),
+            });
+        }
+    };
+    admin
+        .audit(
+            &state,
+            "enrollment-profile.create",
+            Some(&issued.enrollment_id),
+            OUTCOME_SUCCESS,
+            Some(
+                json!({"for_user": body.for_user, "for_device": body.for_device,
+                        "signed": signed, "expires_at": issued.expires_at}),
+            ),
+        )
+        .await;
+    let disposition = format!(
+        "attachment; filename=\"enroll-{}.mobileconfig\"",
+        issued.enrollment_id
+    );
+    Ok((
+        StatusCode::CREATED,
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/x-apple-aspen-config".to_owned(),
+            ),
+            (header::CONTENT_DISPOSITION, disposition),
+            (
+                HeaderName::from_static("x-enrollment-id"),
+                issued.enrollment_id.clone(),
+            ),
+            (
+                HeaderName::from_static("x-challenge-expires-at"),
+                issued.expires_at.to_rfc3339(),
+            ),
+        ],
+        issued.body,
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushCertificateBody {
+    certificate_pem: String,
+    key_pem: String,
+}
+
+/// Imports (replaces) the APNs push certificate; its topic applies to the next check-ins and
+/// profiles on every node.
+async fn import_push_certificate(
+    admin: Admin<auth::PushCertWrite>,
+    State(state): State<AppState>,
+    Json(body): Json<PushCertificateBody>,
+) -> Result<Json<Value>, ApiError> {
+    let imported = crate::apple::push_cert::import(
+        &state.store,
+        &state.master_key,
+        &body.certificate_pem,
+        &body.key_pem,
+    )
+    .await;
+    match imported {
+        Ok(imported) => {
+            admin
+                .audit(
+                    &state,
+                    "push-cert.import",
+                    Some(&imported.topic),
+                    OUTCOME_SUCCESS,
+                    None,
+                )
+                .await;
+            Ok(Json(
+                json!({"topic": imported.topic, "not_after": imported.not_after}),
+            ))
+        }
+        Err(e) => {
+            admin
+                .audit(&state, "push-cert.import", None, OUTCOME_FAILURE, None)
+                .await;
+            Err(invalid(format!("{e:#}")))
+        }
+    }
+}
+
+async fn show_push_certificate(
+    _admin: Admin<auth::DevicesRead>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let push = state
+        .store
+        .push_certificate()
+        .await?
+        .ok_or_else(|| ApiError::not_found("no push certificate imported"))?;
+    Ok(Json(
+        json!({"topic": push.topic, "not_after": push.not_after,
+                   "imported_at": push.imported_at}),
+    ))
 }

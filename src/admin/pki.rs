@@ -23,11 +23,30 @@ pub fn router() -> Router<AppState> {
         .route("/certificates/{serial}/revoke", post(revoke_certificate))
 }
 
+/// Who a new enrollment is for: the body of challenge and profile requests.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ChallengeBody {
-    for_user: Option<String>,
-    for_device: Option<String>,
+pub(super) struct ChallengeBody {
+    pub for_user: Option<String>,
+    pub for_device: Option<String>,
+}
+
+impl ChallengeBody {
+    /// The hints end up in certificate subjects and profiles: short and printable.
+    pub(super) fn validate(&self) -> Result<(), ApiError> {
+        for hint in [&self.for_user, &self.for_device].into_iter().flatten() {
+            if hint.is_empty() || hint.len() > MAX_HINT_LEN || hint.chars().any(char::is_control) {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request",
+                    format!(
+                        "for_user and for_device must be 1 to {MAX_HINT_LEN} printable characters"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Longest user or device hint accepted (they end up in certificate subjects).
@@ -39,15 +58,7 @@ async fn create_challenge(
     body: Option<Json<ChallengeBody>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body = body.map(|Json(b)| b).unwrap_or_default();
-    for hint in [&body.for_user, &body.for_device].into_iter().flatten() {
-        if hint.is_empty() || hint.len() > MAX_HINT_LEN || hint.chars().any(char::is_control) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                format!("for_user and for_device must be 1 to {MAX_HINT_LEN} printable characters"),
-            ));
-        }
-    }
+    body.validate()?;
     let issued = challenge::create(
         &state.store,
         state.config.pki.challenge_ttl,

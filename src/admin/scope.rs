@@ -15,6 +15,7 @@ pub enum Scope {
     CertificatesWrite,
     DevicesRead,
     CommandsWrite,
+    PushCertWrite,
 }
 
 impl Scope {
@@ -28,6 +29,7 @@ impl Scope {
         Scope::CertificatesWrite,
         Scope::DevicesRead,
         Scope::CommandsWrite,
+        Scope::PushCertWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -41,6 +43,7 @@ impl Scope {
             Scope::CertificatesWrite => "certificates:write",
             Scope::DevicesRead => "devices:read",
             Scope::CommandsWrite => "commands:write",
+            Scope::PushCertWrite => "push-cert:write",
         }
     }
 

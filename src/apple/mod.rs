@@ -4,8 +4,11 @@
 //! keeps what devices report.
 
 pub mod commands;
+pub mod enrollment;
 pub mod identity;
 pub mod inventory;
 pub mod messages;
 pub mod plist;
+pub mod profile;
+pub mod push_cert;
 pub mod service;

@@ -59,17 +59,11 @@ const SEEN_RESOLUTION: chrono::Duration = chrono::Duration::seconds(60);
 pub struct MdmService {
     store: Store,
     master_key: Arc<MasterKey>,
-    /// Topics this broker accepts (the push certificate's); empty accepts any.
-    topics: Arc<Vec<String>>,
 }
 
 impl MdmService {
-    pub fn new(store: Store, master_key: Arc<MasterKey>, topics: Vec<String>) -> Self {
-        MdmService {
-            store,
-            master_key,
-            topics: Arc::new(topics),
-        }
+    pub fn new(store: Store, master_key: Arc<MasterKey>) -> Self {
+        MdmService { store, master_key }
     }
 
     /// A check-in message (CheckInURL).
@@ -86,7 +80,7 @@ impl MdmService {
             .to_owned();
         match &message {
             CheckIn::Authenticate(auth) => {
-                self.check_topic(&auth.topic)?;
+                self.check_topic(&auth.topic).await?;
                 let facts = DeviceFacts {
                     serial_number: auth.serial_number.clone(),
                     model: auth.model.clone(),
@@ -129,7 +123,7 @@ impl MdmService {
         let channel = message.channel();
         match message {
             CheckIn::TokenUpdate(update) => {
-                self.check_topic(&update.topic)?;
+                self.check_topic(&update.topic).await?;
                 let enrollment_id = channel
                     .enrollment_id()
                     .ok_or_else(|| MdmError::BadRequest("no valid enrollment ID".into()))?;
@@ -291,13 +285,15 @@ impl MdmService {
         Ok(())
     }
 
-    fn check_topic(&self, topic: &str) -> Result<(), MdmError> {
-        if self.topics.is_empty() || self.topics.iter().any(|t| t == topic) {
-            Ok(())
-        } else {
-            Err(MdmError::BadRequest(format!(
+    /// Once a push certificate is imported, devices must use its topic: a device under
+    /// another topic could never be woken. Read per check-in (rare), so an import applies at
+    /// once on every node.
+    async fn check_topic(&self, topic: &str) -> Result<(), MdmError> {
+        match self.store.push_certificate().await? {
+            Some(push) if push.topic != topic => Err(MdmError::BadRequest(format!(
                 "topic {topic} is not this server's push topic"
-            )))
+            ))),
+            _ => Ok(()),
         }
     }
 

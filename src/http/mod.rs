@@ -20,10 +20,12 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::apple::enrollment::ProfileService;
 use crate::apple::service::MdmService;
 use crate::config::Config;
 use crate::pki::ca::CertificateAuthority;
 use crate::pki::service::ScepService;
+use crate::secrets::MasterKey;
 use crate::store::Store;
 
 /// What every handler may reach. Cheap to clone.
@@ -35,6 +37,9 @@ pub struct AppState {
     pub ca: Arc<CertificateAuthority>,
     pub scep: ScepService,
     pub mdm: MdmService,
+    pub profiles: ProfileService,
+    /// Seals secrets at rest.
+    pub master_key: Arc<MasterKey>,
 }
 
 /// The whole application: every route, wrapped in the common middleware.

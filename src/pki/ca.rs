@@ -20,9 +20,10 @@ use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_cert::Certificate;
 
+use super::scep::{CmsSigner, DigestAlgorithm, ScepError};
 use crate::config::PkiConfig;
 use crate::secrets::MasterKey;
-use crate::store::{CaKeyRow, EnrollmentRecord, Store, StoreError};
+use crate::store::{CaKeyRow, EnrollmentRecord, SigningKeyRow, Store, StoreError};
 
 /// How long a CA created by trustbroker is valid.
 const CA_VALIDITY_DAYS: i64 = 3650;
@@ -63,6 +64,33 @@ impl KeyMaterial {
             ring_key,
             rsa_key,
         })
+    }
+}
+
+/// CMS signatures (CertReps, profiles) with this key, through ring.
+impl CmsSigner for KeyMaterial {
+    fn certificate_der(&self) -> &[u8] {
+        &self.certificate_der
+    }
+
+    fn sign(&self, digest: DigestAlgorithm, message: &[u8]) -> Result<Vec<u8>, ScepError> {
+        let algorithm: &'static dyn ring::signature::RsaEncoding = match digest {
+            DigestAlgorithm::Sha256 => &ring::signature::RSA_PKCS1_SHA256,
+            DigestAlgorithm::Sha512 => &ring::signature::RSA_PKCS1_SHA512,
+            DigestAlgorithm::Sha1 => {
+                return Err(ScepError::Internal("ring does not sign with SHA-1".into()));
+            }
+        };
+        let key = &self.ring_key;
+        let mut signature = vec![0u8; key.public().modulus_len()];
+        key.sign(
+            algorithm,
+            &ring::rand::SystemRandom::new(),
+            message,
+            &mut signature,
+        )
+        .map_err(|_| ScepError::Internal("RSA signing failed".into()))?;
+        Ok(signature)
     }
 }
 
@@ -206,6 +234,59 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// The key that signs configuration profiles: created at first use (RSA-2048, certified
+    /// by this CA for digital signatures only) and kept sealed like the CA's.
+    pub async fn profile_signer(
+        &self,
+        store: &Store,
+        master: &MasterKey,
+    ) -> anyhow::Result<KeyMaterial> {
+        const PURPOSE: &str = "profile-signer";
+        if store.signing_key(PURPOSE).await?.is_none() {
+            let pkcs8 = tokio::task::spawn_blocking(|| generate_rsa_pkcs8(2048))
+                .await
+                .context("key generation task")??;
+            let certificate = self.issue_signing_certificate(&pkcs8, "Profile Signing")?;
+            store
+                .insert_signing_key(&SigningKeyRow {
+                    purpose: PURPOSE.into(),
+                    certificate,
+                    sealed_key: master.seal(&purpose(PURPOSE), &pkcs8),
+                    created_at: crate::store::now(),
+                })
+                .await?;
+        }
+        // Whichever node stored its key first, everyone uses that one.
+        let row = store
+            .signing_key(PURPOSE)
+            .await?
+            .ok_or_else(|| anyhow!("the profile signing key vanished"))?;
+        let pkcs8 = master.open(&purpose(PURPOSE), &row.sealed_key)?;
+        KeyMaterial::from_pkcs8(row.certificate, &pkcs8)
+    }
+
+    fn issue_signing_certificate(&self, pkcs8: &[u8], role: &str) -> anyhow::Result<Vec<u8>> {
+        let key = rcgen_key(pkcs8)?;
+        let now = crate::store::now();
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(&crate::random::bytes::<16>()));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{} {role}", self.organization));
+        dn.push(DnType::OrganizationName, self.organization.clone());
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = to_time(now - Duration::minutes(BACKDATE_MINUTES))?;
+        params.not_after = to_time(now + Duration::days(CA_VALIDITY_DAYS / 2))?;
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| anyhow!("signing the {role} certificate: {e}"))?;
+        Ok(certificate.der().to_vec())
+    }
+}
+
 /// Creates, checks and stores an existing CA (or an intermediate under an enterprise root),
 /// with an optional RA. Refuses when a CA exists: replacing one strands every issued device.
 pub async fn import(
@@ -232,7 +313,9 @@ pub async fn import(
     Ok(())
 }
 
-fn parse_pem_pair(cert_pem: &str, key_pem: &str) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+/// A PEM certificate and its RSA key (PKCS#8 or PKCS#1): the certificate's DER and the key as
+/// PKCS#8, after checking that the key belongs to the certificate.
+pub fn parse_pem_pair(cert_pem: &str, key_pem: &str) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())

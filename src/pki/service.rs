@@ -7,11 +7,11 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use x509_cert::Certificate;
 
-use super::ca::{CertificateAuthority, IssuedCertificate, KeyMaterial, MIN_RSA_BITS};
+use super::ca::{CertificateAuthority, IssuedCertificate, MIN_RSA_BITS};
 use super::challenge;
 use super::scep::{
-    self, CmsSigner, ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiMessage,
-    RequestHeader, ScepError,
+    self, ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiMessage, RequestHeader,
+    ScepError,
 };
 use crate::config::Secret;
 use crate::store::{CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, Store, StoreError};
@@ -349,9 +349,9 @@ impl ScepService {
         message.digest = reply_digest(message.digest);
         let built = self
             .cpu_bound(move || {
-                let signer = RingSigner(ca.scep_recipient());
+                let signer = ca.scep_recipient();
                 let chain = [issued_der, ca.ca.certificate_der.clone()];
-                scep::cert_rep_success(&message, &chain, cipher, &signer)
+                scep::cert_rep_success(&message, &chain, cipher, signer)
             })
             .await;
         match built {
@@ -375,7 +375,7 @@ impl ScepService {
         header.digest = reply_digest(header.digest);
         let built = self
             .cpu_bound(move || {
-                scep::cert_rep_failure(&header, refusal.fail_info, &RingSigner(ca.scep_recipient()))
+                scep::cert_rep_failure(&header, refusal.fail_info, ca.scep_recipient())
             })
             .await;
         match built {
@@ -457,35 +457,6 @@ fn certificate_record(
         sender_nonce: nonce_hex(message),
         der: issued.der.clone(),
         issued_at: crate::store::now(),
-    }
-}
-
-/// CMS signatures with the SCEP recipient's key, through ring.
-struct RingSigner<'a>(&'a KeyMaterial);
-
-impl CmsSigner for RingSigner<'_> {
-    fn certificate_der(&self) -> &[u8] {
-        &self.0.certificate_der
-    }
-
-    fn sign(&self, digest: DigestAlgorithm, message: &[u8]) -> Result<Vec<u8>, ScepError> {
-        let algorithm: &'static dyn ring::signature::RsaEncoding = match digest {
-            DigestAlgorithm::Sha256 => &ring::signature::RSA_PKCS1_SHA256,
-            DigestAlgorithm::Sha512 => &ring::signature::RSA_PKCS1_SHA512,
-            DigestAlgorithm::Sha1 => {
-                return Err(ScepError::Internal("ring does not sign with SHA-1".into()));
-            }
-        };
-        let key = &self.0.ring_key;
-        let mut signature = vec![0u8; key.public().modulus_len()];
-        key.sign(
-            algorithm,
-            &ring::rand::SystemRandom::new(),
-            message,
-            &mut signature,
-        )
-        .map_err(|_| ScepError::Internal("RSA signing failed".into()))?;
-        Ok(signature)
     }
 }
 

@@ -579,3 +579,47 @@ impl Store {
         Ok(changed == 1)
     }
 }
+
+/// The APNs push certificate for the MDM topic, its key sealed.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PushCertificateRow {
+    pub topic: String,
+    pub certificate: Vec<u8>,
+    pub sealed_key: String,
+    pub not_after: DateTime<Utc>,
+    pub imported_at: DateTime<Utc>,
+}
+
+impl Store {
+    pub async fn push_certificate(&self) -> StoreResult<Option<PushCertificateRow>> {
+        let sql = "SELECT topic, certificate, sealed_key, not_after, imported_at \
+                   FROM push_certificates ORDER BY imported_at DESC LIMIT 1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Makes `row` the push certificate, replacing any other.
+    pub async fn replace_push_certificate(&self, row: &PushCertificateRow) -> StoreResult<()> {
+        let outcome: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM push_certificates")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO push_certificates (topic, certificate, sealed_key, not_after, \
+                 imported_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&row.topic)
+            .bind(&row.certificate)
+            .bind(&row.sealed_key)
+            .bind(row.not_after)
+            .bind(row.imported_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        }
+        .await);
+        Ok(outcome?)
+    }
+}

@@ -23,11 +23,11 @@ pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
 pub use mdm::{
     BindRefusal, CommandOutcome, CommandRecord, DeviceFacts, DeviceRecord, MdmEnrollment,
-    NewCommand, PENDING, Queued, TokenUpdateRecord,
+    NewCommand, PENDING, PushCertificateRow, Queued, TokenUpdateRecord,
 };
 pub use pki::{
     CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,
-    Recorded, RedeemRefusal,
+    Recorded, RedeemRefusal, SigningKeyRow,
 };
 
 /// The current time, in whole seconds: the precision every stored timestamp has. SQLite keeps

@@ -365,3 +365,38 @@ where
         .bind(c.der.clone())
         .bind(c.issued_at)
 }
+
+/// A signing key other than the CA's (the profile signer), with its certificate.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct SigningKeyRow {
+    pub purpose: String,
+    pub certificate: Vec<u8>,
+    pub sealed_key: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Store {
+    pub async fn signing_key(&self, purpose: &str) -> StoreResult<Option<SigningKeyRow>> {
+        let sql = "SELECT purpose, certificate, sealed_key, created_at FROM signing_keys \
+                   WHERE purpose = $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(purpose)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Stores a signing key unless one exists for the purpose (another node may have won).
+    pub async fn insert_signing_key(&self, row: &SigningKeyRow) -> StoreResult<()> {
+        let sql = "INSERT INTO signing_keys (purpose, certificate, sealed_key, created_at) \
+                   VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(&row.purpose)
+            .bind(&row.certificate)
+            .bind(&row.sealed_key)
+            .bind(row.created_at)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+}

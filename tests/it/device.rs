@@ -155,16 +155,7 @@ pub fn xml(dict: Dictionary) -> Vec<u8> {
 
 /// SCEP PKCSReq with `challenge`; the issued certificate.
 pub async fn scep_enroll(server: &TestServer, key: &ClientIdentity, challenge: &str) -> Vec<u8> {
-    let ca = server
-        .client
-        .get(server.url("/scep?operation=GetCACert"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let ca = server.ca_der().await;
     let csr = key
         .csr("device", Some(challenge), DigestAlgorithm::Sha256)
         .unwrap();

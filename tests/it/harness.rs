@@ -194,6 +194,17 @@ impl TestServer {
         response.json().await.expect("a JSON body")
     }
 
+    /// The CA certificate (DER), as SCEP's GetCACert serves it.
+    pub async fn ca_der(&self) -> Vec<u8> {
+        let response = self
+            .client
+            .get(self.url("/scep?operation=GetCACert"))
+            .send()
+            .await
+            .expect("request sent");
+        response.bytes().await.expect("a body").to_vec()
+    }
+
     /// GET `path` without credentials; the body as text, whatever the status.
     pub async fn get_text(&self, path: &str) -> String {
         let response = self

@@ -10,5 +10,7 @@ mod device;
 mod harness;
 mod mdm;
 mod peers;
+mod profiles;
 mod scep;
+mod schema;
 mod store;
