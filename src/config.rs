@@ -20,6 +20,7 @@ pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
 pub const DEFAULT_SCEP_PATH: &str = "/scep";
+pub const DEFAULT_APNS_URL: &str = "https://api.push.apple.com";
 pub const DEFAULT_CHALLENGE_TTL_SECS: u64 = 3600;
 pub const DEFAULT_CERT_VALIDITY_DAYS: u32 = 365;
 pub const DEFAULT_CA_KEY_BITS: usize = 2048;
@@ -130,6 +131,18 @@ pub struct ConfigArgs {
         value_name = "PATH"
     )]
     pub scep_path: Option<String>,
+    /// Base URL of the APNs provider API [default: https://api.push.apple.com].
+    #[arg(long, env = "TRUSTBROKER_APNS_URL", global = true, value_name = "URL")]
+    pub apns_url: Option<String>,
+    /// An extra CA (PEM) to trust for the APNs endpoint, besides the public roots (a test
+    /// stand-in or an egress proxy).
+    #[arg(
+        long,
+        env = "TRUSTBROKER_APNS_CA_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub apns_ca_file: Option<PathBuf>,
     /// Seconds a one-time SCEP challenge stays valid [default: 3600].
     #[arg(
         long,
@@ -195,6 +208,8 @@ pub struct FileConfig {
     pub secret_key_file: Option<PathBuf>,
     pub scep_path: Option<String>,
     pub scep_challenge_ttl_secs: Option<u64>,
+    pub apns_url: Option<String>,
+    pub apns_ca_file: Option<PathBuf>,
     pub cert_validity_days: Option<u32>,
     pub ca_key_bits: Option<usize>,
     pub ca_common_name: Option<String>,
@@ -276,6 +291,14 @@ pub struct PkiConfig {
     pub with_ra: bool,
 }
 
+/// Where APNs pushes go.
+#[derive(Clone, Debug)]
+pub struct ApnsConfig {
+    /// Without a trailing slash.
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+}
+
 /// The validated runtime configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -295,6 +318,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub secret_key: SecretKeySource,
     pub pki: PkiConfig,
+    pub apns: ApnsConfig,
 }
 
 impl Config {
@@ -413,6 +437,15 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_ORGANIZATION.into()),
             with_ra: args.scep_ra.or(file.scep_ra).unwrap_or(false),
         };
+        let apns = ApnsConfig {
+            url: validate_apns_url(
+                &args
+                    .apns_url
+                    .or(file.apns_url)
+                    .unwrap_or_else(|| DEFAULT_APNS_URL.into()),
+            )?,
+            ca_file: args.apns_ca_file.or(file.apns_ca_file),
+        };
         if ![2048, 3072, 4096].contains(&pki.ca_key_bits) {
             return Err(ConfigError::Invalid(format!(
                 "ca_key_bits must be 2048, 3072 or 4096 (got {})",
@@ -457,6 +490,7 @@ impl Config {
             ),
             secret_key,
             pki,
+            apns,
         })
     }
 
@@ -510,6 +544,25 @@ fn host_port_for(addr: SocketAddr) -> String {
         IpAddr::V6(ip) => format!("[{ip}]:{}", addr.port()),
         IpAddr::V4(ip) => format!("{ip}:{}", addr.port()),
     }
+}
+
+/// APNs speaks HTTP/2 over TLS only: an https URL without a path.
+fn validate_apns_url(url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim_end_matches('/');
+    let uri: axum::http::Uri = trimmed
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("apns_url '{url}' is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::Invalid(format!(
+            "apns_url '{url}' must be https://host[:port]"
+        )));
+    }
+    if !matches!(uri.path(), "" | "/") {
+        return Err(ConfigError::Invalid(format!(
+            "apns_url '{url}' must not have a path"
+        )));
+    }
+    Ok(trimmed.to_owned())
 }
 
 fn validate_public_url(url: &str) -> Result<String, ConfigError> {

@@ -158,6 +158,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let database = config.database.clone();
+    // Registered before anything listens: a SIGTERM that arrives as soon as the first request
+    // is answered must drain, not kill the process by the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let running = server::start(config).await?;
     println!("trustbroker {} listening", env!("CARGO_PKG_VERSION"));
     println!("  https:      https://{}", running.https_addr);
@@ -182,35 +187,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     println!("  admin key:  trustbroker admin-key create --name NAME {db_flag}");
     tracing::info!(https = %running.https_addr, "serving");
-    shutdown_signal().await;
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
     tracing::info!("shutting down: draining connections");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
 }
 
 async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use crate::apple::apns::Pusher;
 use crate::apple::enrollment::{ProfileService, ProfileSettings};
 use crate::apple::service::MdmService;
 use crate::config::{Config, Database, SecretKeySource};
@@ -140,6 +141,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     );
     let master = Arc::new(master);
     let mdm = MdmService::new(store.clone(), master.clone());
+    let pusher = Pusher::new(store.clone(), master.clone(), config.apns.clone());
     let profiles = ProfileService::new(
         store.clone(),
         ca.clone(),
@@ -158,6 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         scep,
         mdm,
         profiles,
+        pusher,
         master_key: master,
         ca,
     };

@@ -47,6 +47,9 @@ struct EnqueueBody {
     /// Queue even when an identical command is pending for an enrollment.
     #[serde(default)]
     allow_duplicates: bool,
+    /// Do not wake the devices over APNs (they get the command at their next check).
+    #[serde(default)]
+    nopush: bool,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -134,6 +137,9 @@ async fn enqueue(
                 "command_uuid": existing, "status": "duplicate"}),
         })
         .collect();
+    if !body.nopush {
+        state.pusher.wake(targets.clone());
+    }
     admin
         .audit(
             &state,

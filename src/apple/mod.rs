@@ -3,6 +3,7 @@
 //! runs check-in and the command channel, `commands` builds what the queue sends, `inventory`
 //! keeps what devices report.
 
+pub mod apns;
 pub mod commands;
 pub mod enrollment;
 pub mod identity;

@@ -20,6 +20,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::apple::apns::Pusher;
 use crate::apple::enrollment::ProfileService;
 use crate::apple::service::MdmService;
 use crate::config::Config;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub scep: ScepService,
     pub mdm: MdmService,
     pub profiles: ProfileService,
+    pub pusher: Pusher,
     /// Seals secrets at rest.
     pub master_key: Arc<MasterKey>,
 }

@@ -4,6 +4,7 @@
 //! by `tests/run.sh`, which tells the suite where they are through `TRUSTBROKER_TEST_*`.
 
 mod api;
+mod apns;
 mod ca;
 mod cli;
 mod device;
