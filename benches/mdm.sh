@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Apple MDM benchmark: signed Idle connects/s (wrk, pre-signed bodies) and command round
+# trips/s, with p50/p99 and the broker's RSS, at 1,000 and 10,000 enrolled devices, on SQLite
+# and PostgreSQL. Prints a Markdown table (docs/benchmarks.md keeps the latest figures).
+#
+#   bash benches/mdm.sh [device counts, default "1000 10000"]
+#
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
+# BENCH_PG_ADMIN=postgres://...; installs wrk if missing.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=tests/peers/common.sh
+. tests/peers/common.sh
+COUNTS=${1:-1000 10000}
+PG_ADMIN=${BENCH_PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
+PG_DB=trustbroker_mdm_bench
+WORK=$(mktemp -d)
+PORT=9480
+command -v wrk >/dev/null || apt_install wrk
+
+cargo build --release --locked --bin trustbroker
+cargo bench --locked --bench mdm_load --no-run
+BIN=target/release/trustbroker
+
+broker_pid=
+cleanup() {
+  if [[ -n $broker_pid ]]; then kill "$broker_pid" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+run() { # label, device count, database URL or empty
+  local data=$WORK/data-$RANDOM
+  local args=(--data-dir "$data" --listen 127.0.0.1:0 --http-listen "127.0.0.1:$PORT" --log-level warn)
+  if [[ -n $3 ]]; then
+    psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" -c "CREATE DATABASE $PG_DB" >/dev/null
+    args+=(--database-url "$3")
+  fi
+  "$BIN" migrate "${args[@]}" >/dev/null
+  local key
+  key=$("$BIN" admin-key create --name bench --scope scep:challenge --scope commands:write "${args[@]}" | tail -n 1)
+  "$BIN" serve "${args[@]}" >"$WORK/broker.log" 2>&1 &
+  broker_pid=$!
+  for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  cargo bench --locked --bench mdm_load -- --url "http://127.0.0.1:$PORT" --admin-key "$key" \
+    --devices "$2" --server-pid "$broker_pid" --label "$1" | tail -n +"${SKIP_HEADER:-1}"
+  kill "$broker_pid"
+  wait "$broker_pid" 2>/dev/null || true
+  broker_pid=
+  SKIP_HEADER=3
+}
+
+for n in $COUNTS; do
+  run "trustbroker (SQLite)" "$n" ""
+  run "trustbroker (PostgreSQL)" "$n" "${PG_ADMIN%/*}/$PG_DB"
+done
