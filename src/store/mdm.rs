@@ -208,7 +208,7 @@ impl Store {
     ) -> StoreResult<Result<(), BindRefusal>> {
         let now = super::now();
         let outcome: Result<Result<(), BindRefusal>, sqlx::Error> = on_pool!(self, |pool| async {
-            let mut tx = pool.begin().await?;
+            let mut tx = super::begin_write(pool).await?;
             let bound: Option<String> =
                 sqlx::query_scalar("SELECT enrollment_id FROM mdm_devices WHERE udid = $1")
                     .bind(udid)
@@ -438,7 +438,7 @@ impl Store {
                       body, status, created_by, queued_at) \
                       VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7)";
         let outcome: Result<Vec<Queued>, sqlx::Error> = on_pool!(self, |pool| async {
-            let mut tx = pool.begin().await?;
+            let mut tx = super::begin_write(pool).await?;
             let mut out = Vec::with_capacity(commands.len());
             for c in commands {
                 if dedupe {
@@ -602,7 +602,7 @@ impl Store {
     /// Makes `row` the push certificate, replacing any other.
     pub async fn replace_push_certificate(&self, row: &PushCertificateRow) -> StoreResult<()> {
         let outcome: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
-            let mut tx = pool.begin().await?;
+            let mut tx = super::begin_write(pool).await?;
             sqlx::query("DELETE FROM push_certificates")
                 .execute(&mut *tx)
                 .await?;

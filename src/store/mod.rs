@@ -48,6 +48,29 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// How a transaction that will write begins. SQLite's default (deferred) BEGIN reads from a
+/// snapshot and upgrades to a writer at the first write; if another connection committed in
+/// between, the upgrade fails at once with SQLITE_BUSY_SNAPSHOT (517) instead of waiting on the
+/// busy timeout. `BEGIN IMMEDIATE` takes the write lock first, so concurrent writers queue.
+pub(crate) trait WriteTransaction: sqlx::Database {
+    const BEGIN_WRITE: &'static str;
+}
+
+impl WriteTransaction for sqlx::Sqlite {
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+}
+
+impl WriteTransaction for sqlx::Postgres {
+    const BEGIN_WRITE: &'static str = "BEGIN";
+}
+
+/// Opens a transaction that reads and then writes (see [`WriteTransaction`]).
+pub(crate) async fn begin_write<DB: WriteTransaction>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
+    pool.begin_with(DB::BEGIN_WRITE).await
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A uniqueness rule refused the write (a name already taken, say).

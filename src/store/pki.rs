@@ -99,7 +99,7 @@ impl Store {
         let sql = "INSERT INTO ca_keys (role, certificate, sealed_key, imported, created_at) \
                    VALUES ($1, $2, $3, $4, $5)";
         let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
-            let mut tx = pool.begin().await?;
+            let mut tx = super::begin_write(pool).await?;
             for row in rows {
                 sqlx::query(sql)
                     .bind(&row.role)
@@ -198,7 +198,7 @@ impl Store {
                         AND redeemed_at IS NULL AND expires_at > $1";
         let outcome: Result<Result<(), RedeemRefusal>, sqlx::Error> =
             on_pool!(self, |pool| async {
-                let mut tx = pool.begin().await?;
+                let mut tx = super::begin_write(pool).await?;
                 let redeemed = sqlx::query(redeem)
                     .bind(now)
                     .bind(challenge_hash)

@@ -494,6 +494,51 @@ async fn one_certificate_cannot_enroll_two_devices() {
     mdm.server.stop().await;
 }
 
+/// Many devices authenticating at once: each Authenticate reads then writes in one
+/// transaction, which on SQLite must take the write lock up front or fail with
+/// SQLITE_BUSY_SNAPSHOT (a 500) when another device commits first.
+#[tokio::test]
+async fn concurrent_enrollments_all_check_in() {
+    for db in TestDb::all().await {
+        let mdm = std::sync::Arc::new(Mdm::start_on(&db).await);
+        let mut devices = Vec::new();
+        for _ in 0..12 {
+            let challenge = mdm.challenge().await;
+            devices.push(Device::enroll(&mdm.server, &challenge).await);
+        }
+        let attempts: Vec<_> = devices
+            .into_iter()
+            .map(|device| {
+                let mdm = mdm.clone();
+                tokio::spawn(async move {
+                    let auth = device.authenticate(&mdm.server).await.status();
+                    let token = device.token_update(&mdm.server).await.status();
+                    (auth, token)
+                })
+            })
+            .collect();
+        for attempt in attempts {
+            let (auth, token) = attempt.await.unwrap();
+            assert_eq!(
+                (auth, token),
+                (StatusCode::OK, StatusCode::OK),
+                "{}",
+                db.name()
+            );
+        }
+        let listed = mdm
+            .server
+            .get_json("/api/v1/enrollments", Some(&mdm.admin))
+            .await;
+        assert_eq!(
+            listed["enrollments"].as_array().map(Vec::len),
+            Some(12),
+            "{}",
+            db.name()
+        );
+    }
+}
+
 #[tokio::test]
 async fn bootstrap_tokens_are_escrowed_and_returned() {
     let mdm = Mdm::start().await;
