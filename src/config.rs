@@ -5,6 +5,7 @@
 //! when neither is given the file's value applies, and only then the default. Unknown keys in
 //! the file are an error, so a typo never silently leaves a default in place.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
+
+use crate::identity::{ProviderSettings, valid_provider_name};
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9443);
 pub const DEFAULT_DATA_DIR: &str = "trustbroker-data";
@@ -26,6 +29,7 @@ pub const DEFAULT_CERT_VALIDITY_DAYS: u32 = 365;
 pub const DEFAULT_CA_KEY_BITS: usize = 2048;
 pub const DEFAULT_CA_COMMON_NAME: &str = "trustbroker device CA";
 pub const DEFAULT_ORGANIZATION: &str = "trustbroker";
+pub const DEFAULT_PORTAL_SESSION_TTL_SECS: u64 = 900;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -218,6 +222,31 @@ pub struct FileConfig {
     /// A fixed SCEP challenge accepted besides the one-time ones (discouraged; warned at start).
     /// File or TRUSTBROKER_SCEP_STATIC_CHALLENGE only: never on a command line.
     pub scep_static_challenge: Option<String>,
+    /// Identity providers, `[idp.NAME]`, each with `type = "ldap" | "oidc" | "saml"`.
+    #[serde(default)]
+    pub idp: BTreeMap<String, ProviderSettings>,
+    /// The enrollment portal, `[enroll]`.
+    #[serde(default)]
+    pub enroll: PortalSettings,
+}
+
+/// The enrollment portal's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortalSettings {
+    /// When not empty, only members of one of these groups (by id or name) may enroll.
+    pub allowed_groups: Vec<String>,
+    /// How long a portal sign-in lasts, in seconds.
+    pub session_ttl_secs: u64,
+}
+
+impl Default for PortalSettings {
+    fn default() -> PortalSettings {
+        PortalSettings {
+            allowed_groups: Vec::new(),
+            session_ttl_secs: DEFAULT_PORTAL_SESSION_TTL_SECS,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +289,8 @@ pub enum TlsSource {
 }
 
 /// A secret from configuration: never printed.
-#[derive(Clone)]
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
 
 impl fmt::Debug for Secret {
@@ -319,6 +349,9 @@ pub struct Config {
     pub secret_key: SecretKeySource,
     pub pki: PkiConfig,
     pub apns: ApnsConfig,
+    /// The identity providers, by name, in name order.
+    pub identity_providers: Vec<(String, ProviderSettings)>,
+    pub portal: PortalSettings,
 }
 
 impl Config {
@@ -457,6 +490,19 @@ impl Config {
                 "cert_validity_days must be between 1 and 3650".into(),
             ));
         }
+        for name in file.idp.keys() {
+            if !valid_provider_name(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "identity provider name '{name}' may only use a-z, 0-9, '-' and '_' \
+                     (it becomes part of the sign-in URLs)"
+                )));
+            }
+        }
+        if file.enroll.session_ttl_secs == 0 || file.enroll.session_ttl_secs > 86_400 {
+            return Err(ConfigError::Invalid(
+                "enroll.session_ttl_secs must be between 1 and 86400".into(),
+            ));
+        }
         let secret_key = SecretKeySource::File(
             args.secret_key_file
                 .or(file.secret_key_file)
@@ -491,6 +537,8 @@ impl Config {
             secret_key,
             pki,
             apns,
+            identity_providers: file.idp.into_iter().collect(),
+            portal: file.enroll,
         })
     }
 
@@ -687,5 +735,38 @@ mod tests {
             "postgres://tb:****@db:5432/tb"
         );
         assert_eq!(redact_url("postgres://db/tb"), "postgres://db/tb");
+    }
+
+    #[test]
+    fn identity_providers_are_read_by_name_and_type() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [idp.corp-ldap]
+            type = "ldap"
+            url = "ldap://127.0.0.1:3389"
+            [idp.oidc]
+            type = "oidc"
+            issuer = "http://127.0.0.1:4444"
+            "#,
+        )
+        .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        let kinds: Vec<_> = config
+            .identity_providers
+            .iter()
+            .map(|(name, p)| (name.as_str(), p.kind()))
+            .collect();
+        assert_eq!(kinds, [("corp-ldap", "ldap"), ("oidc", "oidc")]);
+
+        let unknown_type = toml::from_str::<FileConfig>("[idp.x]\ntype = \"kerberos\"\n");
+        assert!(unknown_type.is_err());
+        let misspelt = toml::from_str::<FileConfig>(
+            "[idp.x]\ntype = \"oidc\"\nissuer = \"http://x\"\nclient_secrte = \"s\"\n",
+        );
+        assert!(misspelt.is_err(), "a misspelt provider key must be refused");
+        let bad_name: FileConfig =
+            toml::from_str("[idp.\"Bad Name\"]\ntype = \"oidc\"\nissuer = \"http://x\"\n").unwrap();
+        let err = Config::merge(ConfigArgs::default(), bad_name).unwrap_err();
+        assert!(err.to_string().contains("Bad Name"), "{err}");
     }
 }

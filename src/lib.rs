@@ -9,6 +9,7 @@ pub mod audit;
 pub mod config;
 pub mod fsutil;
 pub mod http;
+pub mod identity;
 pub mod pki;
 pub mod random;
 pub mod secrets;
