@@ -43,6 +43,17 @@ enum Command {
     /// The APNs push certificate (its topic goes into enrollment profiles).
     #[command(subcommand)]
     PushCert(PushCertCommand),
+    /// Identity providers (`[idp.NAME]` in the configuration file).
+    #[command(subcommand)]
+    Idp(IdpCommand),
+}
+
+#[derive(Subcommand)]
+enum IdpCommand {
+    /// List the configured providers and the URLs to register at each.
+    List,
+    /// Check a provider's configuration and connectivity, and say what is wrong.
+    Test { name: String },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +163,70 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Ca(cmd) => ca(cmd, config).await,
         Command::Scep(cmd) => scep(cmd, config).await,
         Command::PushCert(cmd) => push_cert(cmd, config).await,
+        Command::Idp(cmd) => idp(cmd, config).await,
+    }
+}
+
+async fn idp(cmd: IdpCommand, config: Config) -> anyhow::Result<()> {
+    use trustbroker::identity::{IdentityProviders, Provider, oidc_callback_url, saml_endpoints};
+    let public_url = config.public_url_for(config.listen);
+    let providers = IdentityProviders::from_config(&config.identity_providers, &public_url)?;
+    match cmd {
+        IdpCommand::List => {
+            if providers.is_empty() {
+                println!("no identity providers configured ([idp.NAME] in the config file)");
+            }
+            for p in providers.iter() {
+                match &p.provider {
+                    Provider::Ldap(_) => println!("{}\tldap\t{}", p.name, p.label),
+                    Provider::Oidc(_) => println!(
+                        "{}\toidc\t{}\tredirect URI {}",
+                        p.name,
+                        p.label,
+                        oidc_callback_url(&public_url, &p.name)
+                    ),
+                    Provider::Saml(_) => {
+                        let sp = saml_endpoints(&public_url, &p.name);
+                        println!(
+                            "{}\tsaml\t{}\tentity ID and metadata {}\tACS {}",
+                            p.name, p.label, sp.metadata_url, sp.acs_url
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        IdpCommand::Test { name } => {
+            let Some(p) = providers.get(&name) else {
+                let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+                anyhow::bail!(
+                    "no identity provider named '{name}' (configured: {})",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                );
+            };
+            let lines = match &p.provider {
+                Provider::Ldap(ldap) => ldap.check().await,
+                Provider::Oidc(oidc) => oidc.check().await,
+                Provider::Saml(slot) => match slot.get().await {
+                    Ok(saml) => saml.check(),
+                    Err(e) => Err(e),
+                },
+            };
+            match lines {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("ok: {line}");
+                    }
+                    println!("{name}: ready");
+                    Ok(())
+                }
+                Err(e) => anyhow::bail!("{name}: {e}"),
+            }
+        }
     }
 }
 
@@ -367,6 +442,7 @@ async fn scep(cmd: ScepCommand, config: Config) -> anyhow::Result<()> {
                     requested_by: audit::cli_actor(),
                     for_user,
                     for_device,
+                    user_id: None,
                 },
             )
             .await?;

@@ -25,7 +25,9 @@ use crate::apple::apns::Pusher;
 use crate::apple::enrollment::{ProfileService, ProfileSettings};
 use crate::apple::service::MdmService;
 use crate::config::{Config, Database, SecretKeySource};
+use crate::enroll::session::CookiePolicy;
 use crate::http::{self, AppState};
+use crate::identity::IdentityProviders;
 use crate::pki::ca::CertificateAuthority;
 use crate::pki::service::ScepService;
 use crate::secrets::MasterKey;
@@ -153,6 +155,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             challenge_ttl: config.pki.challenge_ttl,
         },
     );
+    let identity = IdentityProviders::from_config(&config.identity_providers, &public_url)
+        .context("identity providers")?;
+    let cookies = CookiePolicy {
+        secure: public_url.starts_with("https://"),
+    };
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
@@ -163,6 +170,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         pusher,
         master_key: master,
         ca,
+        identity: Arc::new(identity),
+        cookies,
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);

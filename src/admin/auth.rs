@@ -47,6 +47,7 @@ required_scopes! {
     DevicesRead => Some(Scope::DevicesRead),
     CommandsWrite => Some(Scope::CommandsWrite),
     PushCertWrite => Some(Scope::PushCertWrite),
+    UsersRead => Some(Scope::UsersRead),
 }
 
 /// Where a request came from, for audit records.

@@ -274,6 +274,19 @@ async fn enrollment_view(
             "authenticated_at": device.authenticated_at,
             "updated_at": device.updated_at,
         });
+        let owner = match &device.owner_id {
+            Some(id) => state.store.user(id).await?,
+            None => None,
+        };
+        // The person the device was enrolled for (the Apple `user_*` fields are the user
+        // channel's macOS account, a different thing).
+        object.insert(
+            "owner".into(),
+            owner.map_or(Value::Null, |u| {
+                json!({"id": u.id, "provider": u.provider, "login": u.login, "email": u.email,
+                       "display_name": u.display_name, "bound_at": device.owner_bound_at})
+            }),
+        );
         if detailed && let Some(d) = d.as_object_mut() {
             d.insert(
                 "inventory".into(),
@@ -338,6 +351,7 @@ async fn create_profile(
                 requested_by: admin.principal.actor(),
                 for_user: body.for_user.clone(),
                 for_device: body.for_device.clone(),
+                user_id: None,
             },
             signed,
         )

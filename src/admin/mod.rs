@@ -6,6 +6,7 @@ pub mod keys;
 pub mod mdm;
 pub mod pki;
 pub mod scope;
+pub mod users;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -28,6 +29,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin-keys/{name}", delete(revoke_key))
         .merge(pki::router())
         .merge(mdm::router())
+        .merge(users::router())
 }
 
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {

@@ -66,6 +66,7 @@ async fn create_challenge(
             requested_by: admin.principal.actor(),
             for_user: body.for_user.clone(),
             for_device: body.for_device.clone(),
+            user_id: None,
         },
     )
     .await;

@@ -16,6 +16,8 @@ pub enum Scope {
     DevicesRead,
     CommandsWrite,
     PushCertWrite,
+    /// People who signed in at the portal, their groups and devices.
+    UsersRead,
 }
 
 impl Scope {
@@ -30,6 +32,7 @@ impl Scope {
         Scope::DevicesRead,
         Scope::CommandsWrite,
         Scope::PushCertWrite,
+        Scope::UsersRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Scope {
             Scope::DevicesRead => "devices:read",
             Scope::CommandsWrite => "commands:write",
             Scope::PushCertWrite => "push-cert:write",
+            Scope::UsersRead => "users:read",
         }
     }
 

@@ -135,7 +135,8 @@ pub async fn json_error_bodies(response: Response) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json"));
+        // The enrollment portal answers people with HTML pages of its own.
+        .is_some_and(|ct| ct.starts_with("application/json") || ct.starts_with("text/html"));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }

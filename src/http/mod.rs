@@ -24,6 +24,8 @@ use crate::apple::apns::Pusher;
 use crate::apple::enrollment::ProfileService;
 use crate::apple::service::MdmService;
 use crate::config::Config;
+use crate::enroll::session::CookiePolicy;
+use crate::identity::IdentityProviders;
 use crate::pki::ca::CertificateAuthority;
 use crate::pki::service::ScepService;
 use crate::secrets::MasterKey;
@@ -40,8 +42,10 @@ pub struct AppState {
     pub mdm: MdmService,
     pub profiles: ProfileService,
     pub pusher: Pusher,
-    /// Seals secrets at rest.
+    /// Seals secrets at rest (and the portal's cookies).
     pub master_key: Arc<MasterKey>,
+    pub identity: Arc<IdentityProviders>,
+    pub cookies: CookiePolicy,
 }
 
 /// The whole application: every route, wrapped in the common middleware.
@@ -55,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route(mdm::CHECKIN_PATH, put(mdm::check_in))
         .route(mdm::CONNECT_PATH, put(mdm::connect))
         .nest("/api/v1", crate::admin::router())
+        .merge(crate::enroll::router())
         .fallback(error::not_found)
         .with_state(state)
         .layer(middleware::from_fn(observe::record_metrics))

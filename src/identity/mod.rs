@@ -75,3 +75,114 @@ pub fn valid_provider_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
+
+/// A configured provider, ready to sign people in.
+pub enum Provider {
+    Ldap(ldap::LdapProvider),
+    Oidc(Box<oidc::OidcProvider>),
+    /// Loaded on first use: its metadata may come over HTTP, and an IdP that is down at start
+    /// must not keep the broker (and the other providers) from serving.
+    Saml(SamlSlot),
+}
+
+pub struct SamlSlot {
+    name: String,
+    settings: saml::SamlSettings,
+    pub endpoints: saml::SpEndpoints,
+    loaded: tokio::sync::OnceCell<std::sync::Arc<saml::SamlProvider>>,
+}
+
+impl SamlSlot {
+    /// The provider, loading its IdP metadata the first time (a failed load is retried later).
+    pub async fn get(&self) -> Result<std::sync::Arc<saml::SamlProvider>, IdpError> {
+        self.loaded
+            .get_or_try_init(|| async {
+                saml::SamlProvider::load(&self.name, &self.settings, self.endpoints.clone())
+                    .await
+                    .map(std::sync::Arc::new)
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// One entry of the enrollment portal's list.
+pub struct ConfiguredProvider {
+    pub name: String,
+    /// What the portal's button or form title says.
+    pub label: String,
+    pub provider: Provider,
+}
+
+/// Every configured provider, in configuration (name) order.
+#[derive(Default)]
+pub struct IdentityProviders {
+    providers: Vec<ConfiguredProvider>,
+}
+
+impl IdentityProviders {
+    /// Builds every provider from configuration; `public_url` has no trailing slash. Nothing is
+    /// fetched here (see [`SamlSlot`] and [`oidc::OidcProvider::new`]).
+    pub fn from_config(
+        settings: &[(String, ProviderSettings)],
+        public_url: &str,
+    ) -> Result<IdentityProviders, IdpError> {
+        let mut providers = Vec::with_capacity(settings.len());
+        for (name, setting) in settings {
+            let (label, provider) = match setting {
+                ProviderSettings::Ldap(s) => (
+                    s.label.clone(),
+                    Provider::Ldap(ldap::LdapProvider::new(name, s)?),
+                ),
+                ProviderSettings::Oidc(s) => (
+                    s.label.clone(),
+                    Provider::Oidc(Box::new(oidc::OidcProvider::new(
+                        name,
+                        s,
+                        &oidc_callback_url(public_url, name),
+                    )?)),
+                ),
+                ProviderSettings::Saml(s) => (
+                    s.label.clone(),
+                    Provider::Saml(SamlSlot {
+                        name: name.clone(),
+                        settings: s.clone(),
+                        endpoints: saml_endpoints(public_url, name),
+                        loaded: tokio::sync::OnceCell::new(),
+                    }),
+                ),
+            };
+            providers.push(ConfiguredProvider {
+                name: name.clone(),
+                label: label.unwrap_or_else(|| name.clone()),
+                provider,
+            });
+        }
+        Ok(IdentityProviders { providers })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ConfiguredProvider> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ConfiguredProvider> {
+        self.providers.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.providers.is_empty()
+    }
+}
+
+/// The redirect URL to register at an OpenID provider.
+pub fn oidc_callback_url(public_url: &str, name: &str) -> String {
+    format!("{public_url}/auth/oidc/{name}/callback")
+}
+
+/// The SP metadata URL (also the entity ID) and ACS URL to register at a SAML IdP.
+pub fn saml_endpoints(public_url: &str, name: &str) -> saml::SpEndpoints {
+    saml::SpEndpoints {
+        metadata_url: format!("{public_url}/auth/saml/{name}/metadata"),
+        acs_url: format!("{public_url}/auth/saml/{name}/acs"),
+    }
+}

@@ -65,3 +65,12 @@ impl SamlProvider {
         )))
     }
 }
+
+impl SamlProvider {
+    pub fn check(&self) -> Result<Vec<String>, IdpError> {
+        Err(IdpError::Misconfigured(format!(
+            "{}: not built yet",
+            self.name
+        )))
+    }
+}

@@ -19,6 +19,8 @@ pub struct ChallengeRequest {
     pub requested_by: String,
     pub for_user: Option<String>,
     pub for_device: Option<String>,
+    /// The signed-in person the enrollment is for (`users.id`).
+    pub user_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -39,6 +41,7 @@ pub async fn create(
         id: uuid::Uuid::new_v4().to_string(),
         for_user: request.for_user,
         for_device: request.for_device,
+        user_id: request.user_id,
         requested_by: request.requested_by,
         created_at: now,
         status: ENROLLMENT_PENDING.into(),

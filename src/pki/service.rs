@@ -243,6 +243,7 @@ impl ScepService {
             id: uuid::Uuid::new_v4().to_string(),
             for_user: None,
             for_device: None,
+            user_id: None,
             requested_by: "scep:static-challenge".into(),
             created_at: crate::store::now(),
             status: challenge::ENROLLMENT_PENDING.into(),

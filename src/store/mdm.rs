@@ -28,6 +28,9 @@ pub struct DeviceRecord {
     pub bootstrap_token: Option<String>,
     pub authenticated_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The person (`users.id`) the device was enrolled for, bound at its first Authenticate.
+    pub owner_id: Option<String>,
+    pub owner_bound_at: Option<DateTime<Utc>>,
 }
 
 /// What an Authenticate says about a device.
@@ -149,7 +152,8 @@ macro_rules! select_devices {
         concat!(
             "SELECT udid, enrollment_id, serial_number, model, model_name, product_name, \
              device_name, os_version, build_version, topic, inventory, profiles, \
-             bootstrap_token, authenticated_at, updated_at FROM mdm_devices ",
+             bootstrap_token, authenticated_at, updated_at, owner_id, owner_bound_at \
+             FROM mdm_devices ",
             $clause
         )
     };
@@ -247,11 +251,14 @@ impl Store {
                     if taken.is_some() {
                         return Ok(Err(BindRefusal::CertificateBoundElsewhere));
                     }
+                    // The device belongs to whoever the enrollment record was issued to.
                     let inserted = sqlx::query(
                         "INSERT INTO mdm_devices (udid, enrollment_id, serial_number, model, \
                              model_name, product_name, device_name, os_version, build_version, \
-                             topic, authenticated_at, updated_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
+                             topic, authenticated_at, updated_at, owner_id, owner_bound_at) \
+                             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, \
+                             e.user_id, CASE WHEN e.user_id IS NULL THEN NULL ELSE $11 END \
+                             FROM enrollments e WHERE e.id = $2",
                     )
                     .bind(udid)
                     .bind(enrollment_id)

@@ -10,6 +10,7 @@ mod admin_keys;
 mod audit;
 mod mdm;
 mod pki;
+mod users;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -29,6 +30,7 @@ pub use pki::{
     CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,
     Recorded, RedeemRefusal, SigningKeyRow,
 };
+pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 
 /// The current time, in whole seconds: the precision every stored timestamp has. SQLite keeps
 /// timestamps as text, which compares correctly only when every value has the same shape.

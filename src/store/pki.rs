@@ -21,6 +21,8 @@ pub struct EnrollmentRecord {
     pub id: String,
     pub for_user: Option<String>,
     pub for_device: Option<String>,
+    /// The person (`users.id`) who signed in at the portal for this enrollment.
+    pub user_id: Option<String>,
     pub requested_by: String,
     pub created_at: DateTime<Utc>,
     pub status: String,
@@ -118,7 +120,7 @@ impl Store {
 
     pub async fn insert_enrollment(&self, e: &EnrollmentRecord) -> StoreResult<()> {
         let sql = "INSERT INTO enrollments (id, for_user, for_device, requested_by, created_at, \
-                   status) VALUES ($1, $2, $3, $4, $5, $6)";
+                   status, user_id) VALUES ($1, $2, $3, $4, $5, $6, $7)";
         on_pool!(self, |pool| sqlx::query(sql)
             .bind(&e.id)
             .bind(&e.for_user)
@@ -126,6 +128,7 @@ impl Store {
             .bind(&e.requested_by)
             .bind(e.created_at)
             .bind(&e.status)
+            .bind(&e.user_id)
             .execute(pool)
             .await?
             .rows_affected());
@@ -133,7 +136,7 @@ impl Store {
     }
 
     pub async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
-        let sql = "SELECT id, for_user, for_device, requested_by, created_at, status \
+        let sql = "SELECT id, for_user, for_device, user_id, requested_by, created_at, status \
                    FROM enrollments WHERE id = $1";
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(id)

@@ -137,6 +137,15 @@ impl TestServer {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut ConfigArgs)) -> TestServer {
+        Self::start_configured(adjust, "").await
+    }
+
+    /// A server with settings from a configuration file's text (identity providers, say) as
+    /// well as from flags.
+    pub async fn start_configured(
+        adjust: impl FnOnce(&mut ConfigArgs),
+        file_toml: &str,
+    ) -> TestServer {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let mut args = ConfigArgs {
             data_dir: Some(data_dir.path().to_path_buf()),
@@ -145,7 +154,8 @@ impl TestServer {
             ..Default::default()
         };
         adjust(&mut args);
-        let config = Config::merge(args, FileConfig::default()).expect("config");
+        let file: FileConfig = toml::from_str(file_toml).expect("test configuration file");
+        let config = Config::merge(args, file).expect("config");
         let server = server::start(config).await.expect("server starts");
         let base = format!("https://{}", server.https_addr);
         let http_base = server

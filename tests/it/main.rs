@@ -11,6 +11,7 @@ mod device;
 mod harness;
 mod mdm;
 mod peers;
+mod portal;
 mod profiles;
 mod scep;
 mod schema;

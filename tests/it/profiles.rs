@@ -29,7 +29,12 @@ pub fn push_certificate(topic: &str) -> (String, String) {
     (cert.pem(), trustbroker::pki::pem("PRIVATE KEY", &pkcs8))
 }
 
-async fn import_push(server: &TestServer, admin: &str, cert: &str, key: &str) -> reqwest::Response {
+pub async fn import_push(
+    server: &TestServer,
+    admin: &str,
+    cert: &str,
+    key: &str,
+) -> reqwest::Response {
     server
         .client
         .put(server.url("/api/v1/push-certificate"))

@@ -1,0 +1,543 @@
+//! The enrollment portal with real identity providers: a person signs in (OpenID Connect
+//! against the test OP; LDAP and SAML in their own modules), downloads their profile, the
+//! device simulator enrolls with it, and the enrollment belongs to that person with their
+//! groups. Plus the portal's own guards: CSRF, sessions, group limits, tampered answers.
+
+use std::collections::BTreeMap;
+
+use der::{Decode, Encode};
+use plist::Value;
+use reqwest::StatusCode;
+use reqwest::header::{LOCATION, SET_COOKIE};
+use serde_json::Value as Json;
+
+use crate::device::{self, Device};
+use crate::harness::{TestDb, TestServer, peer_env};
+use crate::profiles::{import_push, push_certificate};
+
+/// The public URL the test IdPs know the broker by (their registered redirect and ACS URLs).
+pub const PUBLIC_URL: &str = "http://127.0.0.1:8080";
+
+/// A browser: keeps cookies (all hosts are 127.0.0.1, and cookies ignore ports, as in a real
+/// browser) and never follows redirects by itself, so each hop can be checked or rewritten.
+pub struct Browser {
+    client: reqwest::Client,
+    cookies: BTreeMap<String, String>,
+}
+
+impl Browser {
+    pub fn new(server: &TestServer) -> Browser {
+        let cert = server
+            .server
+            .as_ref()
+            .map(|s| std::fs::read(&s.tls_cert_path).expect("TLS certificate"))
+            .expect("running server");
+        Browser {
+            client: reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookies: BTreeMap::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn absorb(&mut self, response: &reqwest::Response) {
+        for value in response.headers().get_all(SET_COOKIE) {
+            let text = value.to_str().unwrap();
+            let pair = text.split(';').next().unwrap();
+            let (name, value) = pair.split_once('=').unwrap();
+            let expired = text.contains("Max-Age=0") || text.contains("expires=Thu, 01 Jan 1970");
+            if expired || value.is_empty() {
+                self.cookies.remove(name.trim());
+            } else {
+                self.cookies.insert(name.trim().into(), value.into());
+            }
+        }
+    }
+
+    pub async fn get(&mut self, url: &str) -> reqwest::Response {
+        let response = self
+            .client
+            .get(url)
+            .header("cookie", self.cookie_header())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        self.absorb(&response);
+        response
+    }
+
+    pub async fn post_form(&mut self, url: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+        let response = self
+            .client
+            .post(url)
+            .header("cookie", self.cookie_header())
+            .form(fields)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        self.absorb(&response);
+        response
+    }
+
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookies.get(name).map(String::as_str)
+    }
+
+    pub fn set_cookie(&mut self, name: &str, value: &str) {
+        self.cookies.insert(name.into(), value.into());
+    }
+}
+
+pub fn location(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(LOCATION)
+        .unwrap_or_else(|| panic!("no Location on a {}", response.status()))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The value of `name="..." value="..."`-style hidden input `name` in a page.
+pub fn hidden_input(page: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = page
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {name} input in {page}"))
+        + marker.len();
+    page[start..].split('"').next().unwrap().to_owned()
+}
+
+/// Replaces the public URL's origin with the test server's real one.
+pub fn to_server(server: &TestServer, url: &str) -> String {
+    url.replacen(PUBLIC_URL, &server.base, 1)
+}
+
+/// Signs in at the test OpenID provider, starting at its authorization URL; returns the
+/// redirect back to the broker (public URL) with `code` and `state`.
+pub async fn sign_in_at_op(browser: &mut Browser, auth_url: &str, user: &str, pw: &str) -> String {
+    let issuer = auth_url.split("/auth").next().unwrap().to_owned();
+    let absolute = |u: String| {
+        if u.starts_with("http") {
+            u
+        } else {
+            format!("{issuer}{u}")
+        }
+    };
+    let mut next = location(&browser.get(auth_url).await);
+    for _ in 0..10 {
+        if next.starts_with(PUBLIC_URL) {
+            return next;
+        }
+        next = absolute(next);
+        if next.contains("/interaction/") {
+            let page = browser.get(&next).await.text().await.unwrap();
+            let action = page
+                .split("action=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .expect("interaction form")
+                .to_owned();
+            let fields: Vec<(&str, &str)> = if page.contains("name=\"password\"") {
+                vec![("prompt", "login"), ("login", user), ("password", pw)]
+            } else {
+                vec![("prompt", "consent")]
+            };
+            let response = browser.post_form(&absolute(action), &fields).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::SEE_OTHER,
+                "OP login for {user}"
+            );
+            next = location(&response);
+        } else {
+            next = location(&browser.get(&next).await);
+        }
+    }
+    panic!("the OpenID provider never redirected back: {next}");
+}
+
+pub fn oidc_toml(issuer: &str, extra: &str) -> String {
+    format!(
+        "[idp.oidc]\ntype = \"oidc\"\nlabel = \"Example SSO\"\nissuer = \"{issuer}\"\n\
+         client_id = \"mdm-broker\"\nclient_secret = \"mdm-broker-secret\"\n\
+         scopes = [\"email\", \"profile\", \"groups\"]\n{extra}"
+    )
+}
+
+/// A portal with the given providers, a push certificate imported, and an admin key.
+pub async fn portal_on(db: &TestDb, file_toml: &str) -> (TestServer, String) {
+    let url = db.database_url();
+    let server = TestServer::start_configured(
+        move |args| {
+            args.database_url = url;
+            args.public_url = Some(PUBLIC_URL.into());
+        },
+        file_toml,
+    )
+    .await;
+    let admin = server.admin_key("portal-admin", &["admin"]).await;
+    let (cert, key) = push_certificate(device::TOPIC);
+    assert_eq!(
+        import_push(&server, &admin, &cert, &key).await.status(),
+        StatusCode::OK
+    );
+    (server, admin)
+}
+
+/// After sign-in: the portal page, the profile download, and the challenge inside it.
+pub async fn download_profile(server: &TestServer, browser: &mut Browser) -> String {
+    let page = browser.get(&server.url("/enroll")).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("Download enrollment profile"), "{page}");
+    let csrf = hidden_input(&page, "csrf");
+    let response = browser
+        .post_form(&server.url("/enroll/profile"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/x-apple-aspen-config"
+    );
+    let signed = response.bytes().await.unwrap();
+    challenge_in(&signed)
+}
+
+/// The SCEP challenge in a signed `.mobileconfig`.
+fn challenge_in(signed: &[u8]) -> String {
+    let info = cms::content_info::ContentInfo::from_der(signed).expect("CMS ContentInfo");
+    let data = info
+        .content
+        .decode_as::<cms::signed_data::SignedData>()
+        .expect("SignedData");
+    let content = data.encap_content_info.econtent.expect("attached content");
+    let xml = der::asn1::OctetString::from_der(&content.to_der().unwrap()).unwrap();
+    let profile = Value::from_reader(std::io::Cursor::new(xml.as_bytes().to_vec())).unwrap();
+    let payloads = profile.as_dictionary().unwrap()["PayloadContent"]
+        .as_array()
+        .unwrap();
+    payloads
+        .iter()
+        .map(|p| p.as_dictionary().unwrap())
+        .find(|p| p["PayloadType"].as_string() == Some("com.apple.security.scep"))
+        .and_then(|p| p["PayloadContent"].as_dictionary())
+        .and_then(|c| c["Challenge"].as_string())
+        .expect("a SCEP challenge")
+        .to_owned()
+}
+
+/// The device simulator enrolls with `challenge` and checks in; returns the enrollment as the
+/// admin API shows it.
+pub async fn enroll_device(server: &TestServer, admin: &str, challenge: &str) -> (Device, Json) {
+    let device = Device::enroll(server, challenge).await;
+    device.check_in(server).await;
+    let enrollment = server
+        .get_json(&format!("/api/v1/enrollments/{}", device.udid), Some(admin))
+        .await;
+    (device, enrollment)
+}
+
+/// The person's groups as `GET /api/v1/users/{id}` lists them: (external id, source).
+pub async fn user_groups(server: &TestServer, admin: &str, user_id: &str) -> Json {
+    server
+        .get_json(&format!("/api/v1/users/{user_id}"), Some(admin))
+        .await
+}
+
+#[tokio::test]
+async fn oidc_sign_in_enrolls_a_device_that_belongs_to_the_person() {
+    let Some(issuer) = peer_env("TRUSTBROKER_TEST_OIDC_ISSUER") else {
+        return;
+    };
+    for db in TestDb::all().await {
+        let (server, admin) = portal_on(&db, &oidc_toml(&issuer, "")).await;
+        let mut browser = Browser::new(&server);
+        let page = browser
+            .get(&server.url("/enroll"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("Sign in with Example SSO"), "{page}");
+
+        let login = browser.get(&server.url("/auth/oidc/oidc/login")).await;
+        assert_eq!(login.status(), StatusCode::SEE_OTHER);
+        let auth_url = location(&login);
+        assert!(auth_url.starts_with(&issuer), "{auth_url}");
+        for param in [
+            "code_challenge_method=S256",
+            "nonce=",
+            "state=",
+            "scope=openid",
+        ] {
+            assert!(auth_url.contains(param), "{param} missing from {auth_url}");
+        }
+        let back = sign_in_at_op(&mut browser, &auth_url, "bob", "bobpw").await;
+        assert!(
+            back.starts_with(&format!("{PUBLIC_URL}/auth/oidc/oidc/callback?")),
+            "{back}"
+        );
+        let done = browser.get(&to_server(&server, &back)).await;
+        assert_eq!(done.status(), StatusCode::SEE_OTHER, "{}", db.name());
+        assert_eq!(location(&done), "/enroll");
+        let cookie = done
+            .headers()
+            .get_all(SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .find(|c| c.starts_with("tb_session="))
+            .expect("a session cookie");
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+            "{cookie}"
+        );
+
+        let page = browser
+            .get(&server.url("/enroll"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains("Bob Brown") && page.contains("bob@example.org"),
+            "{page}"
+        );
+        assert!(
+            page.contains("mdm-users") && page.contains("staff"),
+            "{page}"
+        );
+
+        let challenge = download_profile(&server, &mut browser).await;
+        let (device, enrollment) = enroll_device(&server, &admin, &challenge).await;
+        let owner = &enrollment["owner"];
+        assert_eq!(
+            owner["email"],
+            "bob@example.org",
+            "{}: {enrollment}",
+            db.name()
+        );
+        assert_eq!(owner["provider"], "oidc");
+        let user_id = owner["id"].as_str().unwrap().to_owned();
+
+        let user = user_groups(&server, &admin, &user_id).await;
+        assert_eq!(user["subject"], "bob");
+        assert_eq!(user["login"], "bob");
+        let groups: Vec<(&str, &str)> = user["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                (
+                    g["external_id"].as_str().unwrap(),
+                    g["source"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(groups, [("mdm-users", "sign-in"), ("staff", "sign-in")]);
+        assert!(user["groups"][0]["last_seen_at"].is_string());
+        let devices: Vec<&str> = user["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["udid"].as_str().unwrap())
+            .collect();
+        assert_eq!(devices, [device.udid.as_str()]);
+
+        let users = server.get_json("/api/v1/users", Some(&admin)).await;
+        assert_eq!(users["users"].as_array().unwrap().len(), 1);
+        let all_groups = server.get_json("/api/v1/groups", Some(&admin)).await;
+        let staff = all_groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["external_id"] == "staff")
+            .expect("the staff group");
+        assert_eq!(staff["members"], 1);
+        // The sign-in and the profile are in the audit log under the person's name.
+        let audit = server
+            .get_json("/api/v1/audit?actor=user:oidc:bob", Some(&admin))
+            .await;
+        let actions: Vec<&str> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert!(actions.contains(&"portal.sign-in"), "{audit}");
+        assert!(actions.contains(&"enrollment-profile.create"), "{audit}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn oidc_refuses_a_tampered_state_a_wrong_nonce_and_a_replayed_code() {
+    let Some(issuer) = peer_env("TRUSTBROKER_TEST_OIDC_ISSUER") else {
+        return;
+    };
+    // Through the portal: a callback whose state was changed.
+    let (server, _) = portal_on(&TestDb::Sqlite, &oidc_toml(&issuer, "")).await;
+    let mut browser = Browser::new(&server);
+    let auth_url = location(&browser.get(&server.url("/auth/oidc/oidc/login")).await);
+    let back = sign_in_at_op(&mut browser, &auth_url, "carol", "carolpw").await;
+    let tampered = back.replace("state=", "state=x");
+    let refused = browser.get(&to_server(&server, &tampered)).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(browser.cookie("tb_session").is_none());
+    // A callback without the sign-in cookie (another browser, or an expired sign-in).
+    let mut stranger = Browser::new(&server);
+    let refused = stranger.get(&to_server(&server, &back)).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let users = server.store().list_users(None, 10).await.unwrap();
+    assert!(users.is_empty(), "nobody signed in");
+    server.stop().await;
+
+    // At the provider: the nonce and code checks.
+    use trustbroker::identity::IdpError;
+    use trustbroker::identity::oidc::{OidcProvider, OidcSettings};
+    let settings: OidcSettings = toml::from_str(&format!(
+        "issuer = \"{issuer}\"\nclient_id = \"mdm-broker\"\n\
+         client_secret = \"mdm-broker-secret\"\nscopes = [\"email\", \"profile\", \"groups\"]"
+    ))
+    .unwrap();
+    let provider = OidcProvider::new(
+        "oidc",
+        &settings,
+        &format!("{PUBLIC_URL}/auth/oidc/oidc/callback"),
+    )
+    .unwrap();
+    let mut browser = Browser::new(&TestServer::start().await);
+    let (url, pending) = provider.begin().await.unwrap();
+    let back = sign_in_at_op(&mut browser, &url, "alice", "alicepw").await;
+    let query: BTreeMap<String, String> = reqwest::Url::parse(&back)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    let mut wrong_nonce = pending.clone();
+    wrong_nonce.nonce = "not-the-nonce".into();
+    let refused = provider
+        .finish(&wrong_nonce, &query["state"], &query["code"])
+        .await;
+    assert!(
+        matches!(refused, Err(IdpError::Refused(ref m)) if m.contains("ID token")),
+        "{refused:?}"
+    );
+    // The code was spent by that attempt: the OP refuses it a second time, right nonce or not.
+    let replayed = provider
+        .finish(&pending, &query["state"], &query["code"])
+        .await;
+    assert!(
+        matches!(replayed, Err(IdpError::Refused(ref m)) if m.contains("token request")),
+        "{replayed:?}"
+    );
+
+    // A fresh sign-in with the right values works, and carries groups from the ID token.
+    let (url, pending) = provider.begin().await.unwrap();
+    let back = sign_in_at_op(&mut browser, &url, "alice", "alicepw").await;
+    let query: BTreeMap<String, String> = reqwest::Url::parse(&back)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    let alice = provider
+        .finish(&pending, &query["state"], &query["code"])
+        .await
+        .unwrap();
+    assert_eq!(alice.subject, "alice");
+    assert_eq!(alice.email.as_deref(), Some("alice@example.org"));
+    assert_eq!(alice.display_name.as_deref(), Some("Alice Anderson"));
+    let groups: Vec<&str> = alice.groups.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(groups, ["admins", "staff"]);
+    assert!(
+        provider
+            .finish(&pending, &query["state"], &query["code"])
+            .await
+            .is_err(),
+        "a code works once"
+    );
+}
+
+#[tokio::test]
+async fn only_members_of_allowed_groups_may_enroll() {
+    let Some(issuer) = peer_env("TRUSTBROKER_TEST_OIDC_ISSUER") else {
+        return;
+    };
+    let toml = oidc_toml(&issuer, "[enroll]\nallowed_groups = [\"mdm-users\"]\n");
+    let (server, _) = portal_on(&TestDb::Sqlite, &toml).await;
+    let mut alice = Browser::new(&server);
+    let auth_url = location(&alice.get(&server.url("/auth/oidc/oidc/login")).await);
+    let back = sign_in_at_op(&mut alice, &auth_url, "alice", "alicepw").await;
+    let refused = alice.get(&to_server(&server, &back)).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(refused.text().await.unwrap().contains("not in a group"));
+    assert!(alice.cookie("tb_session").is_none());
+
+    let mut carol = Browser::new(&server);
+    let auth_url = location(&carol.get(&server.url("/auth/oidc/oidc/login")).await);
+    let back = sign_in_at_op(&mut carol, &auth_url, "carol", "carolpw").await;
+    let done = carol.get(&to_server(&server, &back)).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    assert!(carol.cookie("tb_session").is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn portal_forms_need_their_csrf_token_and_a_session() {
+    let (server, _) = portal_on(&TestDb::Sqlite, "").await;
+    let mut browser = Browser::new(&server);
+    let page = browser.get(&server.url("/enroll")).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("No sign-in method is configured")
+    );
+    assert!(browser.cookie("tb_csrf").is_some());
+
+    // No session: no profile, whatever is posted.
+    let response = browser
+        .post_form(&server.url("/enroll/profile"), &[("csrf", "x")])
+        .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // A forged session cookie is no session.
+    browser.set_cookie("tb_session", "eyJ1c2VyX2lkIjoiYWRtaW4ifQ");
+    let response = browser
+        .post_form(&server.url("/enroll/profile"), &[("csrf", "x")])
+        .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Unknown providers are 404 pages, not errors in JSON.
+    let csrf = browser.cookie("tb_csrf").unwrap().to_owned();
+    let response = browser
+        .post_form(
+            &server.url("/auth/ldap/nope"),
+            &[("csrf", &csrf), ("login", "a"), ("password", "b")],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    for path in ["/auth/oidc/nope/login", "/auth/saml/nope/metadata"] {
+        assert_eq!(
+            browser.get(&server.url(path)).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+    server.stop().await;
+}
