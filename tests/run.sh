@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, starts the real peers on loopback (PostgreSQL,
-# slapd, the OpenID provider, SimpleSAMLphp; scep's client and server binaries), runs fmt,
-# clippy and the whole suite, and stops every peer it started.
+# slapd, the OpenID provider, SimpleSAMLphp; scep's client and server binaries; headless
+# Chromium), runs fmt, clippy and the whole suite, and stops every peer it started.
 #
 #   bash tests/run.sh [cargo test arguments...]
 #
@@ -41,6 +41,8 @@ apt_install pkg-config libssl-dev openssl curl ca-certificates iproute2
 # For SAML (samael, a later step): libxml2-dev libxmlsec1-dev libclang-dev clang xmlsec1
 # One after the other: apt and dpkg take locks, so the parallel starts below install nothing.
 for peer in scep ldap oidc saml; do bash "$PEERS/$peer.sh" install; done
+# Headless Chromium and puppeteer-core, for the test that clicks through the portal.
+TRUSTBROKER_TEST_BROWSER_FLOW=$(bash "$PEERS/browser.sh" install)
 
 step "starting PostgreSQL"
 TRUSTBROKER_TEST_PG=$(bash "$PEERS/postgres.sh")
@@ -75,6 +77,7 @@ export TRUSTBROKER_TEST_LDAP_CA=$PEERS_DIR/ldap/tls/ca.crt
 export TRUSTBROKER_TEST_OIDC_ISSUER=http://127.0.0.1:4444
 export TRUSTBROKER_TEST_SAML_METADATA_URL=http://127.0.0.1:8443/saml2/idp/metadata.php
 export TRUSTBROKER_TEST_SAML_CERT=$PEERS_DIR/saml/cert/idp.crt
+export TRUSTBROKER_TEST_BROWSER_FLOW
 if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
   env | grep '^TRUSTBROKER_TEST_' | sort
   exit 0

@@ -541,3 +541,57 @@ async fn portal_forms_need_their_csrf_token_and_a_session() {
     }
     server.stop().await;
 }
+
+/// The whole flow as a person does it, in headless Chromium emulating an iPhone: the portal's
+/// SSO button, the provider's own login page, back to the portal, the download button. The
+/// broker listens on the public URL itself here, since the browser follows every redirect.
+#[tokio::test]
+async fn a_person_enrolls_through_the_portal_in_chromium() {
+    let (Some(issuer), Some(flow)) = (
+        peer_env("TRUSTBROKER_TEST_OIDC_ISSUER"),
+        peer_env("TRUSTBROKER_TEST_BROWSER_FLOW"),
+    ) else {
+        return;
+    };
+    let server = TestServer::start_configured(
+        |args| {
+            args.public_url = Some(PUBLIC_URL.into());
+            args.http_listen = Some("127.0.0.1:8080".parse().unwrap());
+        },
+        &oidc_toml(&issuer, ""),
+    )
+    .await;
+    let admin = server.admin_key("portal-admin", &["admin"]).await;
+    let (cert, key) = push_certificate(device::TOPIC);
+    assert_eq!(
+        import_push(&server, &admin, &cert, &key).await.status(),
+        StatusCode::OK
+    );
+    let downloads = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg(&flow)
+        .args([PUBLIC_URL, "Sign in with Example SSO", "carol", "carolpw"])
+        .arg(downloads.path())
+        .output()
+        .await
+        .expect("node runs the browser flow");
+    assert!(
+        out.status.success(),
+        "browser flow failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Json = serde_json::from_slice(&out.stdout).expect("the flow's JSON line");
+    let shown = result["shown"].as_str().unwrap();
+    assert!(
+        shown.contains("Carol Clark") && shown.contains("mdm-users"),
+        "{shown}"
+    );
+    let signed = std::fs::read(result["profile"].as_str().unwrap()).expect("the download");
+    let challenge = challenge_in(&signed);
+    let (_, enrollment) = enroll_device(&server, &admin, &challenge).await;
+    assert_eq!(
+        enrollment["owner"]["email"], "carol@example.org",
+        "{enrollment}"
+    );
+    server.stop().await;
+}
