@@ -349,7 +349,7 @@ async fn a_closed_port_is_unreachable_at_once() {
 }
 
 #[tokio::test]
-async fn a_silent_server_is_unreachable_within_the_connect_timeout() {
+async fn a_silent_server_is_unreachable_within_the_timeouts() {
     if directory().is_none() {
         return;
     }
@@ -368,6 +368,29 @@ async fn a_silent_server_is_unreachable_within_the_connect_timeout() {
         Err(e @ IdpError::Unreachable(_)) => assert_eq!(
             e.to_string(),
             format!("the identity provider cannot be reached: {url}: no connection within 1 s")
+        ),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    // In the clear, connecting succeeds at once and the service bind waits: the operation
+    // timeout applies.
+    let ldap = provider(
+        &url,
+        "starttls = false
+timeout_secs = 1",
+    );
+    let started = Instant::now();
+    match ldap.authenticate("bob", "bobpw").await {
+        Err(e @ IdpError::Unreachable(_)) => assert_eq!(
+            e.to_string(),
+            format!(
+                "the identity provider cannot be reached: {url}: no answer while binding as the \
+                 service account within 1 s"
+            )
         ),
         other => panic!("expected Unreachable, got {other:?}"),
     }
@@ -469,4 +492,97 @@ async fn the_subject_attribute_is_configurable_and_falls_back_to_the_dn() {
         .unwrap();
     assert_eq!(custom.display_name.as_deref(), Some("Bob"));
     assert_eq!(custom.email.as_deref(), Some("Brown"));
+}
+
+/// A loopback TCP relay to slapd whose connections can all be cut at once, as an idle timeout
+/// or a server restart would.
+struct Relay {
+    addr: std::net::SocketAddr,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn to(target: &str) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let target = target.to_string();
+        let accept = tokio::spawn({
+            let links = links.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let target = target.clone();
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    links.lock().unwrap().push(link);
+                }
+            }
+        });
+        Relay {
+            addr,
+            links,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn pooled_connections_the_server_closed_are_replaced() {
+    let Some(dir) = directory() else { return };
+    let target = dir.url.trim_start_matches("ldap://").to_string();
+    let relay = Relay::to(&target).await;
+    let ldap = provider(
+        &format!("ldap://{}", relay.addr),
+        &format!("ca_file = \"{}\"", dir.ca),
+    );
+    let first = ldap
+        .authenticate("bob", "bobpw")
+        .await
+        .expect("first sign-in");
+    assert_eq!(ldap.idle_connections(), 1);
+    relay.cut();
+    let second = ldap
+        .authenticate("bob", "bobpw")
+        .await
+        .expect("a sign-in after the server closed the pooled connection");
+    assert_eq!(second, first);
+    assert_eq!(ldap.idle_connections(), 1);
+}
+
+#[tokio::test]
+async fn each_password_is_checked_on_a_connection_of_its_own() {
+    let Some(dir) = directory() else { return };
+    let target = dir.url.trim_start_matches("ldap://").to_string();
+    let relay = Relay::to(&target).await;
+    let ldap = provider(
+        &format!("ldap://{}", relay.addr),
+        &format!("ca_file = \"{}\"", dir.ca),
+    );
+    let connections = || relay.links.lock().unwrap().len();
+    ldap.authenticate("bob", "bobpw").await.unwrap();
+    // One pooled service connection, one for bob's bind.
+    assert_eq!(connections(), 2);
+    ldap.authenticate("alice", "wrong").await.unwrap_err();
+    ldap.authenticate("carol", "carolpw").await.unwrap();
+    // The pooled connection was reused; each password bind had a new one.
+    assert_eq!(connections(), 4);
+    assert_eq!(ldap.idle_connections(), 1);
 }
