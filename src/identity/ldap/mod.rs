@@ -252,7 +252,8 @@ impl LdapProvider {
     /// Signs a person in with what they typed. A wrong password, an unknown or ambiguous login,
     /// a refused account and an empty password are all `Refused` with the same message.
     pub async fn authenticate(&self, login: &str, password: &str) -> Result<Identity, IdpError> {
-        // An empty password would make the bind below an unauthenticated bind, which succeeds.
+        // An empty password makes the bind below an unauthenticated bind, which many servers
+        // answer with success.
         if password.is_empty() || !plausible_login(login) {
             return Err(refused());
         }
@@ -313,9 +314,10 @@ impl LdapProvider {
             .await
             .map_err(|e| self.endpoint.transport_error("searching", e))?;
         let found = entries.iter().filter(|e| !e.is_ref()).count();
+        let noun = if found == 1 { "entry" } else { "entries" };
         match result.rc {
-            0 | 10 => Ok(format!("{found} entries")),
-            4 => Ok(format!("{found} entries or more")),
+            0 | 10 => Ok(format!("{found} {noun}")),
+            4 => Ok(format!("{found} {noun} or more")),
             _ => Err(search_error(key, base, &result)),
         }
     }
