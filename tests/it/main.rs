@@ -9,6 +9,7 @@ mod ca;
 mod cli;
 mod device;
 mod harness;
+mod ldap;
 mod mdm;
 mod peers;
 mod portal;
