@@ -595,3 +595,172 @@ async fn a_person_enrolls_through_the_portal_in_chromium() {
     );
     server.stop().await;
 }
+
+pub fn ldap_toml(url: &str, ca: &str, bind_password: &str) -> String {
+    format!(
+        "[idp.ldap]\ntype = \"ldap\"\nlabel = \"Company directory\"\nurl = \"{url}\"\n\
+         ca_file = \"{ca}\"\nbind_dn = \"cn=broker,ou=services,dc=example,dc=org\"\n\
+         bind_password = \"{bind_password}\"\nuser_base = \"ou=people,dc=example,dc=org\"\n\
+         groups = \"search\"\ngroup_base = \"ou=groups,dc=example,dc=org\"\n"
+    )
+}
+
+#[tokio::test]
+async fn ldap_sign_in_through_the_portal_form() {
+    let (Some(url), Some(ca)) = (
+        peer_env("TRUSTBROKER_TEST_LDAP_URL"),
+        peer_env("TRUSTBROKER_TEST_LDAP_CA"),
+    ) else {
+        return;
+    };
+    let (server, admin) = portal_on(&TestDb::Sqlite, &ldap_toml(&url, &ca, "brokerpw")).await;
+    let mut browser = Browser::new(&server);
+    let page = browser
+        .get(&server.url("/enroll"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Company directory"), "{page}");
+    let csrf = hidden_input(&page, "csrf");
+    let form_url = server.url("/auth/ldap/ldap");
+
+    // Without the page's token (a form posted from another site): refused, nobody signed in.
+    let forged = browser
+        .post_form(
+            &form_url,
+            &[
+                ("csrf", "forged"),
+                ("login", "alice"),
+                ("password", "alicepw"),
+            ],
+        )
+        .await;
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    // A wrong password and an unknown user read the same.
+    let mut answers = Vec::new();
+    for (login, password) in [("alice", "wrong"), ("nobody", "x"), ("*", "alicepw")] {
+        let response = browser
+            .post_form(
+                &form_url,
+                &[("csrf", &csrf), ("login", login), ("password", password)],
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{login}");
+        let text = response.text().await.unwrap();
+        answers.push(text.replace(&csrf, ""));
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "answers differ");
+    assert!(answers[0].contains("not right"));
+    assert!(browser.cookie("tb_session").is_none());
+
+    let done = browser
+        .post_form(
+            &form_url,
+            &[("csrf", &csrf), ("login", "alice"), ("password", "alicepw")],
+        )
+        .await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    let challenge = download_profile(&server, &mut browser).await;
+    let (_, enrollment) = enroll_device(&server, &admin, &challenge).await;
+    assert_eq!(enrollment["owner"]["login"], "alice", "{enrollment}");
+    let user = user_groups(&server, &admin, enrollment["owner"]["id"].as_str().unwrap()).await;
+    let groups: Vec<(&str, &str)> = user["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["name"].as_str().unwrap(),
+                g["external_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("admins", "cn=admins,ou=groups,dc=example,dc=org"),
+            ("staff", "cn=staff,ou=groups,dc=example,dc=org"),
+            ("vpn-users", "cn=vpn-users,ou=groups,dc=example,dc=org"),
+        ]
+    );
+
+    // Signing out ends the session: the profile button is gone.
+    let page = browser
+        .get(&server.url("/enroll"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let csrf = hidden_input(&page, "csrf");
+    let out = browser
+        .post_form(&server.url("/enroll/sign-out"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    let page = browser
+        .get(&server.url("/enroll"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("Download enrollment profile"));
+    server.stop().await;
+}
+
+#[test]
+fn idp_test_says_what_is_wrong() {
+    let (Some(url), Some(ca), Some(issuer)) = (
+        peer_env("TRUSTBROKER_TEST_LDAP_URL"),
+        peer_env("TRUSTBROKER_TEST_LDAP_CA"),
+        peer_env("TRUSTBROKER_TEST_OIDC_ISSUER"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("trustbroker.toml");
+    let write = |text: &str| std::fs::write(&config, text).unwrap();
+    let config_arg = config.to_str().unwrap();
+    let run = |name: &str| {
+        crate::harness::run_cli(
+            &[
+                "--config",
+                config_arg,
+                "--public-url",
+                PUBLIC_URL,
+                "idp",
+                "test",
+                name,
+            ],
+            &[],
+        )
+    };
+
+    write(&(ldap_toml(&url, &ca, "brokerpw") + &oidc_toml(&issuer, "")));
+    let (ok, stdout, stderr) = run("ldap");
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("service bind as cn=broker") && stdout.contains("ldap: ready"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run("oidc");
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("{PUBLIC_URL}/auth/oidc/oidc/callback")),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = run("nope");
+    assert!(!ok && stderr.contains("configured: ldap, oidc"), "{stderr}");
+
+    write(&ldap_toml(&url, &ca, "wrong-password"));
+    let (ok, _, stderr) = run("ldap");
+    assert!(
+        !ok && stderr.contains("misconfigured") && stderr.contains("bind"),
+        "{stderr}"
+    );
+    write(&ldap_toml("ldap://127.0.0.1:1", &ca, "brokerpw"));
+    let (ok, _, stderr) = run("ldap");
+    assert!(!ok && stderr.contains("cannot be reached"), "{stderr}");
+    write(&oidc_toml("http://127.0.0.1:1", ""));
+    let (ok, _, stderr) = run("oidc");
+    assert!(!ok && stderr.contains("cannot be reached"), "{stderr}");
+}
