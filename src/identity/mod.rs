@@ -77,9 +77,11 @@ pub fn valid_provider_name(name: &str) -> bool {
 }
 
 /// A configured provider, ready to sign people in.
+// One value per configured provider, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Provider {
     Ldap(ldap::LdapProvider),
-    Oidc(Box<oidc::OidcProvider>),
+    Oidc(oidc::OidcProvider),
     /// Loaded on first use: its metadata may come over HTTP, and an IdP that is down at start
     /// must not keep the broker (and the other providers) from serving.
     Saml(SamlSlot),
@@ -136,11 +138,11 @@ impl IdentityProviders {
                 ),
                 ProviderSettings::Oidc(s) => (
                     s.label.clone(),
-                    Provider::Oidc(Box::new(oidc::OidcProvider::new(
+                    Provider::Oidc(oidc::OidcProvider::new(
                         name,
                         s,
                         &oidc_callback_url(public_url, name),
-                    )?)),
+                    )?),
                 ),
                 ProviderSettings::Saml(s) => (
                     s.label.clone(),
