@@ -12,6 +12,7 @@ mod harness;
 mod mdm;
 mod peers;
 mod profiles;
+mod saml;
 mod scep;
 mod schema;
 mod store;
