@@ -212,7 +212,7 @@ async fn idp(cmd: IdpCommand, config: Config) -> anyhow::Result<()> {
                 Provider::Ldap(ldap) => ldap.check().await,
                 Provider::Oidc(oidc) => oidc.check().await,
                 Provider::Saml(slot) => match slot.get().await {
-                    Ok(saml) => saml.check(),
+                    Ok(saml) => Ok(saml.check()),
                     Err(e) => Err(e),
                 },
             };

@@ -14,6 +14,7 @@ mod mdm;
 mod peers;
 mod portal;
 mod profiles;
+mod saml;
 mod scep;
 mod schema;
 mod store;

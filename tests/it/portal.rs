@@ -764,3 +764,76 @@ fn idp_test_says_what_is_wrong() {
     let (ok, _, stderr) = run("oidc");
     assert!(!ok && stderr.contains("cannot be reached"), "{stderr}");
 }
+
+#[tokio::test]
+async fn saml_sign_in_through_the_portal_and_a_replayed_response_is_refused() {
+    let Some(metadata) = peer_env("TRUSTBROKER_TEST_SAML_METADATA_URL") else {
+        return;
+    };
+    let toml = format!(
+        "[idp.saml]\ntype = \"saml\"\nlabel = \"SimpleSAMLphp\"\nmetadata_url = \"{metadata}\"\n"
+    );
+    for db in TestDb::all().await {
+        let (server, admin) = portal_on(&db, &toml).await;
+        // The SP metadata at its stable URL names itself as the entity ID.
+        let sp = browser_text(&server, "/auth/saml/saml/metadata").await;
+        assert!(
+            sp.contains(&format!(
+                "entityID=\"{PUBLIC_URL}/auth/saml/saml/metadata\""
+            )),
+            "{sp}"
+        );
+        assert!(
+            sp.contains(&format!("Location=\"{PUBLIC_URL}/auth/saml/saml/acs\"")),
+            "{sp}"
+        );
+
+        let mut browser = Browser::new(&server);
+        let login = browser.get(&server.url("/auth/saml/saml/login")).await;
+        assert_eq!(login.status(), StatusCode::SEE_OTHER);
+        let (response, relay) = crate::saml::idp_login(&location(&login), "carol", "carolpw").await;
+        let pending = browser
+            .cookie("tb_login")
+            .expect("sign-in state")
+            .to_owned();
+        let mut fields = vec![("SAMLResponse", response.as_str())];
+        if let Some(relay) = &relay {
+            fields.push(("RelayState", relay));
+        }
+        let acs = server.url("/auth/saml/saml/acs");
+        let done = browser.post_form(&acs, &fields).await;
+        assert_eq!(done.status(), StatusCode::SEE_OTHER, "{}", db.name());
+        let challenge = download_profile(&server, &mut browser).await;
+        let (_, enrollment) = enroll_device(&server, &admin, &challenge).await;
+        assert_eq!(
+            enrollment["owner"]["email"], "carol@example.org",
+            "{enrollment}"
+        );
+        let user = user_groups(&server, &admin, enrollment["owner"]["id"].as_str().unwrap()).await;
+        let groups: Vec<&str> = user["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["external_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(groups, ["mdm-users", "staff"]);
+
+        // The same Response again, with the same sign-in state: the replay cache refuses it.
+        let mut attacker = Browser::new(&server);
+        attacker.set_cookie("tb_login", &pending);
+        let replayed = attacker.post_form(&acs, &fields).await;
+        assert_eq!(replayed.status(), StatusCode::UNAUTHORIZED, "{}", db.name());
+        assert!(attacker.cookie("tb_session").is_none());
+        // Without the state (an unsolicited Response): IdP-initiated sign-in is off.
+        let mut stranger = Browser::new(&server);
+        let unsolicited = stranger.post_form(&acs, &fields).await;
+        assert_eq!(unsolicited.status(), StatusCode::UNAUTHORIZED);
+        server.stop().await;
+    }
+}
+
+async fn browser_text(server: &TestServer, path: &str) -> String {
+    let response = Browser::new(server).get(&server.url(path)).await;
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    response.text().await.unwrap()
+}
