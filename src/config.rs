@@ -747,6 +747,7 @@ mod tests {
             [idp.oidc]
             type = "oidc"
             issuer = "http://127.0.0.1:4444"
+            client_id = "mdm-broker"
             "#,
         )
         .unwrap();
@@ -761,11 +762,13 @@ mod tests {
         let unknown_type = toml::from_str::<FileConfig>("[idp.x]\ntype = \"kerberos\"\n");
         assert!(unknown_type.is_err());
         let misspelt = toml::from_str::<FileConfig>(
-            "[idp.x]\ntype = \"oidc\"\nissuer = \"http://x\"\nclient_secrte = \"s\"\n",
+            "[idp.x]\ntype = \"oidc\"\nissuer = \"http://x\"\nclient_id = \"c\"\nclient_secrte = \"s\"\n",
         );
         assert!(misspelt.is_err(), "a misspelt provider key must be refused");
-        let bad_name: FileConfig =
-            toml::from_str("[idp.\"Bad Name\"]\ntype = \"oidc\"\nissuer = \"http://x\"\n").unwrap();
+        let bad_name: FileConfig = toml::from_str(
+            "[idp.\"Bad Name\"]\ntype = \"oidc\"\nissuer = \"http://x\"\nclient_id = \"c\"\n",
+        )
+        .unwrap();
         let err = Config::merge(ConfigArgs::default(), bad_name).unwrap_err();
         assert!(err.to_string().contains("Bad Name"), "{err}");
     }

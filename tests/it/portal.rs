@@ -735,6 +735,22 @@ fn idp_test_says_what_is_wrong() {
         )
     };
 
+    // The example configuration the docs point newcomers to works as written.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/examples/test-idps.toml");
+    for name in ["ldap", "oidc", "saml"] {
+        let (ok, stdout, stderr) =
+            crate::harness::run_cli(&["--config", example, "idp", "test", name], &[]);
+        assert!(
+            ok && stdout.contains(&format!("{name}: ready")),
+            "{name}: {stdout}{stderr}"
+        );
+    }
+    let (ok, stdout, _) = crate::harness::run_cli(&["--config", example, "idp", "list"], &[]);
+    assert!(
+        ok && stdout.contains("http://127.0.0.1:8080/auth/saml/saml/acs"),
+        "{stdout}"
+    );
+
     write(&(ldap_toml(&url, &ca, "brokerpw") + &oidc_toml(&issuer, "")));
     let (ok, stdout, stderr) = run("ldap");
     assert!(ok, "{stdout}{stderr}");
