@@ -222,12 +222,42 @@ pub struct FileConfig {
     /// A fixed SCEP challenge accepted besides the one-time ones (discouraged; warned at start).
     /// File or TRUSTBROKER_SCEP_STATIC_CHALLENGE only: never on a command line.
     pub scep_static_challenge: Option<String>,
+    /// Other ways a device may prove its identity than `Mdm-Signature`, `[mdm]`.
+    #[serde(default)]
+    pub mdm: MdmIdentitySettings,
     /// Identity providers, `[idp.NAME]`, each with `type = "ldap" | "oidc" | "saml"`.
     #[serde(default)]
     pub idp: BTreeMap<String, ProviderSettings>,
     /// The enrollment portal, `[enroll]`.
     #[serde(default)]
     pub enroll: PortalSettings,
+}
+
+/// How devices may identify themselves besides a `Mdm-Signature` by a certificate of our CA.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MdmIdentitySettings {
+    /// Ask for a TLS client certificate on the HTTPS listener (devices whose profile has
+    /// `SignMessage` false present their identity there). Optional for every other client.
+    pub tls_client_auth: Option<bool>,
+    /// Addresses (IPs or CIDR networks) of TLS-terminating proxies whose certificate header is
+    /// believed. Empty: the header is never read.
+    pub trusted_proxies: Vec<String>,
+    /// The header such a proxy puts the device's certificate in: URL-encoded PEM (nginx's
+    /// `$ssl_client_escaped_cert`), PEM, or base64 DER.
+    pub client_cert_header: Option<String>,
+    /// CA certificates (PEM files) of another MDM whose devices are migrating here: certificates
+    /// they issued are accepted as device identities (and recorded on first sight).
+    pub migrated_ca_files: Vec<PathBuf>,
+}
+
+/// The validated form of [`MdmIdentitySettings`].
+#[derive(Clone, Debug)]
+pub struct MdmIdentityConfig {
+    pub tls_client_auth: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub client_cert_header: Option<axum::http::HeaderName>,
+    pub migrated_ca_files: Vec<PathBuf>,
 }
 
 /// The enrollment portal's settings.
@@ -349,6 +379,7 @@ pub struct Config {
     pub secret_key: SecretKeySource,
     pub pki: PkiConfig,
     pub apns: ApnsConfig,
+    pub mdm_identity: MdmIdentityConfig,
     /// The identity providers, by name, in name order.
     pub identity_providers: Vec<(String, ProviderSettings)>,
     pub portal: PortalSettings,
@@ -490,6 +521,7 @@ impl Config {
                 "cert_validity_days must be between 1 and 3650".into(),
             ));
         }
+        let mdm_identity = validate_mdm_identity(&file.mdm)?;
         for name in file.idp.keys() {
             if !valid_provider_name(name) {
                 return Err(ConfigError::Invalid(format!(
@@ -537,6 +569,7 @@ impl Config {
             secret_key,
             pki,
             apns,
+            mdm_identity,
             identity_providers: file.idp.into_iter().collect(),
             portal: file.enroll,
         })
@@ -595,6 +628,46 @@ fn host_port_for(addr: SocketAddr) -> String {
 }
 
 /// APNs speaks HTTP/2 over TLS only: an https URL without a path.
+fn validate_mdm_identity(settings: &MdmIdentitySettings) -> Result<MdmIdentityConfig, ConfigError> {
+    let trusted_proxies = settings
+        .trusted_proxies
+        .iter()
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "mdm.trusted_proxies: '{text}' is not an IP address or CIDR network"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let client_cert_header = settings
+        .client_cert_header
+        .as_deref()
+        .map(|name| {
+            axum::http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "mdm.client_cert_header: '{name}' is not a header name"
+                ))
+            })
+        })
+        .transpose()?;
+    if client_cert_header.is_some() == trusted_proxies.is_empty() {
+        return Err(ConfigError::Invalid(
+            "mdm.client_cert_header and mdm.trusted_proxies go together: the header is only \
+             believed from those proxies"
+                .into(),
+        ));
+    }
+    Ok(MdmIdentityConfig {
+        tls_client_auth: settings.tls_client_auth.unwrap_or(true),
+        trusted_proxies,
+        client_cert_header,
+        migrated_ca_files: settings.migrated_ca_files.clone(),
+    })
+}
+
 fn validate_apns_url(url: &str) -> Result<String, ConfigError> {
     let trimmed = url.trim_end_matches('/');
     let uri: axum::http::Uri = trimmed

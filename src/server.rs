@@ -23,9 +23,11 @@ use tower::ServiceExt;
 
 use crate::apple::apns::Pusher;
 use crate::apple::enrollment::{ProfileService, ProfileSettings};
+use crate::apple::identity::MigratedCas;
 use crate::apple::service::MdmService;
 use crate::config::{Config, Database, SecretKeySource};
 use crate::enroll::session::CookiePolicy;
+use crate::http::TlsClientCertificate;
 use crate::http::{self, AppState};
 use crate::identity::IdentityProviders;
 use crate::pki::ca::CertificateAuthority;
@@ -33,6 +35,7 @@ use crate::pki::service::ScepService;
 use crate::secrets::MasterKey;
 use crate::store::Store;
 use crate::{telemetry, tls};
+use rustls::pki_types::CertificateDer;
 
 /// How long a client gets to finish the TLS handshake, and to send a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,7 +120,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
              devices; prefer one-time challenges (POST /api/v1/scep/challenges)"
         );
     }
-    let tls = tls::load(&config)?;
+    let migrated_cas = MigratedCas::load(&config.mdm_identity.migrated_ca_files)?;
+    let device_roots = if config.mdm_identity.tls_client_auth {
+        let mut roots = vec![CertificateDer::from(ca.ca.certificate_der.clone())];
+        roots.extend(migrated_cas.roots().iter().cloned());
+        roots
+    } else {
+        Vec::new()
+    };
+    let tls = tls::load(&config, &device_roots)?;
     let grace = config.shutdown_grace;
     let https_listener = TcpListener::bind(config.listen)
         .await
@@ -172,6 +183,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ca,
         identity: Arc::new(identity),
         cookies,
+        migrated_cas: Arc::new(migrated_cas),
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);
@@ -248,11 +260,19 @@ async fn serve_connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let _ = tcp.set_nodelay(true);
-    let service = app.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        request
-    });
-    let service = TowerToHyperService::new(service);
+    // Every request carries its peer address and, on TLS, the client certificate if one was
+    // presented (devices that do not sign their messages identify themselves that way).
+    let service = |client_certificate: Option<TlsClientCertificate>| {
+        TowerToHyperService::new(app.map_request(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                if let Some(certificate) = &client_certificate {
+                    request.extensions_mut().insert(certificate.clone());
+                }
+                request
+            },
+        ))
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -272,11 +292,18 @@ async fn serve_connection(
                     return;
                 }
             };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let client_certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| TlsClientCertificate(Arc::new(leaf.to_vec())));
+            let connection =
+                builder.serve_connection(TokioIo::new(stream), service(client_certificate));
             watcher.watch(connection).await
         }
         None => {
-            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            let connection = builder.serve_connection(TokioIo::new(tcp), service(None));
             watcher.watch(connection).await
         }
     };

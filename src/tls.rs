@@ -37,7 +37,12 @@ struct DevCertManifest {
     not_after: DateTime<Utc>,
 }
 
-pub fn load(config: &Config) -> anyhow::Result<TlsMaterial> {
+/// `device_roots`: the CAs whose certificates devices may present as TLS client certificates
+/// (ours, and any migrated MDM's); empty turns client certificates off.
+pub fn load(
+    config: &Config,
+    device_roots: &[CertificateDer<'static>],
+) -> anyhow::Result<TlsMaterial> {
     let (cert_path, key_path, generated) = match &config.tls {
         TlsSource::Files { cert, key } => (cert.clone(), key.clone(), false),
         TlsSource::Generated => {
@@ -56,10 +61,29 @@ pub fn load(config: &Config) -> anyhow::Result<TlsMaterial> {
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .with_context(|| format!("reading TLS private key {}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server_config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
+        .context("TLS protocol versions")?;
+    let builder = if device_roots.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for root in device_roots {
+            roots
+                .add(root.clone())
+                .context("a device CA certificate is not usable as a TLS trust anchor")?;
+        }
+        // Optional: browsers, admin clients and devices that sign their messages present none.
+        // A certificate that is presented must chain to a device CA; who it belongs to is
+        // decided per request (`apple::identity`).
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .context("TLS client certificate verifier")?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let mut server_config = builder
         .with_single_cert(chain, key)
         .context("the TLS certificate and key do not belong together")?;
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

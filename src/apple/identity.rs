@@ -1,13 +1,22 @@
-//! Who is speaking on the MDM channels: the `Mdm-Signature` header (a detached CMS signature of
-//! the body by the device's identity) must verify, and its certificate must be one this CA
-//! issued, unexpired and unrevoked. Binding that certificate to a particular device is the
-//! service's job; this module only answers "which of our certificates signed this body".
+//! Who is speaking on the MDM channels. The device proves it holds a certificate by one of:
+//! the `Mdm-Signature` header (a detached CMS signature of the body), the TLS client
+//! certificate on our own listener, or a certificate header set by a trusted TLS-terminating
+//! proxy. The certificate must be one this CA issued (or a migrated MDM's CA, recorded on first
+//! sight), unexpired and unrevoked. Binding it to a particular device is the service's job;
+//! this module only answers "which of our certificates is this".
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
 use base64::Engine;
 use der::Decode;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 
 use crate::pki::scep;
-use crate::store::{CERT_VALID, CertificateRecord, Store};
+use crate::store::{CERT_VALID, CertificateRecord, EnrollmentRecord, Store};
 
 /// Largest `Mdm-Signature` header accepted (a signature with a 4096-bit certificate chain is
 /// about 4 KiB of base64).
@@ -34,20 +43,145 @@ pub struct DeviceIdentity {
     pub enrollment_id: String,
 }
 
-/// Verifies `signature_header` (base64, BER or DER CMS) over `body` and finds the certificate.
+/// What a request offers as proof of identity.
+#[derive(Debug, Default)]
+pub struct Credentials<'a> {
+    /// The `Mdm-Signature` header: when present it decides, whatever else is offered.
+    pub signature_header: Option<&'a str>,
+    /// The certificate the client presented in the TLS handshake with us.
+    pub tls_client_certificate: Option<&'a [u8]>,
+    /// A certificate from a trusted proxy's header (already decoded; the caller checked that
+    /// the request came from a trusted proxy).
+    pub proxy_certificate: Option<Vec<u8>>,
+}
+
+/// Finds the certificate that speaks for this request (see [`Credentials`]).
 pub async fn authenticate(
     store: &Store,
-    signature_header: Option<&str>,
+    migrated: &MigratedCas,
+    credentials: Credentials<'_>,
     body: &[u8],
 ) -> Result<DeviceIdentity, IdentityError> {
-    let header = signature_header.ok_or_else(|| {
-        IdentityError::Unauthenticated(
-            "no Mdm-Signature header: the enrollment profile asks devices to sign (SignMessage)"
+    let certificate_der = if let Some(header) = credentials.signature_header {
+        verify_signature(header, body)?.certificate_der
+    } else if let Some(der) = credentials.tls_client_certificate {
+        der.to_vec()
+    } else if let Some(der) = credentials.proxy_certificate {
+        der
+    } else {
+        return Err(IdentityError::Unauthenticated(
+            "no Mdm-Signature header and no client certificate: the enrollment profile asks \
+             devices to sign (SignMessage)"
                 .into(),
-        )
-    })?;
-    let signer = verify_signature(header, body)?;
-    certificate_of_ours(store, &signer.certificate_der).await
+        ));
+    };
+    match certificate_of_ours(store, &certificate_der).await {
+        Err(IdentityError::Unauthenticated(_)) if migrated.issued(&certificate_der) => {
+            migrated.record(store, &certificate_der).await?;
+            certificate_of_ours(store, &certificate_der).await
+        }
+        other => other,
+    }
+}
+
+/// The CAs of another MDM whose devices are moving here: certificates they issued are device
+/// identities too. Each is recorded in the certificate inventory on first sight, under an
+/// enrollment record of its own, so that revocation and device binding work as for ours.
+#[derive(Default)]
+pub struct MigratedCas {
+    roots: Vec<CertificateDer<'static>>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl MigratedCas {
+    pub fn load(files: &[PathBuf]) -> anyhow::Result<MigratedCas> {
+        let mut roots = Vec::new();
+        for file in files {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+                .with_context(|| format!("reading migrated CA {}", file.display()))?
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("parsing migrated CA {}", file.display()))?;
+            anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", file.display());
+            roots.extend(certs);
+        }
+        if roots.is_empty() {
+            return Ok(MigratedCas::default());
+        }
+        let mut store = rustls::RootCertStore::empty();
+        for root in &roots {
+            store
+                .add(root.clone())
+                .context("a migrated CA certificate is not usable as a trust anchor")?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+                .build()
+                .context("migrated CA verifier")?;
+        Ok(MigratedCas {
+            roots,
+            verifier: Some(verifier),
+        })
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// Whether a migrated CA issued `der` and it is valid now (signature, dates, usage).
+    fn issued(&self, der: &[u8]) -> bool {
+        let Some(verifier) = &self.verifier else {
+            return false;
+        };
+        let cert = CertificateDer::from(der.to_vec());
+        verifier
+            .verify_client_cert(&cert, &[], UnixTime::now())
+            .is_ok()
+    }
+
+    async fn record(&self, store: &Store, der: &[u8]) -> Result<(), IdentityError> {
+        use sha2::{Digest, Sha256};
+        let certificate = x509_cert::Certificate::from_der(der)
+            .map_err(|e| IdentityError::Malformed(format!("certificate: {e}")))?;
+        let tbs = certificate.tbs_certificate();
+        let fingerprint = hex::encode(Sha256::digest(der));
+        let time = |t: &x509_cert::time::Time| {
+            chrono::DateTime::from_timestamp(t.to_unix_duration().as_secs() as i64, 0)
+                .unwrap_or_default()
+        };
+        let now = crate::store::now();
+        let enrollment = EnrollmentRecord {
+            id: format!("migrated-{}", &fingerprint[..32]),
+            for_user: None,
+            for_device: None,
+            user_id: None,
+            requested_by: "migration".into(),
+            created_at: now,
+            status: "migrated".into(),
+        };
+        let record = CertificateRecord {
+            serial: crate::pki::ca::serial_hex(tbs.serial_number().as_bytes()),
+            enrollment_id: Some(enrollment.id.clone()),
+            subject: tbs.subject().to_string(),
+            not_before: time(&tbs.validity().not_before),
+            not_after: time(&tbs.validity().not_after),
+            status: CERT_VALID.into(),
+            revoked_at: None,
+            revocation_reason: None,
+            renewed_from: None,
+            transaction_id: "migrated".into(),
+            sender_nonce: fingerprint,
+            // The bytes as presented: later requests are matched against exactly these.
+            der: der.to_vec(),
+            issued_at: now,
+        };
+        tracing::info!(serial = %record.serial, subject = %record.subject,
+            "recording a migrated MDM's device certificate");
+        store
+            .record_migrated_certificate(&enrollment, &record)
+            .await
+            .map_err(|e| IdentityError::Internal(e.to_string()))
+    }
 }
 
 /// Checks the header's signature over the body; returns the signer.

@@ -216,16 +216,23 @@ impl MdmService {
             .channel
             .enrollment_id()
             .ok_or_else(|| MdmError::BadRequest("no valid enrollment ID".into()))?;
-        self.bound_device(identity, &device_id).await?;
-        let enrollment = self
+        // The hot path of every connect: device binding, channel and queue state in one read.
+        let channel = self
             .store
-            .mdm_enrollment(&enrollment_id)
+            .connecting_channel(&enrollment_id, &device_id)
             .await?
-            .filter(|e| e.udid == device_id && e.status != "checked-out")
+            .filter(|c| c.enrollment.status != "checked-out")
             .ok_or_else(|| {
-                MdmError::Unauthorized("this channel is not enrolled (no TokenUpdate)".into())
+                MdmError::Unauthorized(
+                    "this channel is not enrolled (no Authenticate and TokenUpdate)".into(),
+                )
             })?;
-        self.note_seen(&enrollment).await;
+        if channel.device_record_id != identity.enrollment_id {
+            return Err(MdmError::Unauthorized(
+                "the signing certificate belongs to another device".into(),
+            ));
+        }
+        self.note_seen(&channel.enrollment).await;
 
         let include_not_now = match report.status {
             ReportStatus::Idle => true,
@@ -257,10 +264,15 @@ impl MdmService {
                 status != ReportStatus::NotNow
             }
         };
-        let next = self
-            .store
-            .next_command(&enrollment_id, include_not_now)
-            .await?;
+        // Without work at the read above, there is none to send: a command queued since then
+        // is not lost, its push wakes the device for another connect.
+        let next = if channel.has_work {
+            self.store
+                .next_command(&enrollment_id, include_not_now)
+                .await?
+        } else {
+            None
+        };
         // The queue stores each command as sent on the wire, {CommandUUID, Command}.
         Ok(match next {
             Some(command) => MdmReply::Plist(command.body),

@@ -2,13 +2,16 @@
 //! Thin: authenticate the body's signature, hand it to `apple::service`, map the outcome.
 
 use axum::body::Bytes;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use super::error::ApiError;
-use crate::apple::identity::{self, IdentityError};
+use super::{AppState, TlsClientCertificate};
+use crate::apple::identity::{self, Credentials, IdentityError};
 use crate::apple::service::{MdmError, MdmReply};
 
 pub const CHECKIN_PATH: &str = "/mdm/checkin";
@@ -16,16 +19,34 @@ pub const CONNECT_PATH: &str = "/mdm/connect";
 
 const SIGNATURE_HEADER: &str = "mdm-signature";
 
-pub async fn check_in(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let identity = match authenticate(&state, &headers, &body).await {
+/// Where a request came from and what certificate its TLS connection presented.
+type Transport = (
+    Option<Extension<ConnectInfo<SocketAddr>>>,
+    Option<Extension<TlsClientCertificate>>,
+);
+
+pub async fn check_in(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    tls_certificate: Option<Extension<TlsClientCertificate>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let identity = match authenticate(&state, (peer, tls_certificate), &headers, &body).await {
         Ok(identity) => identity,
         Err(response) => return response,
     };
     respond(state.mdm.check_in(&identity, &body).await, "checkin")
 }
 
-pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let identity = match authenticate(&state, &headers, &body).await {
+pub async fn connect(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    tls_certificate: Option<Extension<TlsClientCertificate>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let identity = match authenticate(&state, (peer, tls_certificate), &headers, &body).await {
         Ok(identity) => identity,
         Err(response) => return response,
     };
@@ -34,6 +55,7 @@ pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: By
 
 async fn authenticate(
     state: &AppState,
+    (peer, tls_certificate): Transport,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<identity::DeviceIdentity, Response> {
@@ -46,7 +68,16 @@ async fn authenticate(
             );
         }
     };
-    identity::authenticate(&state.store, signature, body)
+    let proxy_certificate = match proxy_certificate(state, peer.map(|p| p.0.0), headers) {
+        Ok(certificate) => certificate,
+        Err(message) => return Err(ApiError::bad_request(message).into_response()),
+    };
+    let credentials = Credentials {
+        signature_header: signature,
+        tls_client_certificate: tls_certificate.as_ref().map(|c| c.0.0.as_slice()),
+        proxy_certificate,
+    };
+    identity::authenticate(&state.store, &state.migrated_cas, credentials, body)
         .await
         .map_err(|e| {
             let (status, code) = match &e {
@@ -57,6 +88,56 @@ async fn authenticate(
             tracing::info!(error = %e, "MDM: request refused");
             ApiError::new(status, code, e.to_string()).into_response()
         })
+}
+
+/// The certificate in the trusted proxy's header, when the request came from such a proxy.
+/// The header from anyone else is ignored (and logged): it is trivially forged.
+fn proxy_certificate(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+) -> Result<Option<Vec<u8>>, String> {
+    let settings = &state.config.mdm_identity;
+    let Some(name) = &settings.client_cert_header else {
+        return Ok(None);
+    };
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let trusted =
+        peer.is_some_and(|p| settings.trusted_proxies.iter().any(|n| n.contains(&p.ip())));
+    if !trusted {
+        tracing::warn!(?peer, header = %name, "certificate header from an untrusted address ignored");
+        return Ok(None);
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| format!("the {name} header is not text"))?;
+    decode_certificate_header(text).map(Some).ok_or_else(|| {
+        format!("the {name} header holds no certificate (URL-encoded PEM, PEM or base64 DER)")
+    })
+}
+
+/// nginx's `$ssl_client_escaped_cert` is URL-encoded PEM; others send PEM or base64 DER.
+fn decode_certificate_header(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 64 * 1024 {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()?;
+    if decoded.contains("-----BEGIN CERTIFICATE-----") {
+        use rustls::pki_types::pem::PemObject;
+        return rustls::pki_types::CertificateDer::from_pem_slice(decoded.as_bytes())
+            .ok()
+            .map(|c| c.to_vec());
+    }
+    base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        decoded.as_bytes(),
+    )
+    .ok()
 }
 
 fn respond(outcome: Result<MdmReply, MdmError>, channel: &'static str) -> Response {

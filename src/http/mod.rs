@@ -22,6 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::apple::apns::Pusher;
 use crate::apple::enrollment::ProfileService;
+use crate::apple::identity::MigratedCas;
 use crate::apple::service::MdmService;
 use crate::config::Config;
 use crate::enroll::session::CookiePolicy;
@@ -46,7 +47,14 @@ pub struct AppState {
     pub master_key: Arc<MasterKey>,
     pub identity: Arc<IdentityProviders>,
     pub cookies: CookiePolicy,
+    /// Other MDMs' CAs whose device certificates are accepted (devices migrating here).
+    pub migrated_cas: Arc<MigratedCas>,
 }
+
+/// The certificate a client presented in the TLS handshake with our own listener (a request
+/// extension, set by the accept loop).
+#[derive(Clone, Debug)]
+pub struct TlsClientCertificate(pub Arc<Vec<u8>>);
 
 /// The whole application: every route, wrapped in the common middleware.
 pub fn router(state: AppState) -> Router {

@@ -70,6 +70,18 @@ pub struct MdmEnrollment {
     pub last_seen_at: Option<DateTime<Utc>>,
 }
 
+/// What a command-channel request needs to know, read in one query: the channel, the enrollment
+/// record its device is bound to, and whether anything waits in its queue.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ConnectingChannel {
+    #[sqlx(flatten)]
+    pub enrollment: MdmEnrollment,
+    /// The enrollment record (`enrollments.id`) whose certificates speak for the device.
+    pub device_record_id: String,
+    /// A command is queued, sent or deferred: without one, an Idle needs no queue read.
+    pub has_work: bool,
+}
+
 /// What a TokenUpdate records for a channel.
 #[derive(Clone, Debug)]
 pub struct TokenUpdateRecord {
@@ -386,6 +398,28 @@ impl Store {
             .await?
             .rows_affected());
         Ok(())
+    }
+
+    /// The channel `id` of device `udid` with its binding and queue state (see
+    /// [`ConnectingChannel`]); `None` when there is no such channel on that device.
+    pub async fn connecting_channel(
+        &self,
+        id: &str,
+        udid: &str,
+    ) -> StoreResult<Option<ConnectingChannel>> {
+        let sql = "SELECT e.id, e.udid, e.channel, e.user_id, e.user_short_name, \
+                   e.user_long_name, e.push_token, e.push_magic, e.unlock_token, e.status, \
+                   e.push_status, e.created_at, e.updated_at, e.last_seen_at, \
+                   d.enrollment_id AS device_record_id, \
+                   EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
+                           AND c.status IN ('queued', 'sent', 'not-now')) AS has_work \
+                   FROM mdm_enrollments e JOIN mdm_devices d ON d.udid = e.udid \
+                   WHERE e.id = $1 AND e.udid = $2";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(id)
+            .bind(udid)
+            .fetch_optional(pool)
+            .await?))
     }
 
     pub async fn mdm_enrollment(&self, id: &str) -> StoreResult<Option<MdmEnrollment>> {

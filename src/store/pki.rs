@@ -242,6 +242,42 @@ impl Store {
         }
     }
 
+    /// Records a device certificate another CA issued (a device migrating from another MDM),
+    /// under an enrollment record of its own, the first time the device presents it. Nothing
+    /// happens when it is already recorded; the caller reads the row back either way.
+    pub async fn record_migrated_certificate(
+        &self,
+        enrollment: &EnrollmentRecord,
+        certificate: &CertificateRecord,
+    ) -> StoreResult<()> {
+        let enrollment_sql = "INSERT INTO enrollments (id, for_user, for_device, requested_by, \
+                              created_at, status, user_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                              ON CONFLICT (id) DO NOTHING";
+        let certificate_sql = "INSERT INTO certificates (serial, enrollment_id, subject, \
+             not_before, not_after, status, renewed_from, transaction_id, sender_nonce, der, \
+             issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT DO NOTHING";
+        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            sqlx::query(enrollment_sql)
+                .bind(&enrollment.id)
+                .bind(&enrollment.for_user)
+                .bind(&enrollment.for_device)
+                .bind(&enrollment.requested_by)
+                .bind(enrollment.created_at)
+                .bind(&enrollment.status)
+                .bind(&enrollment.user_id)
+                .execute(&mut *tx)
+                .await?;
+            bind_certificate(sqlx::query(certificate_sql), certificate)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await);
+        Ok(result?)
+    }
+
     /// A unique violation on (transaction_id, sender_nonce) means a concurrent replay won:
     /// answer with what it recorded.
     async fn recorded_or_replay(

@@ -8,6 +8,7 @@ mod apns;
 mod ca;
 mod cli;
 mod device;
+mod device_identity;
 mod harness;
 mod ldap;
 mod mdm;

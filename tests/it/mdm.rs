@@ -470,7 +470,7 @@ async fn identity_is_checked_on_every_request_and_bad_input_changes_nothing() {
 }
 
 /// The serial of the device's certificate as the API names it.
-fn certificate_serial(device: &Device) -> String {
+pub fn certificate_serial(device: &Device) -> String {
     use der::Decode;
     let cert = x509_cert::Certificate::from_der(&device.identity.certificate_der).unwrap();
     trustbroker::pki::ca::serial_hex(cert.tbs_certificate().serial_number().as_bytes())
