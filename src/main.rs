@@ -58,13 +58,16 @@ enum IdpCommand {
 
 #[derive(Subcommand)]
 enum PushCertCommand {
-    /// Import the MDM push certificate and its RSA key (PEM; convert a .p12 with
-    /// `openssl pkcs12 -in push.p12 -nodes`). Replaces the current one.
+    /// Import the MDM push certificate and its RSA key: PEM files (--cert, --key) or a
+    /// PKCS#12 file as Keychain Access exports it (--p12; its password from the environment
+    /// variable TRUSTBROKER_P12_PASSWORD). Replaces the current one.
     Import {
-        #[arg(long)]
-        cert: std::path::PathBuf,
-        #[arg(long)]
-        key: std::path::PathBuf,
+        #[arg(long, requires = "key", required_unless_present = "p12")]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<std::path::PathBuf>,
+        #[arg(long, conflicts_with_all = ["cert", "key"])]
+        p12: Option<std::path::PathBuf>,
     },
     /// Show the push certificate's topic and expiry.
     Show,
@@ -465,14 +468,24 @@ async fn scep(cmd: ScepCommand, config: Config) -> anyhow::Result<()> {
 async fn push_cert(cmd: PushCertCommand, config: Config) -> anyhow::Result<()> {
     let store = server::open_store(&config).await?;
     match cmd {
-        PushCertCommand::Import { cert, key } => {
+        PushCertCommand::Import { cert, key, p12 } => {
             let master = server::load_master_key(&config)?;
             let read = |p: &std::path::Path| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
             };
+            let (cert_pem, key_pem) = match (cert, key, p12) {
+                (Some(cert), Some(key), None) => (read(&cert)?, read(&key)?),
+                (None, None, Some(p12)) => {
+                    let der = std::fs::read(&p12)
+                        .with_context(|| format!("reading {}", p12.display()))?;
+                    // Never a flag: flags show in `ps`.
+                    let password = std::env::var("TRUSTBROKER_P12_PASSWORD").unwrap_or_default();
+                    trustbroker::apple::push_cert::pkcs12_to_pem(&der, &password)?
+                }
+                _ => anyhow::bail!("give --cert and --key, or --p12"),
+            };
             let result =
-                trustbroker::apple::push_cert::import(&store, &master, &read(&cert)?, &read(&key)?)
-                    .await;
+                trustbroker::apple::push_cert::import(&store, &master, &cert_pem, &key_pem).await;
             let (outcome, target) = match &result {
                 Ok(imported) => (audit::OUTCOME_SUCCESS, Some(imported.topic.clone())),
                 Err(_) => (audit::OUTCOME_FAILURE, None),

@@ -417,8 +417,11 @@ async fn create_profile(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PushCertificateBody {
-    certificate_pem: String,
-    key_pem: String,
+    certificate_pem: Option<String>,
+    key_pem: Option<String>,
+    /// A PKCS#12 bundle (base64), instead of the two PEMs.
+    pkcs12_base64: Option<String>,
+    password: Option<String>,
 }
 
 /// Imports (replaces) the APNs push certificate; its topic applies to the next check-ins and
@@ -428,13 +431,35 @@ async fn import_push_certificate(
     State(state): State<AppState>,
     Json(body): Json<PushCertificateBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let imported = crate::apple::push_cert::import(
-        &state.store,
-        &state.master_key,
-        &body.certificate_pem,
-        &body.key_pem,
-    )
-    .await;
+    let (cert_pem, key_pem) = match body {
+        PushCertificateBody {
+            certificate_pem: Some(cert),
+            key_pem: Some(key),
+            pkcs12_base64: None,
+            password: None,
+        } => (cert, key),
+        PushCertificateBody {
+            certificate_pem: None,
+            key_pem: None,
+            pkcs12_base64: Some(p12),
+            password,
+        } => {
+            use base64::Engine;
+            let compact: String = p12.chars().filter(|c| !c.is_whitespace()).collect();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(compact)
+                .map_err(|_| invalid("pkcs12_base64 is not base64"))?;
+            crate::apple::push_cert::pkcs12_to_pem(&der, password.as_deref().unwrap_or(""))
+                .map_err(|e| invalid(format!("{e:#}")))?
+        }
+        _ => {
+            return Err(invalid(
+                "give certificate_pem and key_pem, or pkcs12_base64 (and its password)",
+            ));
+        }
+    };
+    let imported =
+        crate::apple::push_cert::import(&state.store, &state.master_key, &cert_pem, &key_pem).await;
     match imported {
         Ok(imported) => {
             admin

@@ -1,6 +1,6 @@
-//! The APNs push certificate: imported from PEM (certificate and RSA key), its topic read from
-//! the certificate's UID attribute (`com.apple.mgmt.External.<uuid>` for MDM), the key sealed
-//! at rest. One is active; devices enrolled under its topic can be woken with it.
+//! The APNs push certificate: imported from PEM (certificate and RSA key) or PKCS#12, its topic
+//! read from the certificate's UID attribute (`com.apple.mgmt.External.<uuid>` for MDM), the key
+//! sealed at rest. One is active; devices enrolled under its topic can be woken with it.
 
 use anyhow::{Context, anyhow, bail};
 use der::Decode;
@@ -48,6 +48,34 @@ pub async fn import(
         })
         .await?;
     Ok(Imported { topic, not_after })
+}
+
+/// A PKCS#12 bundle (what Keychain Access exports) as a PEM certificate and PKCS#8 key.
+/// Keychain still protects exports with RC2 and 3DES, which OpenSSL 3 keeps in its legacy
+/// provider: it is loaded on first use, beside the default one.
+pub fn pkcs12_to_pem(der: &[u8], password: &str) -> anyhow::Result<(String, String)> {
+    use std::sync::OnceLock;
+    static LEGACY: OnceLock<Option<openssl::provider::Provider>> = OnceLock::new();
+    LEGACY.get_or_init(|| openssl::provider::Provider::try_load(None, "legacy", true).ok());
+    let bundle =
+        openssl::pkcs12::Pkcs12::from_der(der).map_err(|_| anyhow!("not a PKCS#12 file (.p12)"))?;
+    let parsed = bundle.parse2(password).map_err(|_| {
+        anyhow!("cannot open the PKCS#12 file: wrong password, or an unsupported encryption")
+    })?;
+    let cert = parsed
+        .cert
+        .ok_or_else(|| anyhow!("the PKCS#12 file holds no certificate"))?;
+    let key = parsed
+        .pkey
+        .ok_or_else(|| anyhow!("the PKCS#12 file holds no private key"))?;
+    let cert_pem = String::from_utf8(cert.to_pem().context("encoding the certificate")?)
+        .context("encoding the certificate")?;
+    let key_pem = String::from_utf8(
+        key.private_key_to_pem_pkcs8()
+            .context("encoding the private key")?,
+    )
+    .context("encoding the private key")?;
+    Ok((cert_pem, key_pem))
 }
 
 /// The APNs topic: the certificate subject's UID.

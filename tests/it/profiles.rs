@@ -301,3 +301,110 @@ fn typed_commands_match_apples_schema() {
         assert!(problems.is_empty(), "{problems:#?}");
     }
 }
+
+/// PKCS#12 as Keychain Access exports it (RC2/3DES, OpenSSL's `-legacy`) and as OpenSSL 3
+/// writes it by default (AES-256, PBKDF2), over the API and the command line.
+#[tokio::test]
+async fn push_certificates_import_from_pkcs12() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = push_certificate(device::TOPIC);
+    std::fs::write(dir.path().join("push.pem"), &cert).unwrap();
+    std::fs::write(dir.path().join("push.key"), &key).unwrap();
+    let export = |name: &str, legacy: bool| {
+        let mut args = vec![
+            "pkcs12",
+            "-export",
+            "-in",
+            "push.pem",
+            "-inkey",
+            "push.key",
+            "-out",
+            name,
+            "-passout",
+            "pass:s3cret",
+        ];
+        if legacy {
+            args.push("-legacy");
+        }
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(dir.path().join(name)).unwrap()
+    };
+    let modern = export("modern.p12", false);
+    let legacy = export("legacy.p12", true);
+
+    let server = TestServer::start().await;
+    let admin = server.admin_key("push", &["admin"]).await;
+    let put = |body: serde_json::Value| {
+        server
+            .client
+            .put(server.url("/api/v1/push-certificate"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+    };
+    use base64::Engine;
+    let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
+    for p12 in [&modern, &legacy] {
+        let response = put(serde_json::json!({"pkcs12_base64": b64(p12), "password": "s3cret"}))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["topic"], device::TOPIC);
+    }
+    let wrong = put(serde_json::json!({"pkcs12_base64": b64(&legacy), "password": "nope"}))
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: serde_json::Value = wrong.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrong password"),
+        "{body}"
+    );
+    let both = put(serde_json::json!({"pkcs12_base64": b64(&legacy), "certificate_pem": cert}))
+        .await
+        .unwrap();
+    assert_eq!(both.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    server.stop().await;
+
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let p12 = dir.path().join("legacy.p12");
+    let (ok, _, stderr) = crate::harness::run_cli(
+        &[
+            "push-cert",
+            "import",
+            "--p12",
+            p12.to_str().unwrap(),
+            "--data-dir",
+            data,
+        ],
+        &[("TRUSTBROKER_P12_PASSWORD", "wrong")],
+    );
+    assert!(!ok && stderr.contains("wrong password"), "{stderr}");
+    let (ok, stdout, stderr) = crate::harness::run_cli(
+        &[
+            "push-cert",
+            "import",
+            "--p12",
+            p12.to_str().unwrap(),
+            "--data-dir",
+            data,
+        ],
+        &[("TRUSTBROKER_P12_PASSWORD", "s3cret")],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(device::TOPIC), "{stdout}");
+}
