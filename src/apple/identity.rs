@@ -25,7 +25,7 @@ const MAX_SIGNATURE_LEN: usize = 16 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// Not a signature at all: a client bug, answered 400.
-    #[error("malformed Mdm-Signature: {0}")]
+    #[error("malformed device credentials: {0}")]
     Malformed(String),
     /// The request is not authenticated: answered 401, which tells a device that management
     /// has ended.
@@ -55,14 +55,13 @@ pub struct Credentials<'a> {
     pub proxy_certificate: Option<Vec<u8>>,
 }
 
-/// Finds the certificate that speaks for this request (see [`Credentials`]).
-pub async fn authenticate(
-    store: &Store,
-    migrated: &MigratedCas,
+/// The certificate a request presents, its signature over the body checked when it signs;
+/// whose it is, is not decided yet (see [`identify`]).
+pub fn presented_certificate(
     credentials: Credentials<'_>,
     body: &[u8],
-) -> Result<DeviceIdentity, IdentityError> {
-    let certificate_der = if let Some(header) = credentials.signature_header {
+) -> Result<Vec<u8>, IdentityError> {
+    Ok(if let Some(header) = credentials.signature_header {
         verify_signature(header, body)?.certificate_der
     } else if let Some(der) = credentials.tls_client_certificate {
         der.to_vec()
@@ -74,11 +73,19 @@ pub async fn authenticate(
              devices to sign (SignMessage)"
                 .into(),
         ));
-    };
-    match certificate_of_ours(store, &certificate_der).await {
-        Err(IdentityError::Unauthenticated(_)) if migrated.issued(&certificate_der) => {
-            migrated.record(store, &certificate_der).await?;
-            certificate_of_ours(store, &certificate_der).await
+    })
+}
+
+/// Which of our certificates (or a migrated CA's, recorded now) `certificate_der` is.
+pub async fn identify(
+    store: &Store,
+    migrated: &MigratedCas,
+    certificate_der: &[u8],
+) -> Result<DeviceIdentity, IdentityError> {
+    match certificate_of_ours(store, certificate_der).await {
+        Err(IdentityError::Unauthenticated(_)) if migrated.issued(certificate_der) => {
+            migrated.record(store, certificate_der).await?;
+            certificate_of_ours(store, certificate_der).await
         }
         other => other,
     }
@@ -187,12 +194,12 @@ impl MigratedCas {
 /// Checks the header's signature over the body; returns the signer.
 pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigner, IdentityError> {
     if header.len() > MAX_SIGNATURE_LEN {
-        return Err(IdentityError::Malformed("the header is too long".into()));
+        return Err(IdentityError::Malformed("the Mdm-Signature header is too long".into()));
     }
     let compact: String = header.chars().filter(|c| !c.is_whitespace()).collect();
     let der = base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
-        .map_err(|_| IdentityError::Malformed("not base64".into()))?;
+        .map_err(|_| IdentityError::Malformed("the Mdm-Signature is not base64".into()))?;
     scep::verify_detached(&der, body).map_err(|e| match e {
         scep::ScepError::BadSignature => {
             IdentityError::Unauthenticated("the Mdm-Signature does not match the body".into())

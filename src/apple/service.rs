@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use plist::Value;
 
+use der::Decode;
+
 use super::identity::DeviceIdentity;
 use super::messages::{CheckIn, Report, ReportStatus};
 use crate::secrets::MasterKey;
 use crate::store::{
-    BindRefusal, CommandOutcome, DeviceFacts, MdmEnrollment, Store, TokenUpdateRecord,
+    BindRefusal, CommandOutcome, ConnectingChannel, DeviceFacts, MdmEnrollment, Store,
+    TokenUpdateRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +203,42 @@ impl MdmService {
         }
     }
 
+    /// The hot path of a command-channel request: one read proves the presented certificate
+    /// (ours, valid now, unrevoked, the one bound to this device) and gets the channel and its
+    /// queue state. `Ok(None)` when that read proves nothing: the caller then takes the full
+    /// path ([`identify`](super::identity::identify), then [`Self::connect`]),
+    /// which says precisely why a request is refused.
+    pub async fn connect_presented(
+        &self,
+        certificate_der: &[u8],
+        body: &[u8],
+    ) -> Result<Option<MdmReply>, MdmError> {
+        let report = Report::from_plist(body)?;
+        let (device_id, enrollment_id) = channel_ids(&report)?;
+        let Ok(certificate) = x509_cert::Certificate::from_der(certificate_der) else {
+            return Ok(None);
+        };
+        let serial =
+            crate::pki::ca::serial_hex(certificate.tbs_certificate().serial_number().as_bytes());
+        let channel = self
+            .store
+            .connecting_channel_for_certificate(
+                &enrollment_id,
+                &device_id,
+                &serial,
+                certificate_der,
+            )
+            .await?
+            .filter(|c| c.enrollment.status != "checked-out");
+        match channel {
+            Some(channel) => self
+                .serve_connect(channel, &report, &device_id, &enrollment_id, body)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// A command-channel request (ServerURL): records a result, then offers the next command.
     pub async fn connect(
         &self,
@@ -207,16 +246,7 @@ impl MdmService {
         body: &[u8],
     ) -> Result<MdmReply, MdmError> {
         let report = Report::from_plist(body)?;
-        let device_id = report
-            .channel
-            .device_id()
-            .ok_or_else(|| MdmError::BadRequest("no valid UDID or EnrollmentID".into()))?
-            .to_owned();
-        let enrollment_id = report
-            .channel
-            .enrollment_id()
-            .ok_or_else(|| MdmError::BadRequest("no valid enrollment ID".into()))?;
-        // The hot path of every connect: device binding, channel and queue state in one read.
+        let (device_id, enrollment_id) = channel_ids(&report)?;
         let channel = self
             .store
             .connecting_channel(&enrollment_id, &device_id)
@@ -232,6 +262,19 @@ impl MdmService {
                 "the signing certificate belongs to another device".into(),
             ));
         }
+        self.serve_connect(channel, &report, &device_id, &enrollment_id, body)
+            .await
+    }
+
+    /// The rest of a connect, once the channel and the device's right to it are established.
+    async fn serve_connect(
+        &self,
+        channel: ConnectingChannel,
+        report: &Report,
+        device_id: &str,
+        enrollment_id: &str,
+        body: &[u8],
+    ) -> Result<MdmReply, MdmError> {
         self.note_seen(&channel.enrollment).await;
 
         let include_not_now = match report.status {
@@ -249,11 +292,11 @@ impl MdmService {
                 let error_chain = error_chain_json(body);
                 let recorded = self
                     .store
-                    .record_result(&enrollment_id, uuid, outcome, body, error_chain.as_deref())
+                    .record_result(enrollment_id, uuid, outcome, body, error_chain.as_deref())
                     .await?;
                 match recorded {
                     Some(command) if outcome == CommandOutcome::Acknowledged => {
-                        super::inventory::absorb(&self.store, &device_id, &command, body).await?;
+                        super::inventory::absorb(&self.store, device_id, &command, body).await?;
                     }
                     Some(_) => {}
                     None => {
@@ -268,7 +311,7 @@ impl MdmService {
         // is not lost, its push wakes the device for another connect.
         let next = if channel.has_work {
             self.store
-                .next_command(&enrollment_id, include_not_now)
+                .next_command(enrollment_id, include_not_now)
                 .await?
         } else {
             None
@@ -323,6 +366,20 @@ impl MdmService {
             tracing::warn!(error = %e, "MDM: could not record last_seen_at");
         }
     }
+}
+
+/// The device (UDID or EnrollmentID) and channel a report is for.
+fn channel_ids(report: &Report) -> Result<(String, String), MdmError> {
+    let device_id = report
+        .channel
+        .device_id()
+        .ok_or_else(|| MdmError::BadRequest("no valid UDID or EnrollmentID".into()))?
+        .to_owned();
+    let enrollment_id = report
+        .channel
+        .enrollment_id()
+        .ok_or_else(|| MdmError::BadRequest("no valid enrollment ID".into()))?;
+    Ok((device_id, enrollment_id))
 }
 
 /// What a sealed device secret is bound to: it cannot be moved to another device or role.

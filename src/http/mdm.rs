@@ -46,48 +46,72 @@ pub async fn connect(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let identity = match authenticate(&state, (peer, tls_certificate), &headers, &body).await {
-        Ok(identity) => identity,
-        Err(response) => return response,
+    let certificate = match presented(&state, (peer, tls_certificate), &headers, &body) {
+        Ok(certificate) => certificate,
+        Err(e) => return refusal(e),
     };
-    respond(state.mdm.connect(&identity, &body).await, "connect")
+    // Every device connects often: first the one-read path; only what it cannot prove takes
+    // the full identity check, which also says why a request is refused.
+    match state.mdm.connect_presented(&certificate, &body).await {
+        Ok(Some(reply)) => return respond(Ok(reply), "connect"),
+        Ok(None) => {}
+        Err(e) => return respond(Err(e), "connect"),
+    }
+    let identity = identity::identify(&state.store, &state.migrated_cas, &certificate)
+        .await
+        .map_err(refusal);
+    match identity {
+        Ok(identity) => respond(state.mdm.connect(&identity, &body).await, "connect"),
+        Err(response) => response,
+    }
 }
 
 async fn authenticate(
     state: &AppState,
-    (peer, tls_certificate): Transport,
+    transport: Transport,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<identity::DeviceIdentity, Response> {
+    let certificate = presented(state, transport, headers, body).map_err(refusal)?;
+    identity::identify(&state.store, &state.migrated_cas, &certificate)
+        .await
+        .map_err(refusal)
+}
+
+/// The certificate the request presents (signature, TLS or trusted proxy), signature checked.
+fn presented(
+    state: &AppState,
+    (peer, tls_certificate): Transport,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<u8>, IdentityError> {
     let signature = match headers.get(SIGNATURE_HEADER).map(|v| v.to_str()) {
         None => None,
         Some(Ok(value)) => Some(value),
         Some(Err(_)) => {
-            return Err(
-                ApiError::bad_request("the Mdm-Signature header is not text").into_response(),
-            );
+            return Err(IdentityError::Malformed(
+                "the Mdm-Signature header is not text".into(),
+            ));
         }
     };
-    let proxy_certificate = match proxy_certificate(state, peer.map(|p| p.0.0), headers) {
-        Ok(certificate) => certificate,
-        Err(message) => return Err(ApiError::bad_request(message).into_response()),
-    };
+    let proxy_certificate =
+        proxy_certificate(state, peer.map(|p| p.0.0), headers).map_err(IdentityError::Malformed)?;
     let credentials = Credentials {
         signature_header: signature,
         tls_client_certificate: tls_certificate.as_ref().map(|c| c.0.0.as_slice()),
         proxy_certificate,
     };
-    identity::authenticate(&state.store, &state.migrated_cas, credentials, body)
-        .await
-        .map_err(|e| {
-            let (status, code) = match &e {
-                IdentityError::Malformed(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-                IdentityError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-                IdentityError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            };
-            tracing::info!(error = %e, "MDM: request refused");
-            ApiError::new(status, code, e.to_string()).into_response()
-        })
+    identity::presented_certificate(credentials, body)
+}
+
+fn refusal(e: IdentityError) -> Response {
+    let (status, code) = match &e {
+        IdentityError::Malformed(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        IdentityError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+        IdentityError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    };
+    tracing::info!(error = %e, "MDM: request refused");
+    ApiError::new(status, code, e.to_string()).into_response()
 }
 
 /// The certificate in the trusted proxy's header, when the request came from such a proxy.

@@ -422,6 +422,37 @@ impl Store {
             .await?))
     }
 
+    /// [`Self::connecting_channel`], found only when certificate `serial` with exactly these
+    /// bytes is valid now, unrevoked, and of the enrollment record the device is bound to: the
+    /// checks of `apple::identity` and the binding check in the one read a connect needs.
+    pub async fn connecting_channel_for_certificate(
+        &self,
+        id: &str,
+        udid: &str,
+        serial: &str,
+        der: &[u8],
+    ) -> StoreResult<Option<ConnectingChannel>> {
+        let sql = "SELECT e.id, e.udid, e.channel, e.user_id, e.user_short_name, \
+                   e.user_long_name, e.push_token, e.push_magic, e.unlock_token, e.status, \
+                   e.push_status, e.created_at, e.updated_at, e.last_seen_at, \
+                   d.enrollment_id AS device_record_id, \
+                   EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
+                           AND c.status IN ('queued', 'sent', 'not-now')) AS has_work \
+                   FROM mdm_enrollments e JOIN mdm_devices d ON d.udid = e.udid \
+                   JOIN certificates k ON k.serial = $3 AND k.der = $4 \
+                     AND k.enrollment_id = d.enrollment_id AND k.status = 'valid' \
+                     AND k.not_before <= $5 AND k.not_after > $5 \
+                   WHERE e.id = $1 AND e.udid = $2";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(id)
+            .bind(udid)
+            .bind(serial)
+            .bind(der)
+            .bind(super::now())
+            .fetch_optional(pool)
+            .await?))
+    }
+
     pub async fn mdm_enrollment(&self, id: &str) -> StoreResult<Option<MdmEnrollment>> {
         Ok(on_pool!(self, |pool| sqlx::query_as(select_enrollments!(
             "WHERE id = $1"
