@@ -194,7 +194,9 @@ impl MigratedCas {
 /// Checks the header's signature over the body; returns the signer.
 pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigner, IdentityError> {
     if header.len() > MAX_SIGNATURE_LEN {
-        return Err(IdentityError::Malformed("the Mdm-Signature header is too long".into()));
+        return Err(IdentityError::Malformed(
+            "the Mdm-Signature header is too long".into(),
+        ));
     }
     let compact: String = header.chars().filter(|c| !c.is_whitespace()).collect();
     let der = base64::engine::general_purpose::STANDARD

@@ -182,6 +182,21 @@ macro_rules! select_enrollments {
     };
 }
 
+/// A [`ConnectingChannel`]: the channel, its device's binding, whether work is queued.
+macro_rules! select_connecting {
+    ($clause:literal) => {
+        concat!(
+            "SELECT e.id, e.udid, e.channel, e.user_id, e.user_short_name, e.user_long_name, \
+             e.push_token, e.push_magic, e.unlock_token, e.status, e.push_status, e.created_at, \
+             e.updated_at, e.last_seen_at, d.enrollment_id AS device_record_id, \
+             EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
+                     AND c.status IN ('queued', 'sent', 'not-now')) AS has_work \
+             FROM mdm_enrollments e JOIN mdm_devices d ON d.udid = e.udid ",
+            $clause
+        )
+    };
+}
+
 macro_rules! select_commands {
     ($clause:literal) => {
         concat!(
@@ -407,14 +422,7 @@ impl Store {
         id: &str,
         udid: &str,
     ) -> StoreResult<Option<ConnectingChannel>> {
-        let sql = "SELECT e.id, e.udid, e.channel, e.user_id, e.user_short_name, \
-                   e.user_long_name, e.push_token, e.push_magic, e.unlock_token, e.status, \
-                   e.push_status, e.created_at, e.updated_at, e.last_seen_at, \
-                   d.enrollment_id AS device_record_id, \
-                   EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
-                           AND c.status IN ('queued', 'sent', 'not-now')) AS has_work \
-                   FROM mdm_enrollments e JOIN mdm_devices d ON d.udid = e.udid \
-                   WHERE e.id = $1 AND e.udid = $2";
+        let sql = select_connecting!("WHERE e.id = $1 AND e.udid = $2");
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(id)
             .bind(udid)
@@ -432,17 +440,12 @@ impl Store {
         serial: &str,
         der: &[u8],
     ) -> StoreResult<Option<ConnectingChannel>> {
-        let sql = "SELECT e.id, e.udid, e.channel, e.user_id, e.user_short_name, \
-                   e.user_long_name, e.push_token, e.push_magic, e.unlock_token, e.status, \
-                   e.push_status, e.created_at, e.updated_at, e.last_seen_at, \
-                   d.enrollment_id AS device_record_id, \
-                   EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
-                           AND c.status IN ('queued', 'sent', 'not-now')) AS has_work \
-                   FROM mdm_enrollments e JOIN mdm_devices d ON d.udid = e.udid \
-                   JOIN certificates k ON k.serial = $3 AND k.der = $4 \
-                     AND k.enrollment_id = d.enrollment_id AND k.status = 'valid' \
-                     AND k.not_before <= $5 AND k.not_after > $5 \
-                   WHERE e.id = $1 AND e.udid = $2";
+        let sql = select_connecting!(
+            "JOIN certificates k ON k.serial = $3 AND k.der = $4 \
+             AND k.enrollment_id = d.enrollment_id AND k.status = 'valid' \
+             AND k.not_before <= $5 AND k.not_after > $5 \
+             WHERE e.id = $1 AND e.udid = $2"
+        );
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(id)
             .bind(udid)

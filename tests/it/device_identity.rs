@@ -3,7 +3,6 @@
 
 use plist::Dictionary;
 use reqwest::StatusCode;
-use serde_json::Value as Json;
 use trustbroker::pki::scep::client::ClientIdentity;
 
 use crate::device::{Device, TOPIC, sign_with, xml};
@@ -33,18 +32,7 @@ async fn server_with(file_toml: &str) -> (TestServer, String) {
 }
 
 async fn enrolled(server: &TestServer, admin: &str) -> Device {
-    let body: Json = server
-        .client
-        .post(server.url("/api/v1/scep/challenges"))
-        .bearer_auth(admin)
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    Device::enroll(server, body["challenge"].as_str().unwrap()).await
+    Device::enroll(server, &server.challenge(admin).await).await
 }
 
 fn key_pem(identity: &ClientIdentity) -> String {

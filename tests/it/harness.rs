@@ -189,6 +189,22 @@ impl TestServer {
             .key
     }
 
+    /// A fresh one-time SCEP challenge, made with an admin key holding `scep:challenge`.
+    pub async fn challenge(&self, admin: &str) -> String {
+        let body: serde_json::Value = self
+            .client
+            .post(self.url("/api/v1/scep/challenges"))
+            .bearer_auth(admin)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON body");
+        body["challenge"].as_str().expect("a challenge").to_owned()
+    }
+
     /// GET `path` (with an admin key when given), expecting success; the body as JSON.
     pub async fn get_json(&self, path: &str, key: Option<&str>) -> serde_json::Value {
         let mut request = self.client.get(self.url(path));

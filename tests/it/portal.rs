@@ -248,7 +248,17 @@ pub async fn enroll_device(server: &TestServer, admin: &str, challenge: &str) ->
     (device, enrollment)
 }
 
-/// The person's groups as `GET /api/v1/users/{id}` lists them: (external id, source).
+/// Two fields of each of a person's groups, as `GET /api/v1/users/{id}` lists them.
+fn group_fields<'a>(user: &'a Json, first: &str, second: &str) -> Vec<(&'a str, &'a str)> {
+    user["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| (g[first].as_str().unwrap(), g[second].as_str().unwrap()))
+        .collect()
+}
+
+/// A person as `GET /api/v1/users/{id}` shows them, with groups and devices.
 pub async fn user_groups(server: &TestServer, admin: &str, user_id: &str) -> Json {
     server
         .get_json(&format!("/api/v1/users/{user_id}"), Some(admin))
@@ -333,17 +343,7 @@ async fn oidc_sign_in_enrolls_a_device_that_belongs_to_the_person() {
         let user = user_groups(&server, &admin, &user_id).await;
         assert_eq!(user["subject"], "bob");
         assert_eq!(user["login"], "bob");
-        let groups: Vec<(&str, &str)> = user["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| {
-                (
-                    g["external_id"].as_str().unwrap(),
-                    g["source"].as_str().unwrap(),
-                )
-            })
-            .collect();
+        let groups = group_fields(&user, "external_id", "source");
         assert_eq!(groups, [("mdm-users", "sign-in"), ("staff", "sign-in")]);
         assert!(user["groups"][0]["last_seen_at"].is_string());
         let devices: Vec<&str> = user["devices"]
@@ -665,17 +665,7 @@ async fn ldap_sign_in_through_the_portal_form() {
     let (_, enrollment) = enroll_device(&server, &admin, &challenge).await;
     assert_eq!(enrollment["owner"]["login"], "alice", "{enrollment}");
     let user = user_groups(&server, &admin, enrollment["owner"]["id"].as_str().unwrap()).await;
-    let groups: Vec<(&str, &str)> = user["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| {
-            (
-                g["name"].as_str().unwrap(),
-                g["external_id"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let groups = group_fields(&user, "name", "external_id");
     assert_eq!(
         groups,
         [
