@@ -585,4 +585,8 @@ async fn each_password_is_checked_on_a_connection_of_its_own() {
     // The pooled connection was reused; each password bind had a new one.
     assert_eq!(connections(), 4);
     assert_eq!(ldap.idle_connections(), 1);
+    // An unknown login costs a (decoy) password bind too: timing does not tell who exists.
+    let refused = ldap.authenticate("nobody", "whatever").await.unwrap_err();
+    assert_eq!(refused.to_string(), REFUSED);
+    assert_eq!(connections(), 5);
 }

@@ -89,6 +89,11 @@ impl Browser {
         response
     }
 
+    /// GET a page's text, whatever its status.
+    pub async fn page(&mut self, url: &str) -> String {
+        self.get(url).await.text().await.expect("a text body")
+    }
+
     pub fn cookie(&self, name: &str) -> Option<&str> {
         self.cookies.get(name).map(String::as_str)
     }
@@ -141,7 +146,7 @@ pub async fn sign_in_at_op(browser: &mut Browser, auth_url: &str, user: &str, pw
         }
         next = absolute(next);
         if next.contains("/interaction/") {
-            let page = browser.get(&next).await.text().await.unwrap();
+            let page = browser.page(&next).await;
             let action = page
                 .split("action=\"")
                 .nth(1)
@@ -273,12 +278,7 @@ async fn oidc_sign_in_enrolls_a_device_that_belongs_to_the_person() {
     for db in TestDb::all().await {
         let (server, admin) = portal_on(&db, &oidc_toml(&issuer, "")).await;
         let mut browser = Browser::new(&server);
-        let page = browser
-            .get(&server.url("/enroll"))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let page = browser.page(&server.url("/enroll")).await;
         assert!(page.contains("Sign in with Example SSO"), "{page}");
 
         let login = browser.get(&server.url("/auth/oidc/oidc/login")).await;
@@ -313,12 +313,7 @@ async fn oidc_sign_in_enrolls_a_device_that_belongs_to_the_person() {
             "{cookie}"
         );
 
-        let page = browser
-            .get(&server.url("/enroll"))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let page = browser.page(&server.url("/enroll")).await;
         assert!(
             page.contains("Bob Brown") && page.contains("bob@example.org"),
             "{page}"
@@ -615,12 +610,7 @@ async fn ldap_sign_in_through_the_portal_form() {
     };
     let (server, admin) = portal_on(&TestDb::Sqlite, &ldap_toml(&url, &ca, "brokerpw")).await;
     let mut browser = Browser::new(&server);
-    let page = browser
-        .get(&server.url("/enroll"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = browser.page(&server.url("/enroll")).await;
     assert!(page.contains("Company directory"), "{page}");
     let csrf = hidden_input(&page, "csrf");
     let form_url = server.url("/auth/ldap/ldap");
@@ -676,23 +666,13 @@ async fn ldap_sign_in_through_the_portal_form() {
     );
 
     // Signing out ends the session: the profile button is gone.
-    let page = browser
-        .get(&server.url("/enroll"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = browser.page(&server.url("/enroll")).await;
     let csrf = hidden_input(&page, "csrf");
     let out = browser
         .post_form(&server.url("/enroll/sign-out"), &[("csrf", &csrf)])
         .await;
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
-    let page = browser
-        .get(&server.url("/enroll"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = browser.page(&server.url("/enroll")).await;
     assert!(!page.contains("Download enrollment profile"));
     server.stop().await;
 }

@@ -257,7 +257,22 @@ impl LdapProvider {
         if password.is_empty() || !plausible_login(login) {
             return Err(refused());
         }
-        let user = self.find_user(login).await?;
+        let user = match self.find_user(login).await {
+            Ok(user) => user,
+            Err(refusal @ IdpError::Refused(_)) => {
+                // Unknown or ambiguous: a password bind still happens (as no one), so that the
+                // answer takes as long as a wrong password's and timing does not tell who
+                // exists. The result is refused whatever the server says.
+                let decoy = format!(
+                    "cn=trustbroker-decoy-{},{}",
+                    hex::encode(crate::random::bytes::<8>()),
+                    self.user_base
+                );
+                let _ = self.check_password(&decoy, password).await;
+                return Err(refusal);
+            }
+            Err(e) => return Err(e),
+        };
         self.check_password(&user.dn, password).await?;
         let login_value = user
             .text(&self.attributes.login)
