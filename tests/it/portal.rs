@@ -749,6 +749,13 @@ fn idp_test_says_what_is_wrong() {
     write(&oidc_toml("http://127.0.0.1:1", ""));
     let (ok, _, stderr) = run("oidc");
     assert!(!ok && stderr.contains("cannot be reached"), "{stderr}");
+    // The discovery document names another issuer than configured (a trailing slash is enough).
+    write(&oidc_toml(&format!("{issuer}/"), ""));
+    let (ok, _, stderr) = run("oidc");
+    assert!(
+        !ok && stderr.contains("misconfigured") && stderr.contains("issuer"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
