@@ -36,7 +36,11 @@ fn settings(metadata_url: &str) -> SamlSettings {
 }
 
 async fn provider(metadata_url: &str) -> SamlProvider {
-    SamlProvider::load("saml", &settings(metadata_url), endpoints())
+    loaded(settings(metadata_url)).await
+}
+
+async fn loaded(settings: SamlSettings) -> SamlProvider {
+    SamlProvider::load("saml", &settings, endpoints())
         .await
         .expect("the provider loads the IdP's metadata")
 }
@@ -270,18 +274,13 @@ async fn sign_in_yields_the_person_with_groups() {
     assert_eq!(bob.groups, vec![group("mdm-users"), group("staff")]);
 
     // Settings choose the attributes.
-    let custom = SamlProvider::load(
-        "saml",
-        &SamlSettings {
-            display_name_attribute: "cn".into(),
-            email_attribute: "eduPersonPrincipalName".into(),
-            groups_attribute: "".into(),
-            ..settings(&url)
-        },
-        endpoints(),
-    )
-    .await
-    .expect("load");
+    let custom = loaded(SamlSettings {
+        display_name_attribute: "cn".into(),
+        email_attribute: "eduPersonPrincipalName".into(),
+        groups_attribute: "".into(),
+        ..settings(&url)
+    })
+    .await;
     let (response, id) = sign_in(&custom, "carol", "carolpw").await;
     let carol = custom.finish(&response, Some(&id)).expect("carol").identity;
     assert_eq!(carol.display_name.as_deref(), Some("Carol Clark"));
@@ -510,16 +509,11 @@ async fn audience_destination_and_in_response_to_must_be_ours() {
         "wrong InResponseTo",
     );
     // An answer to a request although this browser sent none, even with IdP-initiated on.
-    let unsolicited_ok = SamlProvider::load(
-        "saml",
-        &SamlSettings {
-            allow_idp_initiated: true,
-            ..settings(&url)
-        },
-        endpoints(),
-    )
-    .await
-    .expect("load");
+    let unsolicited_ok = loaded(SamlSettings {
+        allow_idp_initiated: true,
+        ..settings(&url)
+    })
+    .await;
     let m = refused(
         unsolicited_ok.finish(&response, None),
         "InResponseTo without a request",
@@ -550,16 +544,11 @@ async fn idp_initiated_sign_in_only_when_allowed() {
         "no InResponseTo",
     );
 
-    let allowing = SamlProvider::load(
-        "saml",
-        &SamlSettings {
-            allow_idp_initiated: true,
-            ..settings(&url)
-        },
-        endpoints(),
-    )
-    .await
-    .expect("load");
+    let allowing = loaded(SamlSettings {
+        allow_idp_initiated: true,
+        ..settings(&url)
+    })
+    .await;
     let login = allowing.finish(&response, None).expect("allowed");
     assert_eq!(login.identity.subject, "carol");
     refused(
@@ -624,17 +613,12 @@ async fn expired_and_not_yet_valid_responses_are_refused() {
     );
 
     // A longer max_response_age_secs: then the assertion's own NotOnOrAfter decides.
-    let patient = SamlProvider::load(
-        "saml",
-        &SamlSettings {
-            max_response_age_secs: 3600,
-            clock_skew_secs: 0,
-            ..settings(&url)
-        },
-        endpoints(),
-    )
-    .await
-    .expect("load");
+    let patient = loaded(SamlSettings {
+        max_response_age_secs: 3600,
+        clock_skew_secs: 0,
+        ..settings(&url)
+    })
+    .await;
     patient
         .finish_at(&response, Some(&id), now + Duration::minutes(4))
         .expect("before NotOnOrAfter");
