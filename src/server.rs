@@ -184,6 +184,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         identity: Arc::new(identity),
         cookies,
         migrated_cas: Arc::new(migrated_cas),
+        sign_in_throttle: Arc::default(),
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);

@@ -4,7 +4,12 @@
 
 mod page;
 pub mod session;
+pub mod throttle;
 
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::ConnectInfo;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, LOCATION};
@@ -78,6 +83,7 @@ struct LdapForm {
 async fn ldap_sign_in(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     form: Result<Form<LdapForm>, FormRejection>,
 ) -> Response {
@@ -106,9 +112,29 @@ async fn ldap_sign_in(
             Some(WRONG_PASSWORD),
         );
     }
-    match ldap.authenticate(form.login.trim(), &form.password).await {
-        Ok(identity) => complete_sign_in(&state, identity).await,
+    let address = peer.map(|p| p.0.0.ip());
+    let login = form.login.trim();
+    if let Some(wait) = state.sign_in_throttle.blocked(&name, login, address) {
+        tracing::warn!(provider = %name, %login, ?address, "LDAP sign-in throttled");
+        let minutes = wait.as_secs().div_ceil(60).max(1);
+        let message = format!(
+            "Too many failed sign-ins. Wait {minutes} minute{} and try again.",
+            if minutes == 1 { "" } else { "s" }
+        );
+        return sign_in_page(
+            &state,
+            &headers,
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(&message),
+        );
+    }
+    match ldap.authenticate(login, &form.password).await {
+        Ok(identity) => {
+            state.sign_in_throttle.succeeded(&name, login);
+            complete_sign_in(&state, identity).await
+        }
         Err(IdpError::Refused(reason)) => {
+            state.sign_in_throttle.failed(&name, login, address);
             tracing::info!(provider = %name, %reason, "LDAP sign-in refused");
             sign_in_page(
                 &state,

@@ -49,6 +49,8 @@ pub struct AppState {
     pub cookies: CookiePolicy,
     /// Other MDMs' CAs whose device certificates are accepted (devices migrating here).
     pub migrated_cas: Arc<MigratedCas>,
+    /// Failed password sign-ins at the portal, per login and address.
+    pub sign_in_throttle: Arc<crate::enroll::throttle::SignInThrottle>,
 }
 
 /// The certificate a client presented in the TLS handshake with our own listener (a request

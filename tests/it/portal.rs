@@ -830,3 +830,48 @@ async fn browser_text(server: &TestServer, path: &str) -> String {
     assert_eq!(response.status(), StatusCode::OK, "{path}");
     response.text().await.unwrap()
 }
+
+#[tokio::test]
+async fn repeated_wrong_passwords_are_throttled_without_asking_the_directory() {
+    let (Some(url), Some(ca)) = (
+        peer_env("TRUSTBROKER_TEST_LDAP_URL"),
+        peer_env("TRUSTBROKER_TEST_LDAP_CA"),
+    ) else {
+        return;
+    };
+    let (server, _) = portal_on(&TestDb::Sqlite, &ldap_toml(&url, &ca, "brokerpw")).await;
+    let mut browser = Browser::new(&server);
+    let page = browser.page(&server.url("/enroll")).await;
+    let csrf = hidden_input(&page, "csrf");
+    let form_url = server.url("/auth/ldap/ldap");
+    let mut attempt = async |login: &str, password: &str| {
+        browser
+            .post_form(
+                &form_url,
+                &[("csrf", &csrf), ("login", login), ("password", password)],
+            )
+            .await
+    };
+    for _ in 0..trustbroker::enroll::throttle::PER_LOGIN {
+        assert_eq!(
+            attempt("bob", "guess").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Now even the right password is refused, with a page that says to wait.
+    let throttled = attempt("bob", "bobpw").await;
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        throttled
+            .text()
+            .await
+            .unwrap()
+            .contains("Too many failed sign-ins")
+    );
+    // Another person at the same address is not affected.
+    assert_eq!(
+        attempt("carol", "carolpw").await.status(),
+        StatusCode::SEE_OTHER
+    );
+    server.stop().await;
+}
