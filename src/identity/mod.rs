@@ -7,6 +7,9 @@ pub mod ldap;
 pub mod oidc;
 pub mod saml;
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde::{Deserialize, Serialize};
 
 /// A group a person belongs to: `id` is what the provider keeps stable (an LDAP DN, a claim or
@@ -91,20 +94,41 @@ pub struct SamlSlot {
     name: String,
     settings: saml::SamlSettings,
     pub endpoints: saml::SpEndpoints,
-    loaded: tokio::sync::OnceCell<std::sync::Arc<saml::SamlProvider>>,
+    /// The provider, and when to read the IdP's metadata again.
+    loaded: tokio::sync::Mutex<Option<(Instant, Arc<saml::SamlProvider>)>>,
 }
 
+/// After a failed refresh, the metadata in hand is used this long before the next try.
+const SAML_METADATA_RETRY: Duration = Duration::from_secs(300);
+
 impl SamlSlot {
-    /// The provider, loading its IdP metadata the first time (a failed load is retried later).
-    pub async fn get(&self) -> Result<std::sync::Arc<saml::SamlProvider>, IdpError> {
-        self.loaded
-            .get_or_try_init(|| async {
-                saml::SamlProvider::load(&self.name, &self.settings, self.endpoints.clone())
-                    .await
-                    .map(std::sync::Arc::new)
-            })
-            .await
-            .cloned()
+    /// The provider, loading its IdP metadata on first use and again every
+    /// `metadata_refresh_secs`. A failed refresh keeps the metadata in hand (and says so in the
+    /// log); a failed first load is an error, retried at the next use.
+    pub async fn get(&self) -> Result<Arc<saml::SamlProvider>, IdpError> {
+        let mut loaded = self.loaded.lock().await;
+        if let Some((refresh_at, provider)) = loaded.as_ref()
+            && Instant::now() < *refresh_at
+        {
+            return Ok(provider.clone());
+        }
+        match saml::SamlProvider::load(&self.name, &self.settings, self.endpoints.clone()).await {
+            Ok(provider) => {
+                let provider = Arc::new(provider);
+                let refresh = Duration::from_secs(self.settings.metadata_refresh_secs);
+                *loaded = Some((Instant::now() + refresh, provider.clone()));
+                Ok(provider)
+            }
+            Err(e) => match loaded.as_mut() {
+                Some((refresh_at, provider)) => {
+                    tracing::warn!(provider = %self.name, error = %e,
+                        "SAML metadata refresh failed: keeping the metadata read earlier");
+                    *refresh_at = Instant::now() + SAML_METADATA_RETRY;
+                    Ok(provider.clone())
+                }
+                None => Err(e),
+            },
+        }
     }
 }
 
@@ -150,7 +174,7 @@ impl IdentityProviders {
                         name: name.clone(),
                         settings: s.clone(),
                         endpoints: saml_endpoints(public_url, name),
-                        loaded: tokio::sync::OnceCell::new(),
+                        loaded: tokio::sync::Mutex::new(None),
                     }),
                 ),
             };

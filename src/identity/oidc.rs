@@ -19,10 +19,11 @@ use openidconnect::core::{
     CoreTokenIntrospectionResponse, CoreTokenType,
 };
 use openidconnect::{
-    AdditionalClaims, AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken,
-    EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet, IdTokenFields, IssuerUrl,
-    Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
-    StandardErrorResponse, StandardTokenResponse, TokenResponse, UserInfoClaims,
+    AdditionalClaims, AuthorizationCode, ClaimsVerificationError, Client, ClientId, ClientSecret,
+    CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet, IdTokenFields,
+    IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    SignatureVerificationError, StandardErrorResponse, StandardTokenResponse, TokenResponse,
+    UserInfoClaims,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -194,9 +195,19 @@ impl OidcProvider {
 
     /// The provider's metadata and keys, fetched at most once per [`DISCOVERY_TTL`].
     async fn client(&self) -> Result<Arc<DiscoveredClient>, IdpError> {
+        self.client_fetched_after(None).await
+    }
+
+    /// Like [`Self::client`], but fetched again unless the cached one is newer than `after`
+    /// (another request may have refreshed it meanwhile).
+    async fn client_fetched_after(
+        &self,
+        after: Option<Instant>,
+    ) -> Result<Arc<DiscoveredClient>, IdpError> {
         let mut cached = self.discovered.lock().await;
         if let Some((at, client)) = cached.as_ref()
             && at.elapsed() < DISCOVERY_TTL
+            && after.is_none_or(|after| *at > after)
         {
             return Ok(client.clone());
         }
@@ -297,12 +308,27 @@ impl OidcProvider {
         let id_token = response
             .id_token()
             .ok_or_else(|| IdpError::Protocol(format!("{}: no ID token returned", self.name)))?;
-        let verifier = client
-            .id_token_verifier()
-            .set_allowed_algs(self.algorithms.clone());
-        let claims = id_token
-            .claims(&verifier, &Nonce::new(pending.nonce.clone()))
-            .map_err(|e| IdpError::Refused(format!("ID token: {}", error_chain(&e))))?;
+        let nonce = Nonce::new(pending.nonce.clone());
+        let verify = |client: &DiscoveredClient| {
+            let verifier = client
+                .id_token_verifier()
+                .set_allowed_algs(self.algorithms.clone());
+            id_token.claims(&verifier, &nonce).cloned()
+        };
+        let checked_at = Instant::now();
+        let claims = match verify(&client) {
+            // Signed with a key we have not seen: the provider rotated its keys since we
+            // fetched them. Fetch them again (once) and check the same token with those.
+            Err(ClaimsVerificationError::SignatureVerification(
+                SignatureVerificationError::NoMatchingKey,
+            )) => {
+                tracing::info!(provider = %self.name, "ID token signed with an unknown key: refreshing the provider's keys");
+                let fresh = self.client_fetched_after(Some(checked_at)).await?;
+                verify(&fresh)
+            }
+            other => other,
+        }
+        .map_err(|e| IdpError::Refused(format!("ID token: {}", error_chain(&e))))?;
         let extra = &claims.additional_claims().claims;
         let mut groups = extra.get(&self.settings.groups_claim).map(claim_groups);
         // Standard claims are typed by the library and so absent from the extra map.

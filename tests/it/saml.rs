@@ -681,3 +681,40 @@ async fn metadata_without_a_signing_certificate_is_refused_at_load() {
         other => panic!("expected Unreachable: {:?}", other.map(|_| "a provider")),
     }
 }
+
+/// The IdP's metadata is read again (`metadata_refresh_secs`; 0 here: at every use), and a
+/// refresh that fails keeps the metadata read before instead of breaking sign-in.
+#[tokio::test]
+async fn metadata_is_refreshed_and_a_failed_refresh_keeps_the_last_good_one() {
+    let Some(url) = peer_env("TRUSTBROKER_TEST_SAML_METADATA_URL") else {
+        return;
+    };
+    let xml = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("idp-metadata.xml");
+    std::fs::write(&file, &xml).unwrap();
+    let table = format!(
+        "type = \"saml\"\nmetadata_file = \"{}\"\nmetadata_refresh_secs = 0\n",
+        file.display()
+    );
+    let settings: trustbroker::identity::ProviderSettings = toml::from_str(&table).unwrap();
+    let providers = trustbroker::identity::IdentityProviders::from_config(
+        &[("saml".to_string(), settings)],
+        "http://127.0.0.1:8080",
+    )
+    .unwrap();
+    let trustbroker::identity::Provider::Saml(slot) = &providers.get("saml").unwrap().provider
+    else {
+        panic!("a SAML provider");
+    };
+    let first = slot.get().await.unwrap();
+    let second = slot.get().await.unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&first, &second), "read again");
+    std::fs::write(&file, "not metadata").unwrap();
+    let kept = slot.get().await.expect("the last good metadata is kept");
+    assert!(std::sync::Arc::ptr_eq(&kept, &second));
+    // It still verifies sign-ins.
+    let (response, request_id) = sign_in(&kept, "bob", "bobpw").await;
+    let login = kept.finish(&response, Some(&request_id)).unwrap();
+    assert_eq!(login.identity.subject, "bob");
+}

@@ -51,6 +51,10 @@ pub struct SamlSettings {
     /// Accept unsolicited (IdP-initiated) Responses, which carry no InResponseTo.
     #[serde(default)]
     pub allow_idp_initiated: bool,
+    /// How often the IdP's metadata is read again (seconds), to pick up a signing key rollover;
+    /// a failed refresh keeps the metadata in hand and retries in 5 minutes.
+    #[serde(default = "default_metadata_refresh_secs")]
+    pub metadata_refresh_secs: u64,
     /// How far the IdP's clock may be off from ours, in seconds (0..=300).
     #[serde(default = "default_clock_skew_secs")]
     pub clock_skew_secs: u64,
@@ -74,6 +78,10 @@ pub struct SamlSettings {
     pub display_name_attribute: Box<str>,
     #[serde(default = "default_groups_attribute")]
     pub groups_attribute: Box<str>,
+}
+
+fn default_metadata_refresh_secs() -> u64 {
+    6 * 3600
 }
 
 fn default_clock_skew_secs() -> u64 {
@@ -108,6 +116,7 @@ impl Default for SamlSettings {
             metadata_file: None,
             metadata_ca_file: None,
             allow_idp_initiated: false,
+            metadata_refresh_secs: default_metadata_refresh_secs(),
             clock_skew_secs: default_clock_skew_secs(),
             max_response_age_secs: default_max_response_age_secs(),
             name_id_format: default_name_id_format(),
