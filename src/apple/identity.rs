@@ -3,7 +3,8 @@
 //! certificate on our own listener, or a certificate header set by a trusted TLS-terminating
 //! proxy. The certificate must be one this CA issued (or a migrated MDM's CA, recorded on first
 //! sight), unexpired and unrevoked. Binding it to a particular device is the service's job;
-//! this module only answers "which of our certificates is this".
+//! this module only answers "which of our certificates is this, and may it speak now", and it
+//! answers before anything else of a request is read.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 
-use crate::pki::scep;
-use crate::store::{CERT_VALID, CertificateRecord, EnrollmentRecord, Store};
+use crate::pki::{scep, validity};
+use crate::store::{CERT_VALID, CertificateRecord, ChannelState, EnrollmentRecord, Store};
 
 /// Largest `Mdm-Signature` header accepted (a signature with a 4096-bit certificate chain is
 /// about 4 KiB of base64).
@@ -35,12 +36,39 @@ pub enum IdentityError {
     Internal(String),
 }
 
-/// The certificate of ours that signed a request.
+/// A device proven to hold a certificate of ours that may speak now: the only way to reach
+/// the MDM service. Only [`verify`] makes one, and it reads nothing of the body but the
+/// signature, so nothing a device sends is parsed before this exists.
 #[derive(Clone, Debug)]
-pub struct DeviceIdentity {
-    pub certificate: CertificateRecord,
+pub struct VerifiedDevice {
+    certificate: CertificateRecord,
+    enrollment_id: String,
+    bound_udid: Option<String>,
+    channels: Vec<ChannelState>,
+}
+
+impl VerifiedDevice {
+    pub fn certificate(&self) -> &CertificateRecord {
+        &self.certificate
+    }
+
     /// The enrollment record the certificate was issued under.
-    pub enrollment_id: String,
+    pub fn enrollment_id(&self) -> &str {
+        &self.enrollment_id
+    }
+
+    /// The device (UDID or EnrollmentID) the certificate speaks for, once it authenticated.
+    pub fn bound_device(&self) -> Option<&str> {
+        self.bound_udid.as_deref()
+    }
+
+    /// Channel `id` of device `udid`, if the certificate speaks for that device.
+    pub fn channel(&self, id: &str, udid: &str) -> Option<&ChannelState> {
+        if self.bound_device() != Some(udid) {
+            return None;
+        }
+        self.channels.iter().find(|c| c.id == id)
+    }
 }
 
 /// What a request offers as proof of identity.
@@ -56,7 +84,7 @@ pub struct Credentials<'a> {
 }
 
 /// The certificate a request presents, its signature over the body checked when it signs;
-/// whose it is, is not decided yet (see [`identify`]).
+/// whose it is, is not decided yet (see [`verify`]).
 pub fn presented_certificate(
     credentials: Credentials<'_>,
     body: &[u8],
@@ -76,12 +104,14 @@ pub fn presented_certificate(
     })
 }
 
-/// Which of our certificates (or a migrated CA's, recorded now) `certificate_der` is.
-pub async fn identify(
+/// Which of our certificates (or a migrated CA's, recorded now) `certificate_der` is, and
+/// whether it may speak now: one read of the certificate, its device and that device's
+/// channels.
+pub async fn verify(
     store: &Store,
     migrated: &MigratedCas,
     certificate_der: &[u8],
-) -> Result<DeviceIdentity, IdentityError> {
+) -> Result<VerifiedDevice, IdentityError> {
     match certificate_of_ours(store, certificate_der).await {
         Err(IdentityError::Unauthenticated(_)) if migrated.issued(certificate_der) => {
             migrated.record(store, certificate_der).await?;
@@ -214,39 +244,32 @@ pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigne
 }
 
 /// The inventory record of `certificate_der` if this CA issued it and it is still good.
-pub async fn certificate_of_ours(
+async fn certificate_of_ours(
     store: &Store,
     certificate_der: &[u8],
-) -> Result<DeviceIdentity, IdentityError> {
+) -> Result<VerifiedDevice, IdentityError> {
     let certificate = x509_cert::Certificate::from_der(certificate_der)
         .map_err(|e| IdentityError::Malformed(format!("signer certificate: {e}")))?;
     let serial =
         crate::pki::ca::serial_hex(certificate.tbs_certificate().serial_number().as_bytes());
-    let record = store
-        .certificate(&serial)
+    let standing = store
+        .certificate_standing(&serial)
         .await
         .map_err(|e| IdentityError::Internal(e.to_string()))?
         // Same serial is not enough: the very certificate must be the one we issued.
-        .filter(|r| r.der == certificate_der)
+        .filter(|s| s.certificate.der == certificate_der)
         .ok_or_else(|| {
             IdentityError::Unauthenticated("the signing certificate was not issued here".into())
         })?;
-    if record.status != CERT_VALID {
-        return Err(IdentityError::Unauthenticated(
-            "the signing certificate is revoked".into(),
-        ));
-    }
-    let now = chrono::Utc::now();
-    if record.not_after <= now || record.not_before > now {
-        return Err(IdentityError::Unauthenticated(
-            "the signing certificate is not valid now".into(),
-        ));
-    }
-    let enrollment_id = record.enrollment_id.clone().ok_or_else(|| {
+    validity::usable_at(&standing.certificate, chrono::Utc::now())
+        .map_err(|e| IdentityError::Unauthenticated(format!("signing certificate: {e}")))?;
+    let enrollment_id = standing.certificate.enrollment_id.clone().ok_or_else(|| {
         IdentityError::Unauthenticated("the signing certificate has no enrollment".into())
     })?;
-    Ok(DeviceIdentity {
-        certificate: record,
+    Ok(VerifiedDevice {
+        certificate: standing.certificate,
         enrollment_id,
+        bound_udid: standing.bound_udid,
+        channels: standing.channels,
     })
 }

@@ -14,10 +14,9 @@ pub async fn absorb(
     store: &Store,
     device_id: &str,
     command: &CommandRecord,
-    body: &[u8],
+    report: &Value,
 ) -> Result<(), MdmError> {
-    let value = super::plist::parse_value(body)?;
-    let Some(result) = value.as_dictionary() else {
+    let Some(result) = report.as_dictionary() else {
         return Ok(());
     };
     match command.request_type.as_str() {

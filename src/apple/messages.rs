@@ -162,9 +162,9 @@ fn shape(message: String) -> PlistError {
 }
 
 /// The dictionary at the top of a device's message.
-fn top(body: &[u8]) -> Result<Dictionary, PlistError> {
-    super::plist::parse_value(body)?
-        .into_dictionary()
+fn top(value: &Value) -> Result<&Dictionary, PlistError> {
+    value
+        .as_dictionary()
         .ok_or_else(|| shape("the message is not a dictionary".into()))
 }
 
@@ -212,33 +212,38 @@ impl Channel {
 impl CheckIn {
     /// Reads a check-in message (XML or binary plist).
     pub fn from_plist(body: &[u8]) -> Result<CheckIn, PlistError> {
-        let d = top(body)?;
-        let channel = Channel::read(&d)?;
-        let message_type = required_string(&d, "MessageType")?;
+        Self::from_value(&super::plist::parse_value(body)?)
+    }
+
+    /// Reads a check-in message from a plist already read within limits.
+    pub fn from_value(value: &Value) -> Result<CheckIn, PlistError> {
+        let d = top(value)?;
+        let channel = Channel::read(d)?;
+        let message_type = required_string(d, "MessageType")?;
         Ok(match message_type.as_str() {
             "Authenticate" => CheckIn::Authenticate(Authenticate {
-                topic: required_string(&d, "Topic")?,
-                serial_number: string(&d, "SerialNumber")?,
-                model: string(&d, "Model")?,
-                model_name: string(&d, "ModelName")?,
-                product_name: string(&d, "ProductName")?,
-                device_name: string(&d, "DeviceName")?,
-                os_version: string(&d, "OSVersion")?,
-                build_version: string(&d, "BuildVersion")?,
-                imei: string(&d, "IMEI")?,
-                meid: string(&d, "MEID")?,
+                topic: required_string(d, "Topic")?,
+                serial_number: string(d, "SerialNumber")?,
+                model: string(d, "Model")?,
+                model_name: string(d, "ModelName")?,
+                product_name: string(d, "ProductName")?,
+                device_name: string(d, "DeviceName")?,
+                os_version: string(d, "OSVersion")?,
+                build_version: string(d, "BuildVersion")?,
+                imei: string(d, "IMEI")?,
+                meid: string(d, "MEID")?,
                 channel,
             }),
             "TokenUpdate" => CheckIn::TokenUpdate(TokenUpdate {
-                topic: required_string(&d, "Topic")?,
-                token: data(&d, "Token")?.ok_or_else(|| shape("Token is missing".into()))?,
-                push_magic: required_string(&d, "PushMagic")?,
-                unlock_token: data(&d, "UnlockToken")?,
-                awaiting_configuration: boolean(&d, "AwaitingConfiguration")?,
+                topic: required_string(d, "Topic")?,
+                token: data(d, "Token")?.ok_or_else(|| shape("Token is missing".into()))?,
+                push_magic: required_string(d, "PushMagic")?,
+                unlock_token: data(d, "UnlockToken")?,
+                awaiting_configuration: boolean(d, "AwaitingConfiguration")?,
                 channel,
             }),
             "SetBootstrapToken" => CheckIn::SetBootstrapToken(SetBootstrapToken {
-                bootstrap_token: data(&d, "BootstrapToken")?,
+                bootstrap_token: data(d, "BootstrapToken")?,
                 channel,
             }),
             "CheckOut" => CheckIn::CheckOut(Plain { channel }),
@@ -254,8 +259,13 @@ impl CheckIn {
 impl Report {
     /// Reads a command-channel report (XML or binary plist).
     pub fn from_plist(body: &[u8]) -> Result<Report, PlistError> {
-        let d = top(body)?;
-        let status = match required_string(&d, "Status")?.as_str() {
+        Self::from_value(&super::plist::parse_value(body)?)
+    }
+
+    /// Reads a command-channel report from a plist already read within limits.
+    pub fn from_value(value: &Value) -> Result<Report, PlistError> {
+        let d = top(value)?;
+        let status = match required_string(d, "Status")?.as_str() {
             "Idle" => ReportStatus::Idle,
             "Acknowledged" => ReportStatus::Acknowledged,
             "Error" => ReportStatus::Error,
@@ -264,9 +274,9 @@ impl Report {
             other => return Err(shape(format!("unknown Status {other}"))),
         };
         Ok(Report {
-            channel: Channel::read(&d)?,
+            channel: Channel::read(d)?,
             status,
-            command_uuid: string(&d, "CommandUUID")?,
+            command_uuid: string(d, "CommandUUID")?,
         })
     }
 }

@@ -4,16 +4,16 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use plist::Value;
+use tokio::sync::Semaphore;
 
-use der::Decode;
-
-use super::identity::DeviceIdentity;
+use super::identity::VerifiedDevice;
 use super::messages::{CheckIn, Report, ReportStatus};
+use super::plist::{Limits, PlistError};
 use crate::secrets::MasterKey;
 use crate::store::{
-    BindRefusal, CommandOutcome, ConnectingChannel, DeviceFacts, MdmEnrollment, Store,
-    TokenUpdateRecord,
+    BindRefusal, ChannelState, CommandOutcome, DeviceFacts, Store, TokenUpdateRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,9 @@ pub enum MdmError {
     /// Defined by Apple, not implemented yet: 501.
     #[error("{0}")]
     NotImplemented(String),
+    /// Too many large messages are being read at once: 503 with Retry-After.
+    #[error("the server is busy reading other large messages; retry shortly")]
+    Busy,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -62,20 +65,51 @@ const SEEN_RESOLUTION: chrono::Duration = chrono::Duration::seconds(60);
 pub struct MdmService {
     store: Store,
     master_key: Arc<MasterKey>,
+    /// Reads of messages too large to read on an async worker, at most one per core.
+    large_reads: Arc<Semaphore>,
 }
 
 impl MdmService {
     pub fn new(store: Store, master_key: Arc<MasterKey>) -> Self {
-        MdmService { store, master_key }
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        MdmService {
+            store,
+            master_key,
+            large_reads: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    /// Reads what a verified device sent. Almost every message is small and read at once;
+    /// one over [`Limits::INLINE`] is read again on the blocking pool within
+    /// [`Limits::DEVICE`], a core at most each, and refused with [`MdmError::Busy`] when every
+    /// core is already at it, so that no message stalls the async workers or queues up.
+    pub async fn read(&self, _device: &VerifiedDevice, body: Bytes) -> Result<Value, MdmError> {
+        match super::plist::parse_value_within(&body, &Limits::INLINE) {
+            Err(PlistError::TooLarge(_)) => {}
+            other => return Ok(other?),
+        }
+        let permit = self
+            .large_reads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| MdmError::Busy)?;
+        let read = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            super::plist::parse_value(&body)
+        });
+        match read.await {
+            Ok(value) => Ok(value?),
+            Err(e) => Err(MdmError::Internal(format!("reading a message: {e}"))),
+        }
     }
 
     /// A check-in message (CheckInURL).
     pub async fn check_in(
         &self,
-        identity: &DeviceIdentity,
-        body: &[u8],
+        identity: &VerifiedDevice,
+        message: &Value,
     ) -> Result<MdmReply, MdmError> {
-        let message = CheckIn::from_plist(body)?;
+        let message = CheckIn::from_value(message)?;
         let channel = message.channel();
         let device_id = channel
             .device_id()
@@ -95,12 +129,12 @@ impl MdmService {
                 };
                 match self
                     .store
-                    .authenticate_device(&device_id, &identity.enrollment_id, &auth.topic, &facts)
+                    .authenticate_device(&device_id, identity.enrollment_id(), &auth.topic, &facts)
                     .await?
                 {
                     Ok(()) => {
-                        tracing::info!(device = %device_id, enrollment = %identity.enrollment_id,
-                            serial = %identity.certificate.serial, "MDM: Authenticate");
+                        tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
+                            serial = %identity.certificate().serial, "MDM: Authenticate");
                         Ok(MdmReply::Empty)
                     }
                     Err(BindRefusal::DeviceBoundElsewhere) => Err(MdmError::Unauthorized(
@@ -112,7 +146,7 @@ impl MdmService {
                 }
             }
             other => {
-                self.bound_device(identity, &device_id).await?;
+                bound_device(identity, &device_id)?;
                 self.handle_check_in(other, &device_id).await
             }
         }
@@ -203,79 +237,40 @@ impl MdmService {
         }
     }
 
-    /// The hot path of a command-channel request: one read proves the presented certificate
-    /// (ours, valid now, unrevoked, the one bound to this device) and gets the channel and its
-    /// queue state. `Ok(None)` when that read proves nothing: the caller then takes the full
-    /// path ([`identify`](super::identity::identify), then [`Self::connect`]),
-    /// which says precisely why a request is refused.
-    pub async fn connect_presented(
-        &self,
-        certificate_der: &[u8],
-        body: &[u8],
-    ) -> Result<Option<MdmReply>, MdmError> {
-        let report = Report::from_plist(body)?;
-        let (device_id, enrollment_id) = channel_ids(&report)?;
-        let Ok(certificate) = x509_cert::Certificate::from_der(certificate_der) else {
-            return Ok(None);
-        };
-        let serial =
-            crate::pki::ca::serial_hex(certificate.tbs_certificate().serial_number().as_bytes());
-        let channel = self
-            .store
-            .connecting_channel_for_certificate(
-                &enrollment_id,
-                &device_id,
-                &serial,
-                certificate_der,
-            )
-            .await?
-            .filter(|c| c.enrollment.status != "checked-out");
-        match channel {
-            Some(channel) => self
-                .serve_connect(channel, &report, &device_id, &enrollment_id, body)
-                .await
-                .map(Some),
-            None => Ok(None),
-        }
-    }
-
     /// A command-channel request (ServerURL): records a result, then offers the next command.
+    /// The channel and its queue state came with the device's verification, in the same read.
     pub async fn connect(
         &self,
-        identity: &DeviceIdentity,
+        identity: &VerifiedDevice,
+        message: &Value,
         body: &[u8],
     ) -> Result<MdmReply, MdmError> {
-        let report = Report::from_plist(body)?;
+        let report = Report::from_value(message)?;
         let (device_id, enrollment_id) = channel_ids(&report)?;
-        let channel = self
-            .store
-            .connecting_channel(&enrollment_id, &device_id)
-            .await?
-            .filter(|c| c.enrollment.status != "checked-out")
+        bound_device(identity, &device_id)?;
+        let channel = identity
+            .channel(&enrollment_id, &device_id)
+            .filter(|c| c.status != "checked-out")
             .ok_or_else(|| {
                 MdmError::Unauthorized(
                     "this channel is not enrolled (no Authenticate and TokenUpdate)".into(),
                 )
             })?;
-        if channel.device_record_id != identity.enrollment_id {
-            return Err(MdmError::Unauthorized(
-                "the signing certificate belongs to another device".into(),
-            ));
-        }
-        self.serve_connect(channel, &report, &device_id, &enrollment_id, body)
+        self.serve_connect(channel, &report, &device_id, &enrollment_id, message, body)
             .await
     }
 
     /// The rest of a connect, once the channel and the device's right to it are established.
     async fn serve_connect(
         &self,
-        channel: ConnectingChannel,
+        channel: &ChannelState,
         report: &Report,
         device_id: &str,
         enrollment_id: &str,
+        message: &Value,
         body: &[u8],
     ) -> Result<MdmReply, MdmError> {
-        self.note_seen(&channel.enrollment).await;
+        self.note_seen(channel).await;
 
         let include_not_now = match report.status {
             ReportStatus::Idle => true,
@@ -289,14 +284,14 @@ impl MdmService {
                     ReportStatus::CommandFormatError => CommandOutcome::FormatError,
                     _ => CommandOutcome::NotNow,
                 };
-                let error_chain = error_chain_json(body);
+                let error_chain = error_chain_json(message);
                 let recorded = self
                     .store
                     .record_result(enrollment_id, uuid, outcome, body, error_chain.as_deref())
                     .await?;
                 match recorded {
                     Some(command) if outcome == CommandOutcome::Acknowledged => {
-                        super::inventory::absorb(&self.store, device_id, &command, body).await?;
+                        super::inventory::absorb(&self.store, device_id, &command, message).await?;
                     }
                     Some(_) => {}
                     None => {
@@ -323,23 +318,6 @@ impl MdmService {
         })
     }
 
-    /// The device must be bound to the enrollment record of the certificate that signed.
-    async fn bound_device(
-        &self,
-        identity: &DeviceIdentity,
-        device_id: &str,
-    ) -> Result<(), MdmError> {
-        let device = self.store.device(device_id).await?.ok_or_else(|| {
-            MdmError::Unauthorized("unknown device: it has not sent Authenticate".into())
-        })?;
-        if device.enrollment_id != identity.enrollment_id {
-            return Err(MdmError::Unauthorized(
-                "the signing certificate belongs to another device".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Once a push certificate is imported, devices must use its topic: a device under
     /// another topic could never be woken. Read per check-in (rare), so an import applies at
     /// once on every node.
@@ -356,15 +334,28 @@ impl MdmService {
         Ok(self.master_key.seal(&purpose(what, device_id), secret))
     }
 
-    async fn note_seen(&self, enrollment: &MdmEnrollment) {
+    async fn note_seen(&self, channel: &ChannelState) {
         let now = crate::store::now();
-        if enrollment
+        if channel
             .last_seen_at
             .is_none_or(|seen| now - seen >= SEEN_RESOLUTION)
-            && let Err(e) = self.store.touch_enrollment(&enrollment.id, now).await
+            && let Err(e) = self.store.touch_enrollment(&channel.id, now).await
         {
             tracing::warn!(error = %e, "MDM: could not record last_seen_at");
         }
+    }
+}
+
+/// The device must be the one bound to the enrollment record of the certificate that signed.
+fn bound_device(identity: &VerifiedDevice, device_id: &str) -> Result<(), MdmError> {
+    match identity.bound_device() {
+        Some(bound) if bound == device_id => Ok(()),
+        Some(_) => Err(MdmError::Unauthorized(
+            "the signing certificate belongs to another device".into(),
+        )),
+        None => Err(MdmError::Unauthorized(
+            "unknown device: it has not sent Authenticate".into(),
+        )),
     }
 }
 
@@ -388,8 +379,7 @@ fn purpose(what: &str, device_id: &str) -> String {
 }
 
 /// The ErrorChain of an Error report, as JSON, for the queue's history.
-fn error_chain_json(body: &[u8]) -> Option<String> {
-    let value = super::plist::parse_value(body).ok()?;
-    let chain = value.as_dictionary()?.get("ErrorChain")?;
+fn error_chain_json(message: &Value) -> Option<String> {
+    let chain = message.as_dictionary()?.get("ErrorChain")?;
     serde_json::to_string(&super::inventory::to_json(chain)).ok()
 }

@@ -1,17 +1,18 @@
 //! The device-facing MDM endpoints: check-in (CheckInURL) and the command channel (ServerURL).
-//! Thin: authenticate the body's signature, hand it to `apple::service`, map the outcome.
+//! Thin: [`SignedRequest`] proves who is speaking before anything of the body but its
+//! signature is read; then the service reads the message within limits and handles it.
 
-use axum::body::Bytes;
 use std::net::SocketAddr;
 
 use axum::Extension;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::{AppState, TlsClientCertificate};
-use crate::apple::identity::{self, Credentials, IdentityError};
+use crate::apple::identity::{self, Credentials, IdentityError, VerifiedDevice};
 use crate::apple::service::{MdmError, MdmReply};
 
 pub const CHECKIN_PATH: &str = "/mdm/checkin";
@@ -25,57 +26,49 @@ type Transport = (
     Option<Extension<TlsClientCertificate>>,
 );
 
-pub async fn check_in(
-    State(state): State<AppState>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    tls_certificate: Option<Extension<TlsClientCertificate>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let identity = match authenticate(&state, (peer, tls_certificate), &headers, &body).await {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
-    respond(state.mdm.check_in(&identity, &body).await, "checkin")
+/// A device request whose sender is proven: the certificate it presents is ours (or a
+/// migrated CA's), may speak now, and (when it signs) signed this very body.
+pub struct SignedRequest {
+    pub device: VerifiedDevice,
+    pub body: Bytes,
 }
 
-pub async fn connect(
-    State(state): State<AppState>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    tls_certificate: Option<Extension<TlsClientCertificate>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let certificate = match presented(&state, (peer, tls_certificate), &headers, &body) {
-        Ok(certificate) => certificate,
-        Err(e) => return refusal(e),
-    };
-    // Every device connects often: first the one-read path; only what it cannot prove takes
-    // the full identity check, which also says why a request is refused.
-    match state.mdm.connect_presented(&certificate, &body).await {
-        Ok(Some(reply)) => return respond(Ok(reply), "connect"),
-        Ok(None) => {}
-        Err(e) => return respond(Err(e), "connect"),
-    }
-    let identity = identity::identify(&state.store, &state.migrated_cas, &certificate)
-        .await
-        .map_err(refusal);
-    match identity {
-        Ok(identity) => respond(state.mdm.connect(&identity, &body).await, "connect"),
-        Err(response) => response,
+impl FromRequest<AppState> for SignedRequest {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let transport =
+            <Transport as FromRequestParts<AppState>>::from_request_parts(&mut parts, state)
+                .await?;
+        let headers = parts.headers.clone();
+        let body = Bytes::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let certificate = presented(state, transport, &headers, &body).map_err(refusal)?;
+        let device = identity::verify(&state.store, &state.migrated_cas, &certificate)
+            .await
+            .map_err(refusal)?;
+        Ok(SignedRequest { device, body })
     }
 }
 
-async fn authenticate(
-    state: &AppState,
-    transport: Transport,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<identity::DeviceIdentity, Response> {
-    let certificate = presented(state, transport, headers, body).map_err(refusal)?;
-    identity::identify(&state.store, &state.migrated_cas, &certificate)
-        .await
-        .map_err(refusal)
+pub async fn check_in(State(state): State<AppState>, request: SignedRequest) -> Response {
+    let SignedRequest { device, body } = request;
+    let outcome = match state.mdm.read(&device, body).await {
+        Ok(message) => state.mdm.check_in(&device, &message).await,
+        Err(e) => Err(e),
+    };
+    respond(outcome, "checkin")
+}
+
+pub async fn connect(State(state): State<AppState>, request: SignedRequest) -> Response {
+    let SignedRequest { device, body } = request;
+    let outcome = match state.mdm.read(&device, body.clone()).await {
+        Ok(message) => state.mdm.connect(&device, &message, &body).await,
+        Err(e) => Err(e),
+    };
+    respond(outcome, "connect")
 }
 
 /// The certificate the request presents (signature, TLS or trusted proxy), signature checked.
@@ -178,6 +171,7 @@ fn respond(outcome: Result<MdmReply, MdmError>, channel: &'static str) -> Respon
                 MdmError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
                 MdmError::Gone(_) => (StatusCode::GONE, "not_supported"),
                 MdmError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
+                MdmError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
                 MdmError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             };
             if status.is_server_error() {
@@ -189,7 +183,13 @@ fn respond(outcome: Result<MdmReply, MdmError>, channel: &'static str) -> Respon
                 MdmError::Internal(_) => "internal error".to_owned(),
                 other => other.to_string(),
             };
-            ApiError::new(status, code, message).into_response()
+            let mut response = ApiError::new(status, code, message).into_response();
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            response
         }
     }
 }

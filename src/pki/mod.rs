@@ -5,6 +5,7 @@ pub mod ca;
 pub mod challenge;
 pub mod scep;
 pub mod service;
+pub mod validity;
 
 /// PEM text for DER bytes, 64 base64 characters to a line.
 pub fn pem(label: &str, der: &[u8]) -> String {

@@ -70,16 +70,36 @@ pub struct MdmEnrollment {
     pub last_seen_at: Option<DateTime<Utc>>,
 }
 
-/// What a command-channel request needs to know, read in one query: the channel, the enrollment
-/// record its device is bound to, and whether anything waits in its queue.
-#[derive(Clone, Debug, sqlx::FromRow)]
-pub struct ConnectingChannel {
-    #[sqlx(flatten)]
-    pub enrollment: MdmEnrollment,
-    /// The enrollment record (`enrollments.id`) whose certificates speak for the device.
-    pub device_record_id: String,
+/// A certificate as a device request needs it (see [`Store::certificate_standing`]).
+#[derive(Clone, Debug)]
+pub struct CertificateStanding {
+    pub certificate: super::CertificateRecord,
+    /// The device bound to the certificate's enrollment record, once it sent Authenticate.
+    pub bound_udid: Option<String>,
+    /// That device's command channels.
+    pub channels: Vec<ChannelState>,
+}
+
+/// A command channel as a connect needs it.
+#[derive(Clone, Debug)]
+pub struct ChannelState {
+    pub id: String,
+    /// `pending`, `active` or `checked-out`.
+    pub status: String,
+    pub last_seen_at: Option<DateTime<Utc>>,
     /// A command is queued, sent or deferred: without one, an Idle needs no queue read.
     pub has_work: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct StandingRow {
+    #[sqlx(flatten)]
+    certificate: super::CertificateRecord,
+    bound_udid: Option<String>,
+    channel_id: Option<String>,
+    channel_status: Option<String>,
+    channel_last_seen_at: Option<DateTime<Utc>>,
+    channel_has_work: bool,
 }
 
 /// What a TokenUpdate records for a channel.
@@ -177,21 +197,6 @@ macro_rules! select_enrollments {
             "SELECT id, udid, channel, user_id, user_short_name, user_long_name, push_token, \
              push_magic, unlock_token, status, push_status, created_at, updated_at, \
              last_seen_at FROM mdm_enrollments ",
-            $clause
-        )
-    };
-}
-
-/// A [`ConnectingChannel`]: the channel, its device's binding, whether work is queued.
-macro_rules! select_connecting {
-    ($clause:literal) => {
-        concat!(
-            "SELECT e.id, e.udid, e.channel, e.user_id, e.user_short_name, e.user_long_name, \
-             e.push_token, e.push_magic, e.unlock_token, e.status, e.push_status, e.created_at, \
-             e.updated_at, e.last_seen_at, d.enrollment_id AS device_record_id, \
-             EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
-                     AND c.status IN ('queued', 'sent', 'not-now')) AS has_work \
-             FROM mdm_enrollments e JOIN mdm_devices d ON d.udid = e.udid ",
             $clause
         )
     };
@@ -415,45 +420,50 @@ impl Store {
         Ok(())
     }
 
-    /// The channel `id` of device `udid` with its binding and queue state (see
-    /// [`ConnectingChannel`]); `None` when there is no such channel on that device.
-    pub async fn connecting_channel(
+    /// What certificate `serial` is and whom it speaks for, in the one read that every device
+    /// request makes before its body is looked at: the certificate record, the device bound to
+    /// its enrollment record, and that device's channels with their queue state.
+    pub async fn certificate_standing(
         &self,
-        id: &str,
-        udid: &str,
-    ) -> StoreResult<Option<ConnectingChannel>> {
-        let sql = select_connecting!("WHERE e.id = $1 AND e.udid = $2");
-        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
-            .bind(id)
-            .bind(udid)
-            .fetch_optional(pool)
-            .await?))
-    }
-
-    /// [`Self::connecting_channel`], found only when certificate `serial` with exactly these
-    /// bytes is valid now, unrevoked, and of the enrollment record the device is bound to: the
-    /// checks of `apple::identity` and the binding check in the one read a connect needs.
-    pub async fn connecting_channel_for_certificate(
-        &self,
-        id: &str,
-        udid: &str,
         serial: &str,
-        der: &[u8],
-    ) -> StoreResult<Option<ConnectingChannel>> {
-        let sql = select_connecting!(
-            "JOIN certificates k ON k.serial = $3 AND k.der = $4 \
-             AND k.enrollment_id = d.enrollment_id AND k.status = 'valid' \
-             AND k.not_before <= $5 AND k.not_after > $5 \
-             WHERE e.id = $1 AND e.udid = $2"
-        );
-        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
-            .bind(id)
-            .bind(udid)
+    ) -> StoreResult<Option<CertificateStanding>> {
+        let sql = "SELECT k.serial, k.enrollment_id, k.subject, k.not_before, k.not_after, \
+                   k.status, k.revoked_at, k.revocation_reason, k.renewed_from, \
+                   k.transaction_id, k.sender_nonce, k.der, k.issued_at, \
+                   d.udid AS bound_udid, e.id AS channel_id, e.status AS channel_status, \
+                   e.last_seen_at AS channel_last_seen_at, \
+                   EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
+                           AND c.status IN ('queued', 'sent', 'not-now')) AS channel_has_work \
+                   FROM certificates k \
+                   LEFT JOIN mdm_devices d ON d.enrollment_id = k.enrollment_id \
+                   LEFT JOIN mdm_enrollments e ON e.udid = d.udid \
+                   WHERE k.serial = $1";
+        let rows: Vec<StandingRow> = on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(serial)
-            .bind(der)
-            .bind(super::now())
-            .fetch_optional(pool)
-            .await?))
+            .fetch_all(pool)
+            .await?);
+        let mut rows = rows.into_iter();
+        let Some(first) = rows.next() else {
+            return Ok(None);
+        };
+        let mut channels = Vec::new();
+        let bound_udid = first.bound_udid.clone();
+        let certificate = first.certificate.clone();
+        for row in std::iter::once(first).chain(rows) {
+            if let (Some(id), Some(status)) = (row.channel_id, row.channel_status) {
+                channels.push(ChannelState {
+                    id,
+                    status,
+                    last_seen_at: row.channel_last_seen_at,
+                    has_work: row.channel_has_work,
+                });
+            }
+        }
+        Ok(Some(CertificateStanding {
+            certificate,
+            bound_udid,
+            channels,
+        }))
     }
 
     pub async fn mdm_enrollment(&self, id: &str) -> StoreResult<Option<MdmEnrollment>> {

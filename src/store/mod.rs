@@ -23,8 +23,9 @@ use sqlx::{PgPool, SqlitePool};
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
 pub use mdm::{
-    BindRefusal, CommandOutcome, CommandRecord, ConnectingChannel, DeviceFacts, DeviceRecord,
-    MdmEnrollment, NewCommand, PENDING, PushCertificateRow, Queued, TokenUpdateRecord,
+    BindRefusal, CertificateStanding, ChannelState, CommandOutcome, CommandRecord, DeviceFacts,
+    DeviceRecord, MdmEnrollment, NewCommand, PENDING, PushCertificateRow, Queued,
+    TokenUpdateRecord,
 };
 pub use pki::{
     CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,

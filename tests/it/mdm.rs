@@ -683,3 +683,115 @@ fn nanomdm_messages_parse() {
     let json = trustbroker::apple::inventory::to_json(&value);
     assert_eq!(json["QueryResponses"]["HostName"], "fruit.example.com");
 }
+
+/// Nothing is read before the sender is known: a plist bomb signed by a stranger's
+/// self-signed certificate is refused without being looked at, while the broker keeps
+/// answering; from an enrolled device, the bounded reader refuses it just as fast.
+#[tokio::test]
+async fn plist_bombs_are_refused_before_or_while_reading_and_health_stays_fast() {
+    use std::time::{Duration, Instant};
+    use trustbroker::apple::plist::testing::reference_bomb;
+
+    let mdm = Mdm::start().await;
+    let alice = mdm.enrolled_device().await;
+    // 14^8 ≈ 1.5 × 10⁹ elements once its shared references are expanded.
+    let bomb = reference_bomb(8, 14);
+    // A self-signed certificate (for Alice's own key: holding the key is not enough).
+    let stranger =
+        trustbroker::pki::scep::client::ClientIdentity::from_pkcs8(&alice.identity.pkcs8).unwrap();
+    let signed_by_stranger = sign_with(&stranger, &bomb);
+
+    let started = Instant::now();
+    let mut attacks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let client = mdm.server.client.clone();
+        let path = if i % 2 == 0 {
+            "/mdm/connect"
+        } else {
+            "/mdm/checkin"
+        };
+        let url = mdm.server.url(path);
+        let (body, signature) = (bomb.clone(), signed_by_stranger.clone());
+        attacks.spawn(async move {
+            client
+                .put(url)
+                .timeout(Duration::from_secs(10))
+                .header("Mdm-Signature", signature)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status())
+        });
+    }
+    // The broker answers while the attack runs.
+    let health_started = Instant::now();
+    let health = mdm
+        .server
+        .client
+        .get(mdm.server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert!(health_started.elapsed() < Duration::from_secs(1));
+    while let Some(outcome) = attacks.join_next().await {
+        assert_eq!(outcome.unwrap().unwrap(), StatusCode::UNAUTHORIZED);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The same bomb from an enrolled device: read within limits and refused.
+    let started = Instant::now();
+    let response = alice.put(&mdm.server, "/mdm/connect", bomb.clone()).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("too large"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Entity declarations: never sent by devices, refused.
+    let entities = format!(
+        "<?xml version=\"1.0\"?><!DOCTYPE plist [<!ENTITY u \"{}\">]>\
+         <plist><dict><key>UDID</key><string>&u;</string>\
+         <key>Status</key><string>Idle</string></dict></plist>",
+        alice.udid
+    );
+    let response = alice
+        .put(&mdm.server, "/mdm/connect", entities.into_bytes())
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    // A large honest answer (a Mac's application list) is read off the async workers and kept.
+    let uuid = mdm
+        .enqueue_one(
+            &alice.udid,
+            json!({"RequestType": "InstalledApplicationList"}),
+        )
+        .await;
+    let offered = alice.idle(&mdm.server).await.unwrap();
+    assert_eq!(uuid_and_type(&offered).0, uuid);
+    let apps: Vec<Value> = (0..3000)
+        .map(|i| {
+            let mut app = Dictionary::new();
+            app.insert("Identifier".into(), format!("com.example.app{i}").into());
+            app.insert("Name".into(), format!("App {i}").into());
+            app.insert("Version".into(), "1.0".into());
+            Value::Dictionary(app)
+        })
+        .collect();
+    let mut extra = Dictionary::new();
+    extra.insert("InstalledApplicationList".into(), Value::Array(apps));
+    let (status, _) = alice
+        .report(&mdm.server, "Acknowledged", Some(&uuid), extra)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let history = mdm.history(&alice.udid).await;
+    let answered = history.iter().find(|c| c["uuid"] == uuid.as_str()).unwrap();
+    assert_eq!(answered["status"], "acknowledged");
+}
