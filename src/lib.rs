@@ -9,6 +9,8 @@ pub mod audit;
 pub mod config;
 pub mod enroll;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod pki;

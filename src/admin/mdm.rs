@@ -84,9 +84,16 @@ async fn enqueue(
         )));
     }
     let mut unknown = Vec::new();
+    // Channels a push can wake: a dead or missing token is not pushed (the command waits for
+    // the device's next check-in), and the answer says so.
+    let mut wakeable = Vec::new();
     for id in &targets {
         match state.store.mdm_enrollment(id).await? {
-            Some(e) if e.status != "checked-out" => {}
+            Some(e) if e.status != "checked-out" => {
+                if e.push_token.is_some() && e.push_status != "unregistered" {
+                    wakeable.push(id.clone());
+                }
+            }
             _ => unknown.push(id.clone()),
         }
     }
@@ -127,18 +134,23 @@ async fn enqueue(
             return Err(e.into());
         }
     };
+    let push = |id: &String| match (body.nopush, wakeable.contains(id)) {
+        (true, _) => "not-requested",
+        (false, true) => "requested",
+        (false, false) => "no-token",
+    };
     let results: Vec<Value> = new
         .iter()
         .zip(&queued)
         .map(|(c, q)| match q {
             Queued::Queued => json!({"enrollment_id": c.enrollment_id, "command_uuid": c.uuid,
-                                     "status": "queued"}),
+                                     "status": "queued", "push": push(&c.enrollment_id)}),
             Queued::Duplicate(existing) => json!({"enrollment_id": c.enrollment_id,
-                "command_uuid": existing, "status": "duplicate"}),
+                "command_uuid": existing, "status": "duplicate", "push": push(&c.enrollment_id)}),
         })
         .collect();
-    if !body.nopush {
-        state.pusher.wake(targets.clone());
+    if !body.nopush && !wakeable.is_empty() {
+        state.pusher.wake(wakeable);
     }
     admin
         .audit(

@@ -33,6 +33,8 @@ type Answers = VecDeque<(u16, &'static str)>;
 #[derive(Clone, Default)]
 struct Shared {
     pushes: Arc<Mutex<Vec<Push>>>,
+    /// Woken at every push that arrives.
+    arrived: Arc<tokio::sync::Notify>,
     /// Per token, answers to give before succeeding: (status, reason).
     script: Arc<Mutex<HashMap<String, Answers>>>,
 }
@@ -152,14 +154,18 @@ impl ApnsStandIn {
 
     /// Waits until `count` pushes arrived (pushes go out in the background).
     pub async fn wait_for(&self, count: usize) -> Vec<Push> {
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // Registered before looking, so a push between the look and the wait still wakes.
+            let arrived = self.shared.arrived.notified();
             let pushes = self.pushes();
             if pushes.len() >= count {
                 return pushes;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                panic!("expected {count} pushes, got {:?}", self.pushes());
+            }
         }
-        panic!("expected {count} pushes, got {:?}", self.pushes());
     }
 }
 
@@ -185,6 +191,7 @@ async fn receive(
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         version,
     });
+    shared.arrived.notify_waiters();
     let scripted = shared
         .script
         .lock()
@@ -208,7 +215,8 @@ mod flows {
     use crate::device::{self, Device};
     use crate::harness::TestServer;
 
-    async fn enqueue(server: &TestServer, admin: &str, ids: &[&str], nopush: bool) {
+    /// Queues a command; the answer's `push` for each target.
+    async fn enqueue(server: &TestServer, admin: &str, ids: &[&str], nopush: bool) -> Vec<String> {
         let response = server
             .client
             .post(server.url("/api/v1/commands"))
@@ -221,6 +229,13 @@ mod flows {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["push"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     async fn push_status(server: &TestServer, admin: &str, id: &str) -> String {
@@ -308,15 +323,25 @@ mod flows {
         );
         assert_eq!(push_status(&server, &admin, &steady.udid).await, "ok");
 
-        // A dead token is not pushed again, and nopush pushes nothing.
-        enqueue(&server, &admin, &[&gone.udid], false).await;
-        enqueue(&server, &admin, &[&steady.udid], true).await;
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert_eq!(apns.pushes().len(), 4);
+        // A dead token is not pushed again, and nopush pushes nothing: both decided before
+        // the answer, which says so.
+        assert_eq!(
+            enqueue(&server, &admin, &[&gone.udid], false).await,
+            ["no-token"]
+        );
+        assert_eq!(
+            enqueue(&server, &admin, &[&steady.udid], true).await,
+            ["not-requested"]
+        );
         // A new TokenUpdate revives the channel.
         assert_eq!(gone.token_update(&server).await.status(), StatusCode::OK);
-        enqueue(&server, &admin, &[&gone.udid], false).await;
-        apns.wait_for(5).await;
+        assert_eq!(
+            enqueue(&server, &admin, &[&gone.udid], false).await,
+            ["requested"]
+        );
+        let pushes = apns.wait_for(5).await;
+        assert_eq!(pushes.len(), 5);
+        assert_eq!(pushes[4].token, hex::encode(&gone.push_token));
         let metrics = server.get_text("/metrics").await;
         assert!(
             metrics.contains("trustbroker_apns_pushes_total{outcome=\"sent\"}"),

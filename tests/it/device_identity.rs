@@ -128,8 +128,29 @@ async fn a_certificate_from_another_ca_fails_the_tls_handshake() {
         .body(authenticate_message("STRANGER"))
         .send()
         .await;
-    assert!(result.is_err(), "the handshake must fail: {result:?}");
+    // Refused by the TLS layer (the server's alert), not by anything above it.
+    let error = result.expect_err("the handshake must fail");
+    let alert = tls_alert(&error);
+    assert!(
+        matches!(alert.as_deref(), Some("UnknownCA" | "BadCertificate")),
+        "expected the server's certificate alert, got {alert:?} from {error:?}"
+    );
     server.stop().await;
+}
+
+/// The TLS alert a request failed with, found in its chain of causes (the TLS stack reports
+/// it as an I/O error "received fatal alert: <name>").
+fn tls_alert(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(alert) = io.to_string().strip_prefix("received fatal alert: ")
+        {
+            return Some(alert.to_owned());
+        }
+        cause = e.source();
+    }
+    None
 }
 
 #[tokio::test]
