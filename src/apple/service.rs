@@ -10,9 +10,10 @@ use der::Decode;
 
 use super::identity::DeviceIdentity;
 use super::messages::{CheckIn, Report, ReportStatus};
+use crate::config::ReenrollmentPolicy;
 use crate::secrets::MasterKey;
 use crate::store::{
-    BindRefusal, CommandOutcome, ConnectingChannel, DeviceFacts, MdmEnrollment, Store,
+    BindRefusal, Bound, CommandOutcome, ConnectingChannel, DeviceFacts, MdmEnrollment, Store,
     TokenUpdateRecord,
 };
 
@@ -58,15 +59,31 @@ pub enum MdmReply {
 /// Idle a write transaction.
 const SEEN_RESOLUTION: chrono::Duration = chrono::Duration::seconds(60);
 
+/// What a device is told when its certificate may not speak for it, whatever the reason: the
+/// same words whether or not the UDID is enrolled already, so that a caller with a certificate
+/// cannot probe which devices are managed. The precise reason goes to the log.
+pub const NOT_ENROLLED_HERE: &str = "this device is not enrolled with this certificate";
+
 #[derive(Clone)]
 pub struct MdmService {
     store: Store,
     master_key: Arc<MasterKey>,
+    reenrollment: ReenrollmentPolicy,
 }
 
 impl MdmService {
     pub fn new(store: Store, master_key: Arc<MasterKey>) -> Self {
-        MdmService { store, master_key }
+        MdmService {
+            store,
+            master_key,
+            reenrollment: ReenrollmentPolicy::default(),
+        }
+    }
+
+    /// Whether a device enrolled under another active enrollment may enroll again.
+    pub fn with_reenrollment(mut self, policy: ReenrollmentPolicy) -> Self {
+        self.reenrollment = policy;
+        self
     }
 
     /// A check-in message (CheckInURL).
@@ -93,22 +110,33 @@ impl MdmService {
                     os_version: auth.os_version.clone(),
                     build_version: auth.build_version.clone(),
                 };
-                match self
+                let bound = self
                     .store
-                    .authenticate_device(&device_id, &identity.enrollment_id, &auth.topic, &facts)
-                    .await?
-                {
-                    Ok(()) => {
+                    .authenticate_device(
+                        &device_id,
+                        &identity.enrollment_id,
+                        &auth.topic,
+                        &facts,
+                        self.reenrollment,
+                    )
+                    .await?;
+                match bound {
+                    Ok(Bound::Reenrolled { previous }) => {
+                        tracing::info!(device = %device_id, enrollment = %identity.enrollment_id,
+                            previous = %previous, serial = %identity.certificate.serial,
+                            "MDM: Authenticate: re-enrolled, the previous enrollment is retired");
+                        Ok(MdmReply::Empty)
+                    }
+                    Ok(_) => {
                         tracing::info!(device = %device_id, enrollment = %identity.enrollment_id,
                             serial = %identity.certificate.serial, "MDM: Authenticate");
                         Ok(MdmReply::Empty)
                     }
-                    Err(BindRefusal::DeviceBoundElsewhere) => Err(MdmError::Unauthorized(
-                        "this device is enrolled under another identity".into(),
-                    )),
-                    Err(BindRefusal::CertificateBoundElsewhere) => Err(MdmError::Unauthorized(
-                        "this certificate belongs to another device".into(),
-                    )),
+                    Err(refusal) => {
+                        self.refuse_authenticate(identity, &device_id, &refusal)
+                            .await;
+                        Err(MdmError::Unauthorized(NOT_ENROLLED_HERE.into()))
+                    }
                 }
             }
             other => {
@@ -323,21 +351,49 @@ impl MdmService {
         })
     }
 
-    /// The device must be bound to the enrollment record of the certificate that signed.
+    /// The device must be bound to the enrollment record of the certificate that signed. An
+    /// unknown device and another device's certificate get the same answer.
     async fn bound_device(
         &self,
         identity: &DeviceIdentity,
         device_id: &str,
     ) -> Result<(), MdmError> {
-        let device = self.store.device(device_id).await?.ok_or_else(|| {
-            MdmError::Unauthorized("unknown device: it has not sent Authenticate".into())
-        })?;
-        if device.enrollment_id != identity.enrollment_id {
-            return Err(MdmError::Unauthorized(
-                "the signing certificate belongs to another device".into(),
-            ));
+        let reason = match self.store.device(device_id).await? {
+            Some(device) if device.enrollment_id == identity.enrollment_id => return Ok(()),
+            Some(_) => "the signing certificate belongs to another device",
+            None => "unknown device: it has not sent Authenticate",
+        };
+        tracing::info!(device = %device_id, enrollment = %identity.enrollment_id,
+            serial = %identity.certificate.serial, reason, "MDM: check-in refused");
+        Err(MdmError::Unauthorized(NOT_ENROLLED_HERE.into()))
+    }
+
+    /// Logs why an Authenticate was refused; a refusal by the re-enrollment policy is audited
+    /// too, so that the help desk can see why a device cannot enroll.
+    async fn refuse_authenticate(
+        &self,
+        identity: &DeviceIdentity,
+        device_id: &str,
+        refusal: &BindRefusal,
+    ) {
+        tracing::warn!(device = %device_id, enrollment = %identity.enrollment_id,
+            serial = %identity.certificate.serial, reason = %refusal,
+            "MDM: Authenticate refused");
+        if let BindRefusal::DeviceBoundElsewhere(policy) = refusal {
+            let entry = crate::store::NewAuditEntry {
+                actor: format!("device:{device_id}"),
+                action: crate::store::AUDIT_REENROLL.into(),
+                target: Some(device_id.to_owned()),
+                outcome: crate::audit::OUTCOME_DENIED.into(),
+                detail: Some(
+                    serde_json::json!({"enrollment": identity.enrollment_id,
+                                       "policy": policy.as_str()})
+                    .to_string(),
+                ),
+                ..Default::default()
+            };
+            crate::audit::record(&self.store, entry).await;
         }
-        Ok(())
     }
 
     /// Once a push certificate is imported, devices must use its topic: a device under
