@@ -14,9 +14,9 @@ use super::pki::{CERT_REVOKED, CERT_VALID};
 use super::{Store, StoreError, StoreResult, on_pool};
 use crate::config::ReenrollmentPolicy;
 
-/// Where an enrollment record (`enrollments.status`) stands. The one mapping to the database.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// Where an enrollment record (`enrollments.status`) stands. `as_str` is the one mapping to
+/// the database and the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EnrollmentStatus {
     /// Issued (challenge, profile), no device bound yet.
     Pending,
@@ -51,6 +51,17 @@ impl EnrollmentStatus {
     }
 }
 
+macro_rules! serialize_as_str {
+    ($($state:ty),*) => {$(
+        impl Serialize for $state {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+    )*};
+}
+serialize_as_str!(EnrollmentStatus, RetirementReason);
+
 /// A status or reason in the database that this version does not know.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown {what} '{value}' in the database")]
@@ -72,9 +83,8 @@ impl TryFrom<String> for EnrollmentStatus {
     }
 }
 
-/// Why an enrollment ended (`enrollments.retired_reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// Why an enrollment ended (`enrollments.retired_reason`), mapped by `as_str`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetirementReason {
     /// The device authenticated with a fresh enrollment record, which replaced this one.
     Reenrolled,
@@ -366,6 +376,13 @@ impl Store {
         let outcome: Result<Result<Attempt, UnknownState>, sqlx::Error> =
             on_pool!(self, |pool| async {
                 let mut tx = super::begin_write(pool).await?;
+                // Lock the device's row first (a no-op write: SQLite's BEGIN IMMEDIATE holds
+                // the lock already), so that on PostgreSQL concurrent Authenticates of one
+                // device queue here and each reads what the one before it wrote.
+                sqlx::query("UPDATE mdm_devices SET updated_at = updated_at WHERE udid = $1")
+                    .bind(udid)
+                    .execute(&mut *tx)
+                    .await?;
                 let record: Option<(String, Option<String>)> =
                     sqlx::query_as("SELECT status, user_id FROM enrollments WHERE id = $1")
                         .bind(record_id)
@@ -706,11 +723,14 @@ impl Store {
         outcome?.map_err(decode_error)
     }
 
-    /// The enrollments device `udid` has had, oldest first.
+    /// The enrollments device `udid` has had, oldest first (within one second, the current
+    /// one last).
     pub async fn enrollment_history(&self, udid: &str) -> StoreResult<Vec<EnrollmentSpan>> {
         let sql = "SELECT id, status, user_id, requested_by, bound_at, retired_at, \
                    retired_reason, retired_by, superseded_by FROM enrollments \
-                   WHERE udid = $1 ORDER BY bound_at, id";
+                   WHERE udid = $1 \
+                   ORDER BY bound_at, CASE WHEN retired_at IS NULL THEN 1 ELSE 0 END, \
+                   retired_at, id";
         let rows: Vec<SpanRow> = on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(udid)
             .fetch_all(pool)
