@@ -765,6 +765,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reenrollment_policy_from_file_and_flag() {
+        let file: FileConfig = toml::from_str("[mdm]\nreenrollment = \"same-owner\"").unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.mdm_reenrollment, ReenrollmentPolicy::SameOwner);
+        let file: FileConfig = toml::from_str("[mdm]\nreenrollment = \"deny\"").unwrap();
+        let args = ConfigArgs {
+            mdm_reenrollment: Some(ReenrollmentPolicy::Allow),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::merge(args, file).unwrap().mdm_reenrollment,
+            ReenrollmentPolicy::Allow
+        );
+        let default = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(default.mdm_reenrollment, ReenrollmentPolicy::Allow);
+        assert!(toml::from_str::<FileConfig>("[mdm]\nreenrollment = \"sometimes\"").is_err());
+    }
+
+    #[test]
     fn flags_override_file_and_file_overrides_defaults() {
         let file: FileConfig = toml::from_str(
             "listen = \"127.0.0.1:1000\"\nmax_body_bytes = 4096\npublic_url = \"https://mdm.example.org/\"",

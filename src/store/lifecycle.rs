@@ -738,3 +738,39 @@ impl Store {
         rows.into_iter().map(SpanRow::into_span).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_map_to_the_database_and_back() {
+        for status in EnrollmentStatus::ALL {
+            assert_eq!(
+                EnrollmentStatus::try_from(status.as_str().to_owned()).unwrap(),
+                status
+            );
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                json!(status.as_str())
+            );
+        }
+        for reason in RetirementReason::ALL {
+            assert_eq!(
+                RetirementReason::try_from(reason.as_str().to_owned()).unwrap(),
+                reason
+            );
+        }
+        assert!(EnrollmentStatus::try_from("bound".to_owned()).is_err());
+        assert!(RetirementReason::try_from(String::new()).is_err());
+        let fresh: Vec<_> = EnrollmentStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_fresh())
+            .collect();
+        assert_eq!(
+            fresh,
+            [EnrollmentStatus::Pending, EnrollmentStatus::Migrated],
+            "the claim in authenticate_device binds exactly these"
+        );
+    }
+}
