@@ -38,6 +38,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// What an Authenticate from a device already enrolled under another, still active enrollment
+/// record may do (`[mdm] reenrollment`). A device whose enrollment an admin retired may always
+/// enroll again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReenrollmentPolicy {
+    /// Apple's semantics: the new enrollment replaces the old one.
+    #[default]
+    Allow,
+    /// Only when the new record was issued to the device's current owner.
+    SameOwner,
+    /// Never: an admin retires the old enrollment first.
+    Deny,
+}
+
+impl ReenrollmentPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReenrollmentPolicy::Allow => "allow",
+            ReenrollmentPolicy::SameOwner => "same-owner",
+            ReenrollmentPolicy::Deny => "deny",
+        }
+    }
+}
+
 /// Settings as given on the command line or in the environment (all optional).
 #[derive(Args, Clone, Debug, Default)]
 pub struct ConfigArgs {
@@ -190,6 +215,10 @@ pub struct ConfigArgs {
     /// Create a separate RA certificate with the CA (GetCACert then returns CA and RA).
     #[arg(long, env = "TRUSTBROKER_SCEP_RA", global = true)]
     pub scep_ra: Option<bool>,
+    /// Whether a device enrolled under another active enrollment may enroll again: allow,
+    /// same-owner or deny [default: allow] (`[mdm] reenrollment` in the file).
+    #[arg(long, env = "TRUSTBROKER_MDM_REENROLLMENT", global = true, value_enum)]
+    pub mdm_reenrollment: Option<ReenrollmentPolicy>,
 }
 
 /// The TOML file: the same settings under the same names (snake_case).
@@ -249,6 +278,8 @@ pub struct MdmIdentitySettings {
     /// CA certificates (PEM files) of another MDM whose devices are migrating here: certificates
     /// they issued are accepted as device identities (and recorded on first sight).
     pub migrated_ca_files: Vec<PathBuf>,
+    /// Whether a device enrolled under another active enrollment may enroll again.
+    pub reenrollment: Option<ReenrollmentPolicy>,
 }
 
 /// The validated form of [`MdmIdentitySettings`].
@@ -380,6 +411,7 @@ pub struct Config {
     pub pki: PkiConfig,
     pub apns: ApnsConfig,
     pub mdm_identity: MdmIdentityConfig,
+    pub mdm_reenrollment: ReenrollmentPolicy,
     /// The identity providers, by name, in name order.
     pub identity_providers: Vec<(String, ProviderSettings)>,
     pub portal: PortalSettings,
@@ -569,6 +601,10 @@ impl Config {
             secret_key,
             pki,
             apns,
+            mdm_reenrollment: args
+                .mdm_reenrollment
+                .or(file.mdm.reenrollment)
+                .unwrap_or_default(),
             mdm_identity,
             identity_providers: file.idp.into_iter().collect(),
             portal: file.enroll,
@@ -727,6 +763,25 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reenrollment_policy_from_file_and_flag() {
+        let file: FileConfig = toml::from_str("[mdm]\nreenrollment = \"same-owner\"").unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.mdm_reenrollment, ReenrollmentPolicy::SameOwner);
+        let file: FileConfig = toml::from_str("[mdm]\nreenrollment = \"deny\"").unwrap();
+        let args = ConfigArgs {
+            mdm_reenrollment: Some(ReenrollmentPolicy::Allow),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::merge(args, file).unwrap().mdm_reenrollment,
+            ReenrollmentPolicy::Allow
+        );
+        let default = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(default.mdm_reenrollment, ReenrollmentPolicy::Allow);
+        assert!(toml::from_str::<FileConfig>("[mdm]\nreenrollment = \"sometimes\"").is_err());
+    }
 
     #[test]
     fn flags_override_file_and_file_overrides_defaults() {

@@ -46,6 +46,19 @@ enum Command {
     /// Identity providers (`[idp.NAME]` in the configuration file).
     #[command(subcommand)]
     Idp(IdpCommand),
+    /// Device enrollments: retire one, show a device's history.
+    #[command(subcommand)]
+    Enrollment(EnrollmentCommand),
+}
+
+#[derive(Subcommand)]
+enum EnrollmentCommand {
+    /// Retire an enrollment (an enrollment record ID, or a device's UDID for its current one):
+    /// revoke its certificates, cancel its queued commands, clear its push tokens. The device
+    /// is refused on both MDM channels from its next request, on every node.
+    Retire { id: String },
+    /// A device's enrollments, oldest first.
+    History { udid: String },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +180,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Scep(cmd) => scep(cmd, config).await,
         Command::PushCert(cmd) => push_cert(cmd, config).await,
         Command::Idp(cmd) => idp(cmd, config).await,
+        Command::Enrollment(cmd) => enrollment(cmd, config).await,
     }
 }
 
@@ -340,6 +354,79 @@ async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {
                 return Err(e).context("revoking the admin key");
             }
         },
+    }
+    store.close().await;
+    Ok(())
+}
+
+async fn enrollment(cmd: EnrollmentCommand, config: Config) -> anyhow::Result<()> {
+    use trustbroker::apple::lifecycle;
+    let store = server::open_store(&config).await?;
+    match cmd {
+        EnrollmentCommand::Retire { id } => {
+            anyhow::ensure!(
+                lifecycle::valid_id(&id),
+                "an enrollment ID is 1 to 256 printable characters"
+            );
+            let by = trustbroker::store::RetireRequest {
+                actor: audit::cli_actor(),
+                source: Some("cli".into()),
+                request_id: None,
+            };
+            match lifecycle::retire(&store, &id, &by).await? {
+                Some(r) if r.already_retired => println!(
+                    "enrollment {} was already retired{}: nothing changed",
+                    r.enrollment_id,
+                    r.retired_at
+                        .map(|at| format!(" (at {})", at.format("%Y-%m-%dT%H:%M:%SZ")))
+                        .unwrap_or_default()
+                ),
+                Some(r) => println!(
+                    "retired enrollment {} (device {}): {} certificate(s) revoked, {} command(s) \
+                     cancelled",
+                    r.enrollment_id,
+                    r.udid.as_deref().unwrap_or("none"),
+                    r.certificates_revoked,
+                    r.commands_cancelled
+                ),
+                None => {
+                    let entry = cli_entry(
+                        trustbroker::store::AUDIT_RETIRE,
+                        Some(&id),
+                        audit::OUTCOME_FAILURE,
+                    );
+                    audit::record(&store, entry).await;
+                    store.close().await;
+                    anyhow::bail!("no enrollment record or enrollment (channel) with ID {id}");
+                }
+            }
+        }
+        EnrollmentCommand::History { udid } => {
+            let history = store.enrollment_history(&udid).await?;
+            anyhow::ensure!(
+                !history.is_empty(),
+                "no enrollment history for device {udid}"
+            );
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:<38} {:<9} {:<38} {:<21} {:<21} REASON",
+                "ENROLLMENT", "STATUS", "OWNER", "STARTED", "RETIRED"
+            );
+            for span in history {
+                println!(
+                    "{:<38} {:<9} {:<38} {:<21} {:<21} {}",
+                    span.id,
+                    span.status.as_str(),
+                    span.owner_id.as_deref().unwrap_or("-"),
+                    time(span.started_at),
+                    time(span.retired_at),
+                    span.retired_reason.map_or("-", |r| r.as_str())
+                );
+            }
+        }
     }
     store.close().await;
     Ok(())

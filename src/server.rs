@@ -153,7 +153,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.pki.static_challenge.clone(),
     );
     let master = Arc::new(master);
-    let mdm = MdmService::new(store.clone(), master.clone());
+    let mdm =
+        MdmService::new(store.clone(), master.clone()).with_reenrollment(config.mdm_reenrollment);
     let pusher = Pusher::new(store.clone(), master.clone(), config.apns.clone());
     let profiles = ProfileService::new(
         store.clone(),

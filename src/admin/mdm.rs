@@ -17,7 +17,10 @@ use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::pki::challenge::ChallengeRequest;
-use crate::store::{CommandRecord, MdmEnrollment, NewCommand, Queued};
+use crate::store::{
+    AUDIT_RETIRE, CommandRecord, DeviceRecord, EnrollmentSpan, MdmEnrollment, NewCommand, Queued,
+    RetireRequest, UserRecord,
+};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -31,6 +34,8 @@ pub fn router() -> Router<AppState> {
         .route("/enrollments", get(list_enrollments))
         .route("/enrollments/{id}", get(show_enrollment))
         .route("/enrollments/{id}/commands", get(enrollment_commands))
+        .route("/enrollments/{id}/retire", post(retire_enrollment))
+        .route("/devices/{udid}", get(show_device))
 }
 
 /// Most enrollments one enqueue may address.
@@ -292,14 +297,10 @@ async fn enrollment_view(
         };
         // The person the device was enrolled for (the Apple `user_*` fields are the user
         // channel's macOS account, a different thing).
-        object.insert(
-            "owner".into(),
-            owner.map_or(Value::Null, |u| {
-                json!({"id": u.id, "provider": u.provider, "login": u.login, "email": u.email,
-                       "display_name": u.display_name, "bound_at": device.owner_bound_at})
-            }),
-        );
+        object.insert("owner".into(), owner_view(owner, &device));
         if detailed && let Some(d) = d.as_object_mut() {
+            let history = state.store.enrollment_history(&device.udid).await?;
+            d.insert("enrollments".into(), history_view(state, history).await?);
             d.insert(
                 "inventory".into(),
                 parse(&device.inventory).unwrap_or(Value::Null),
@@ -312,6 +313,112 @@ async fn enrollment_view(
         object.insert("device".into(), d);
     }
     Ok(view)
+}
+
+/// The person a device belongs to, and since when.
+fn owner_view(owner: Option<UserRecord>, device: &DeviceRecord) -> Value {
+    owner.map_or(Value::Null, |u| {
+        json!({"id": u.id, "provider": u.provider, "login": u.login, "email": u.email,
+               "display_name": u.display_name, "bound_at": device.owner_bound_at})
+    })
+}
+
+/// A device's enrollments, oldest first, each with the person it was for.
+async fn history_view(state: &AppState, history: Vec<EnrollmentSpan>) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(history.len());
+    for span in history {
+        let owner = match &span.owner_id {
+            Some(id) => state.store.user(id).await?,
+            None => None,
+        };
+        let mut view = serde_json::to_value(&span).map_err(|e| ApiError::internal(&e))?;
+        if let Some(object) = view.as_object_mut() {
+            object.remove("owner_id");
+            object.insert(
+                "owner".into(),
+                match (owner, span.owner_id) {
+                    (Some(u), _) => json!({"id": u.id, "login": u.login, "email": u.email,
+                                           "display_name": u.display_name}),
+                    (None, Some(id)) => json!({"id": id}),
+                    (None, None) => Value::Null,
+                },
+            );
+        }
+        out.push(view);
+    }
+    Ok(Value::Array(out))
+}
+
+/// A device: what it reported, its owner, its channels, and every enrollment it has had.
+async fn show_device(
+    _admin: Admin<auth::DevicesRead>,
+    State(state): State<AppState>,
+    Path(udid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let device = state
+        .store
+        .device(&udid)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no device with that UDID"))?;
+    let owner = match &device.owner_id {
+        Some(id) => state.store.user(id).await?,
+        None => None,
+    };
+    let channels = state.store.channels_of(&device.udid).await?;
+    let history = state.store.enrollment_history(&device.udid).await?;
+    let mut view = serde_json::to_value(&device).map_err(|e| ApiError::internal(&e))?;
+    if let Some(object) = view.as_object_mut() {
+        let parse = |key: &str| {
+            object
+                .get(key)
+                .and_then(Value::as_str)
+                .and_then(|t| serde_json::from_str::<Value>(t).ok())
+                .unwrap_or(Value::Null)
+        };
+        let (inventory, profiles) = (parse("inventory"), parse("profiles"));
+        object.insert("inventory".into(), inventory);
+        object.insert("profiles".into(), profiles);
+        object.remove("owner_id");
+        object.remove("owner_bound_at");
+        if let Some(record) = object.remove("enrollment_id") {
+            object.insert("enrollment_record_id".into(), record);
+        }
+        object.insert("owner".into(), owner_view(owner, &device));
+        object.insert("channels".into(), json!(channels));
+        object.insert("enrollments".into(), history_view(&state, history).await?);
+    }
+    Ok(Json(view))
+}
+
+/// Retires an enrollment: every certificate of its record revoked, its device's queue
+/// cancelled and push tokens cleared, both MDM channels refusing it from the next request.
+/// Idempotent: a second call changes nothing and says `already_retired`.
+async fn retire_enrollment(
+    admin: Admin<auth::CertificatesWrite>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !crate::apple::lifecycle::valid_id(&id) {
+        return Err(ApiError::bad_request(
+            "an enrollment ID is 1 to 256 printable characters",
+        ));
+    }
+    let by = RetireRequest {
+        actor: admin.principal.actor(),
+        request_id: admin.origin.request_id.clone(),
+        source: admin.origin.source.clone(),
+    };
+    match crate::apple::lifecycle::retire(&state.store, &id, &by).await? {
+        Some(retired) => Ok(Json(json!({"retired": retired}))),
+        None => {
+            admin
+                .audit(&state, AUDIT_RETIRE, Some(&id), OUTCOME_FAILURE, None)
+                .await;
+            Err(ApiError::not_found(
+                "no enrollment record or enrollment (channel) with that ID",
+            ))
+        }
+    }
 }
 
 fn command_view(command: &CommandRecord) -> Value {

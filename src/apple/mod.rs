@@ -8,6 +8,7 @@ pub mod commands;
 pub mod enrollment;
 pub mod identity;
 pub mod inventory;
+pub mod lifecycle;
 pub mod messages;
 pub mod plist;
 pub mod profile;

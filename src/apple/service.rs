@@ -11,9 +11,10 @@ use tokio::sync::Semaphore;
 use super::identity::VerifiedDevice;
 use super::messages::{CheckIn, Report, ReportStatus};
 use super::plist::{Limits, PlistError};
+use crate::config::ReenrollmentPolicy;
 use crate::secrets::MasterKey;
 use crate::store::{
-    BindRefusal, ChannelState, CommandOutcome, DeviceFacts, Store, TokenUpdateRecord,
+    BindRefusal, Bound, ChannelState, CommandOutcome, DeviceFacts, Store, TokenUpdateRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +62,18 @@ pub enum MdmReply {
 /// Idle a write transaction.
 const SEEN_RESOLUTION: chrono::Duration = chrono::Duration::seconds(60);
 
+/// What a device is told when its certificate may not speak for it, whatever the reason: the
+/// same words whether or not the UDID is enrolled already, so that a caller with a certificate
+/// cannot probe which devices are managed. The precise reason goes to the log.
+pub const NOT_ENROLLED_HERE: &str = "this device is not enrolled with this certificate";
+
 #[derive(Clone)]
 pub struct MdmService {
     store: Store,
     master_key: Arc<MasterKey>,
     /// Reads of messages too large to read on an async worker, at most one per core.
     large_reads: Arc<Semaphore>,
+    reenrollment: ReenrollmentPolicy,
 }
 
 impl MdmService {
@@ -76,7 +83,14 @@ impl MdmService {
             store,
             master_key,
             large_reads: Arc::new(Semaphore::new(cores)),
+            reenrollment: ReenrollmentPolicy::default(),
         }
+    }
+
+    /// Whether a device enrolled under another active enrollment may enroll again.
+    pub fn with_reenrollment(mut self, policy: ReenrollmentPolicy) -> Self {
+        self.reenrollment = policy;
+        self
     }
 
     /// Reads what a verified device sent. Almost every message is small and read at once;
@@ -127,22 +141,33 @@ impl MdmService {
                     os_version: auth.os_version.clone(),
                     build_version: auth.build_version.clone(),
                 };
-                match self
+                let bound = self
                     .store
-                    .authenticate_device(&device_id, identity.enrollment_id(), &auth.topic, &facts)
-                    .await?
-                {
-                    Ok(()) => {
+                    .authenticate_device(
+                        &device_id,
+                        identity.enrollment_id(),
+                        &auth.topic,
+                        &facts,
+                        self.reenrollment,
+                    )
+                    .await?;
+                match bound {
+                    Ok(Bound::Reenrolled { previous }) => {
+                        tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
+                            previous = %previous, serial = %identity.certificate().serial,
+                            "MDM: Authenticate: re-enrolled, the previous enrollment is retired");
+                        Ok(MdmReply::Empty)
+                    }
+                    Ok(_) => {
                         tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
                             serial = %identity.certificate().serial, "MDM: Authenticate");
                         Ok(MdmReply::Empty)
                     }
-                    Err(BindRefusal::DeviceBoundElsewhere) => Err(MdmError::Unauthorized(
-                        "this device is enrolled under another identity".into(),
-                    )),
-                    Err(BindRefusal::CertificateBoundElsewhere) => Err(MdmError::Unauthorized(
-                        "this certificate belongs to another device".into(),
-                    )),
+                    Err(refusal) => {
+                        self.refuse_authenticate(identity, &device_id, &refusal)
+                            .await;
+                        Err(MdmError::Unauthorized(NOT_ENROLLED_HERE.into()))
+                    }
                 }
             }
             other => {
@@ -252,9 +277,9 @@ impl MdmService {
             .channel(&enrollment_id, &device_id)
             .filter(|c| c.status != "checked-out")
             .ok_or_else(|| {
-                MdmError::Unauthorized(
-                    "this channel is not enrolled (no Authenticate and TokenUpdate)".into(),
-                )
+                tracing::info!(device = %device_id, channel = %enrollment_id,
+                    "MDM: connect refused: the channel has no TokenUpdate or checked out");
+                MdmError::Unauthorized(NOT_ENROLLED_HERE.into())
             })?;
         self.serve_connect(channel, &report, &device_id, &enrollment_id, message, body)
             .await
@@ -318,6 +343,34 @@ impl MdmService {
         })
     }
 
+    /// Logs why an Authenticate was refused; a refusal by the re-enrollment policy is audited
+    /// too, so that the help desk can see why a device cannot enroll.
+    async fn refuse_authenticate(
+        &self,
+        identity: &VerifiedDevice,
+        device_id: &str,
+        refusal: &BindRefusal,
+    ) {
+        tracing::warn!(device = %device_id, enrollment = %identity.enrollment_id(),
+            serial = %identity.certificate().serial, reason = %refusal,
+            "MDM: Authenticate refused");
+        if let BindRefusal::DeviceBoundElsewhere(policy) = refusal {
+            let entry = crate::store::NewAuditEntry {
+                actor: format!("device:{device_id}"),
+                action: crate::store::AUDIT_REENROLL.into(),
+                target: Some(device_id.to_owned()),
+                outcome: crate::audit::OUTCOME_DENIED.into(),
+                detail: Some(
+                    serde_json::json!({"enrollment": identity.enrollment_id(),
+                                       "policy": policy.as_str()})
+                    .to_string(),
+                ),
+                ..Default::default()
+            };
+            crate::audit::record(&self.store, entry).await;
+        }
+    }
+
     /// Once a push certificate is imported, devices must use its topic: a device under
     /// another topic could never be woken. Read per check-in (rare), so an import applies at
     /// once on every node.
@@ -347,16 +400,16 @@ impl MdmService {
 }
 
 /// The device must be the one bound to the enrollment record of the certificate that signed.
+/// An unknown device and another device's certificate get the same answer; the log says which.
 fn bound_device(identity: &VerifiedDevice, device_id: &str) -> Result<(), MdmError> {
-    match identity.bound_device() {
-        Some(bound) if bound == device_id => Ok(()),
-        Some(_) => Err(MdmError::Unauthorized(
-            "the signing certificate belongs to another device".into(),
-        )),
-        None => Err(MdmError::Unauthorized(
-            "unknown device: it has not sent Authenticate".into(),
-        )),
-    }
+    let reason = match identity.bound_device() {
+        Some(bound) if bound == device_id => return Ok(()),
+        Some(_) => "the signing certificate belongs to another device",
+        None => "the certificate's enrollment has no device: no Authenticate yet",
+    };
+    tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
+        serial = %identity.certificate().serial, reason, "MDM: request refused");
+    Err(MdmError::Unauthorized(NOT_ENROLLED_HERE.into()))
 }
 
 /// The device (UDID or EnrollmentID) and channel a report is for.

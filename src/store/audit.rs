@@ -40,12 +40,15 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// Appends an entry: (at, actor, action, target, outcome, detail, request_id, source). Also run
+/// inside other transactions, so that a change and its audit record commit together.
+pub(super) const INSERT_AUDIT: &str = "INSERT INTO audit_log \
+     (at, actor, action, target, outcome, detail, request_id, source) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
 impl Store {
     pub async fn append_audit(&self, entry: &NewAuditEntry, at: DateTime<Utc>) -> StoreResult<()> {
-        let sql = "INSERT INTO audit_log \
-                   (at, actor, action, target, outcome, detail, request_id, source) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-        on_pool!(self, |pool| sqlx::query(sql)
+        on_pool!(self, |pool| sqlx::query(INSERT_AUDIT)
             .bind(at)
             .bind(&entry.actor)
             .bind(&entry.action)

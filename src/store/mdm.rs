@@ -212,15 +212,6 @@ macro_rules! select_commands {
     };
 }
 
-/// Why an Authenticate could not bind the device.
-#[derive(Debug, PartialEq, Eq)]
-pub enum BindRefusal {
-    /// The device is bound to another enrollment record's certificates.
-    DeviceBoundElsewhere,
-    /// This enrollment record's certificate already speaks for another device.
-    CertificateBoundElsewhere,
-}
-
 impl Store {
     pub async fn device(&self, udid: &str) -> StoreResult<Option<DeviceRecord>> {
         Ok(on_pool!(self, |pool| sqlx::query_as(select_devices!(
@@ -229,105 +220,6 @@ impl Store {
         .bind(udid)
         .fetch_optional(pool)
         .await?))
-    }
-
-    /// Authenticate: records (or refreshes) the device, bound to `enrollment_id`. A device
-    /// already bound to another record, or a record already bound to another device, is
-    /// refused. Every channel of the device goes back to `pending` until its next TokenUpdate,
-    /// because Authenticate means the device (re)enrolled and earlier tokens are void.
-    pub async fn authenticate_device(
-        &self,
-        udid: &str,
-        enrollment_id: &str,
-        topic: &str,
-        facts: &DeviceFacts,
-    ) -> StoreResult<Result<(), BindRefusal>> {
-        let now = super::now();
-        let outcome: Result<Result<(), BindRefusal>, sqlx::Error> = on_pool!(self, |pool| async {
-            let mut tx = super::begin_write(pool).await?;
-            let bound: Option<String> =
-                sqlx::query_scalar("SELECT enrollment_id FROM mdm_devices WHERE udid = $1")
-                    .bind(udid)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            match bound {
-                Some(record) if record != enrollment_id => {
-                    return Ok(Err(BindRefusal::DeviceBoundElsewhere));
-                }
-                Some(_) => {
-                    sqlx::query(
-                        "UPDATE mdm_devices SET serial_number = $2, model = $3, \
-                             model_name = $4, product_name = $5, device_name = $6, \
-                             os_version = $7, build_version = $8, topic = $9, \
-                             authenticated_at = $10, updated_at = $10 WHERE udid = $1",
-                    )
-                    .bind(udid)
-                    .bind(&facts.serial_number)
-                    .bind(&facts.model)
-                    .bind(&facts.model_name)
-                    .bind(&facts.product_name)
-                    .bind(&facts.device_name)
-                    .bind(&facts.os_version)
-                    .bind(&facts.build_version)
-                    .bind(topic)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                None => {
-                    let taken: Option<String> =
-                        sqlx::query_scalar("SELECT udid FROM mdm_devices WHERE enrollment_id = $1")
-                            .bind(enrollment_id)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if taken.is_some() {
-                        return Ok(Err(BindRefusal::CertificateBoundElsewhere));
-                    }
-                    // The device belongs to whoever the enrollment record was issued to.
-                    let inserted = sqlx::query(
-                        "INSERT INTO mdm_devices (udid, enrollment_id, serial_number, model, \
-                             model_name, product_name, device_name, os_version, build_version, \
-                             topic, authenticated_at, updated_at, owner_id, owner_bound_at) \
-                             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, \
-                             e.user_id, CASE WHEN e.user_id IS NULL THEN NULL ELSE $11 END \
-                             FROM enrollments e WHERE e.id = $2",
-                    )
-                    .bind(udid)
-                    .bind(enrollment_id)
-                    .bind(&facts.serial_number)
-                    .bind(&facts.model)
-                    .bind(&facts.model_name)
-                    .bind(&facts.product_name)
-                    .bind(&facts.device_name)
-                    .bind(&facts.os_version)
-                    .bind(&facts.build_version)
-                    .bind(topic)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await;
-                    match inserted {
-                        Ok(_) => {}
-                        // A concurrent Authenticate with the same record won the race.
-                        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                            return Ok(Err(BindRefusal::CertificateBoundElsewhere));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            sqlx::query(
-                "UPDATE mdm_enrollments SET status = 'pending', updated_at = $2 \
-                     WHERE udid = $1 AND status = 'active'",
-            )
-            .bind(udid)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Ok(()))
-        }
-        .await);
-        Ok(outcome?)
     }
 
     /// TokenUpdate: creates or refreshes the channel and makes it active.
@@ -472,6 +364,16 @@ impl Store {
         ))
         .bind(id)
         .fetch_optional(pool)
+        .await?))
+    }
+
+    /// The command channels of device `udid` (device channel and user channels).
+    pub async fn channels_of(&self, udid: &str) -> StoreResult<Vec<MdmEnrollment>> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(select_enrollments!(
+            "WHERE udid = $1 ORDER BY id"
+        ))
+        .bind(udid)
+        .fetch_all(pool)
         .await?))
     }
 

@@ -8,6 +8,7 @@
 
 mod admin_keys;
 mod audit;
+mod lifecycle;
 mod mdm;
 mod pki;
 mod users;
@@ -22,10 +23,13 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use lifecycle::{
+    AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan,
+    EnrollmentStatus, RetireRequest, Retirement, RetirementReason,
+};
 pub use mdm::{
-    BindRefusal, CertificateStanding, ChannelState, CommandOutcome, CommandRecord, DeviceFacts,
-    DeviceRecord, MdmEnrollment, NewCommand, PENDING, PushCertificateRow, Queued,
-    TokenUpdateRecord,
+    CertificateStanding, ChannelState, CommandOutcome, CommandRecord, DeviceFacts, DeviceRecord,
+    MdmEnrollment, NewCommand, PENDING, PushCertificateRow, Queued, TokenUpdateRecord,
 };
 pub use pki::{
     CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,

@@ -11,6 +11,7 @@ mod device;
 mod device_identity;
 mod harness;
 mod ldap;
+mod lifecycle;
 mod mdm;
 mod peers;
 mod portal;
