@@ -4,7 +4,8 @@
 //! RSA keys are generated with the `rsa` crate (ring cannot generate RSA keys) and handed to
 //! ring, through rcgen, for signing, which is several times faster than the `rsa` crate. SCEP
 //! envelopes are decrypted with the `rsa` crate, whose PKCS#1 v1.5 decryption uses implicit
-//! rejection: no padding oracle on the CA key.
+//! rejection (and `pki::scep::envelope` falls back to a random key in constant time): no
+//! padding oracle on the CA key.
 
 use std::sync::Arc;
 
