@@ -834,10 +834,30 @@ mod tests {
                 },
                 "database_url",
             ),
+            (
+                ConfigArgs {
+                    scep_renewal_overlap_secs: Some(0),
+                    ..Default::default()
+                },
+                "scep_renewal_overlap_secs",
+            ),
         ] {
             let err = Config::merge(args, FileConfig::default()).unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn scep_settings_default_to_safe_values_and_read_from_the_file() {
+        let config = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert!(!config.pki.allow_single_des);
+        assert_eq!(config.pki.renewal_overlap, Duration::from_secs(4 * 3600));
+        let file: FileConfig =
+            toml::from_str("scep_allow_single_des = true\nscep_renewal_overlap_secs = 600")
+                .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert!(config.pki.allow_single_des);
+        assert_eq!(config.pki.renewal_overlap, Duration::from_secs(600));
     }
 
     #[test]
