@@ -26,6 +26,13 @@ pub const DEFAULT_SCEP_PATH: &str = "/scep";
 pub const DEFAULT_APNS_URL: &str = "https://api.push.apple.com";
 pub const DEFAULT_CHALLENGE_TTL_SECS: u64 = 3600;
 pub const DEFAULT_CERT_VALIDITY_DAYS: u32 = 365;
+/// How long a renewed certificate stays good after its renewal: 4 hours. Long enough for a
+/// client to install the new identity, reconnect with it, and retry a renewal whose reply was
+/// lost (a retry gets the same new certificate, signed by the old one); short enough that a
+/// stolen key gains at most these hours from the certificate it renews.
+pub const DEFAULT_SCEP_RENEWAL_OVERLAP_SECS: u64 = 4 * 3600;
+/// The longest renewal overlap accepted: a week.
+const MAX_SCEP_RENEWAL_OVERLAP_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_CA_KEY_BITS: usize = 2048;
 pub const DEFAULT_CA_COMMON_NAME: &str = "trustbroker device CA";
 pub const DEFAULT_ORGANIZATION: &str = "trustbroker";
@@ -219,6 +226,18 @@ pub struct ConfigArgs {
     /// same-owner or deny [default: allow] (`[mdm] reenrollment` in the file).
     #[arg(long, env = "TRUSTBROKER_MDM_REENROLLMENT", global = true, value_enum)]
     pub mdm_reenrollment: Option<ReenrollmentPolicy>,
+    /// Seconds a certificate stays good after a RenewalReq replaced it [default: 14400].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_SCEP_RENEWAL_OVERLAP_SECS",
+        global = true,
+        value_name = "SECS"
+    )]
+    pub scep_renewal_overlap_secs: Option<u64>,
+    /// Accept SCEP envelopes encrypted with single DES, for legacy clients (warned at start)
+    /// [default: false].
+    #[arg(long, env = "TRUSTBROKER_SCEP_ALLOW_SINGLE_DES", global = true)]
+    pub scep_allow_single_des: Option<bool>,
 }
 
 /// The TOML file: the same settings under the same names (snake_case).
@@ -248,6 +267,8 @@ pub struct FileConfig {
     pub ca_common_name: Option<String>,
     pub organization: Option<String>,
     pub scep_ra: Option<bool>,
+    pub scep_renewal_overlap_secs: Option<u64>,
+    pub scep_allow_single_des: Option<bool>,
     /// A fixed SCEP challenge accepted besides the one-time ones (discouraged; warned at start).
     /// File or TRUSTBROKER_SCEP_STATIC_CHALLENGE only: never on a command line.
     pub scep_static_challenge: Option<String>,
@@ -380,6 +401,10 @@ pub struct PkiConfig {
     pub ca_common_name: String,
     pub organization: String,
     pub with_ra: bool,
+    /// How long a certificate stays good after a renewal replaced it.
+    pub renewal_overlap: Duration,
+    /// Whether SCEP envelopes in single DES are accepted.
+    pub allow_single_des: bool,
 }
 
 /// Where APNs pushes go.
@@ -532,6 +557,15 @@ impl Config {
                 .or(file.organization)
                 .unwrap_or_else(|| DEFAULT_ORGANIZATION.into()),
             with_ra: args.scep_ra.or(file.scep_ra).unwrap_or(false),
+            renewal_overlap: Duration::from_secs(
+                args.scep_renewal_overlap_secs
+                    .or(file.scep_renewal_overlap_secs)
+                    .unwrap_or(DEFAULT_SCEP_RENEWAL_OVERLAP_SECS),
+            ),
+            allow_single_des: args
+                .scep_allow_single_des
+                .or(file.scep_allow_single_des)
+                .unwrap_or(false),
         };
         let apns = ApnsConfig {
             url: validate_apns_url(
@@ -546,6 +580,11 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "ca_key_bits must be 2048, 3072 or 4096 (got {})",
                 pki.ca_key_bits
+            )));
+        }
+        if !(1..=MAX_SCEP_RENEWAL_OVERLAP_SECS).contains(&pki.renewal_overlap.as_secs()) {
+            return Err(ConfigError::Invalid(format!(
+                "scep_renewal_overlap_secs must be between 1 and {MAX_SCEP_RENEWAL_OVERLAP_SECS}"
             )));
         }
         if !(1..=3650).contains(&pki.cert_validity_days) {
@@ -850,10 +889,30 @@ mod tests {
                 },
                 "database_url",
             ),
+            (
+                ConfigArgs {
+                    scep_renewal_overlap_secs: Some(0),
+                    ..Default::default()
+                },
+                "scep_renewal_overlap_secs",
+            ),
         ] {
             let err = Config::merge(args, FileConfig::default()).unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn scep_settings_default_to_safe_values_and_read_from_the_file() {
+        let config = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert!(!config.pki.allow_single_des);
+        assert_eq!(config.pki.renewal_overlap, Duration::from_secs(4 * 3600));
+        let file: FileConfig =
+            toml::from_str("scep_allow_single_des = true\nscep_renewal_overlap_secs = 600")
+                .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert!(config.pki.allow_single_des);
+        assert_eq!(config.pki.renewal_overlap, Duration::from_secs(600));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! RSA keys are generated with the `rsa` crate (ring cannot generate RSA keys) and handed to
 //! ring, through rcgen, for signing, which is several times faster than the `rsa` crate. SCEP
 //! envelopes are decrypted with the `rsa` crate, whose PKCS#1 v1.5 decryption uses implicit
-//! rejection: no padding oracle on the CA key.
+//! rejection (and `pki::scep::envelope` falls back to a random key in constant time): no
+//! padding oracle on the CA key.
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_cert::Certificate;
 
-use super::scep::{CmsSigner, DigestAlgorithm, ScepError};
+use super::scep::{CipherPolicy, CmsSigner, DigestAlgorithm, ScepError};
 use crate::config::PkiConfig;
 use crate::secrets::MasterKey;
 use crate::store::{CaKeyRow, EnrollmentRecord, SigningKeyRow, Store, StoreError};
@@ -113,6 +114,29 @@ pub struct CertificateAuthority {
     organization: String,
     validity: Duration,
     pub imported: bool,
+    /// How SCEP requests to this CA are treated; configuration that travels with the keys.
+    pub scep: ScepSettings,
+}
+
+/// The SCEP settings of a CA.
+#[derive(Clone, Copy, Debug)]
+pub struct ScepSettings {
+    /// How long a certificate stays good after a RenewalReq replaced it.
+    pub renewal_overlap: Duration,
+    /// Which envelope ciphers are accepted (single DES only when allowed).
+    pub ciphers: CipherPolicy,
+}
+
+impl ScepSettings {
+    fn of(config: &PkiConfig) -> ScepSettings {
+        ScepSettings {
+            renewal_overlap: Duration::from_std(config.renewal_overlap)
+                .unwrap_or_else(|_| Duration::hours(4)),
+            ciphers: CipherPolicy {
+                allow_single_des: config.allow_single_des,
+            },
+        }
+    }
 }
 
 impl CertificateAuthority {
@@ -173,6 +197,7 @@ impl CertificateAuthority {
             organization: config.organization.clone(),
             validity: Duration::days(i64::from(config.cert_validity_days)),
             imported: ca_row.imported,
+            scep: ScepSettings::of(config),
         })))
     }
 

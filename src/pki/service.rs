@@ -14,7 +14,10 @@ use super::scep::{
     ScepError,
 };
 use crate::config::Secret;
-use crate::store::{CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, Store, StoreError};
+use crate::store::{
+    CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, RequestedCertificate, Store,
+    StoreError,
+};
 
 /// What the HTTP layer sends back for a PKIOperation.
 pub enum PkiReply {
@@ -76,6 +79,12 @@ impl ScepService {
         static_challenge: Option<Secret>,
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        if ca.scep.ciphers.allow_single_des {
+            tracing::warn!(
+                "SCEP accepts envelopes in single DES (scep_allow_single_des): a 56-bit key \
+                 protects the challenge in transit; turn it off once legacy clients are gone"
+            );
+        }
         ScepService {
             store,
             ca,
@@ -139,39 +148,45 @@ impl ScepService {
             }
         };
         let header = message.header();
-        match self.handle(&message, &opened).await {
+        match self.handle(&message, opened.content).await {
             Ok(issued) => self.success(message, issued, opened.cipher).await,
             Err(refusal) => self.failure(header, refusal).await,
         }
     }
 
-    async fn handle(
-        &self,
-        message: &PkiMessage,
-        opened: &scep::Opened,
-    ) -> Result<Vec<u8>, Refusal> {
-        match message.message_type {
-            MessageType::PkcsReq => self.enroll(message, &opened.content).await,
-            MessageType::RenewalReq => self.renew(message, &opened.content).await,
-            MessageType::CertPoll => {
-                // We never answer PENDING, so a poll can only ask for what was already issued.
-                let record = self
-                    .store
-                    .latest_certificate_for_transaction(&message.transaction_id)
-                    .await?
-                    .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown transaction"))?;
-                Ok(record.der)
+    async fn handle(&self, message: &PkiMessage, content: Content) -> Result<Vec<u8>, Refusal> {
+        let requester = Requester::of(&message.signer_certificate)?;
+        match (message.message_type, content) {
+            (MessageType::PkcsReq, Content::Csr(csr)) => {
+                self.enroll(message, &requester, csr).await
             }
-            MessageType::GetCert => {
-                let serial = scep::parse_issuer_and_serial(&opened.content)?;
-                let record = self
-                    .store
-                    .certificate(&super::ca::serial_hex(&serial))
-                    .await?
-                    .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown certificate"))?;
-                Ok(record.der)
+            (MessageType::RenewalReq, Content::Csr(csr)) => {
+                self.renew(message, &requester, csr).await
             }
-            MessageType::GetCrl | MessageType::CertRep => Err(Refusal::new(
+            (MessageType::CertPoll, Content::Poll) => {
+                // We never answer PENDING, so a poll can only ask for what was already issued,
+                // and only its requester gets it.
+                let earlier = self
+                    .store
+                    .transaction_certificates(&message.transaction_id)
+                    .await?;
+                earlier
+                    .into_iter()
+                    .find(|c| requester.asked_for(c))
+                    .map(|c| c.certificate.der)
+                    .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown transaction"))
+            }
+            (MessageType::GetCert, Content::Serial(serial)) => {
+                // Its requester, or the holder of the certified key: anyone else is told that
+                // there is no such certificate.
+                self.store
+                    .requested_certificate(&super::ca::serial_hex(&serial))
+                    .await?
+                    .filter(|c| requester.asked_for(c) || requester.holds(&c.certificate))
+                    .map(|c| c.certificate.der)
+                    .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown certificate"))
+            }
+            _ => Err(Refusal::new(
                 FailInfo::BadRequest,
                 "unsupported message type",
             )),
@@ -179,22 +194,20 @@ impl ScepService {
     }
 
     /// PKCSReq: a one-time challenge (or the static one) redeems for exactly one certificate.
-    async fn enroll(&self, message: &PkiMessage, csr_der: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let csr = scep::parse_csr(csr_der)?;
+    ///
+    /// The signer may be any certificate (RFC 8894 §2.3 allows an existing or a throwaway
+    /// one): the challenge authenticates the request, the CSR's own signature proves possession
+    /// of the key to certify, and the reply is encrypted to the signer's key. The signer key is
+    /// recorded so that only it can fetch the certificate again.
+    async fn enroll(
+        &self,
+        message: &PkiMessage,
+        requester: &Requester,
+        csr: scep::CertificationRequest,
+    ) -> Result<Vec<u8>, Refusal> {
         check_key(&csr)?;
-        // The request must be signed by the key it asks to have certified (RFC 8894 §2.3).
-        if signer_public_key(&message.signer_certificate)? != csr.public_key_der {
-            return Err(Refusal::new(
-                FailInfo::BadRequest,
-                "the request is not signed by the key it asks to certify",
-            ));
-        }
-        if let Some(earlier) = self
-            .store
-            .certificate_by_transaction(&message.transaction_id, &nonce_hex(message))
-            .await?
-        {
-            return Ok(earlier.der);
+        if let Some(earlier) = self.replay(message, requester, None).await? {
+            return Ok(earlier);
         }
         let challenge = csr
             .challenge_password
@@ -203,7 +216,9 @@ impl ScepService {
         if let Some(fixed) = &self.static_challenge
             && bool::from(fixed.0.as_bytes().ct_eq(challenge.as_bytes()))
         {
-            return self.enroll_with_static_challenge(message, &csr).await;
+            return self
+                .enroll_with_static_challenge(message, requester, &csr)
+                .await;
         }
         let hash = challenge::hash(challenge);
         let now = crate::store::now();
@@ -219,14 +234,14 @@ impl ScepService {
         let record = certificate_record(&issued, message, Some(enrollment_id.clone()), None);
         match self
             .store
-            .redeem_challenge_and_record(&hash, &enrollment_id, now, &record)
+            .redeem_challenge_and_record(&hash, &enrollment_id, now, &record, &requester.key)
             .await?
         {
             Ok(Recorded::Issued) => {
                 tracing::info!(serial = %issued.serial, enrollment = %enrollment_id, "SCEP: issued");
                 Ok(issued.der)
             }
-            Ok(Recorded::Replay(earlier)) => Ok(earlier.der),
+            Ok(Recorded::Duplicate) => self.replayed(message, requester, None).await,
             Err(_) => Err(Refusal::new(
                 FailInfo::BadRequest,
                 "challenge unknown, used or expired",
@@ -237,6 +252,7 @@ impl ScepService {
     async fn enroll_with_static_challenge(
         &self,
         message: &PkiMessage,
+        requester: &Requester,
         csr: &scep::CertificationRequest,
     ) -> Result<Vec<u8>, Refusal> {
         let enrollment = EnrollmentRecord {
@@ -252,46 +268,68 @@ impl ScepService {
         let enrollment_id = enrollment.id.clone();
         let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
         let record = certificate_record(&issued, message, Some(enrollment_id), None);
-        self.record(issued, record).await
+        match self
+            .store
+            .record_certificate(&record, &requester.key)
+            .await?
+        {
+            Recorded::Issued => {
+                tracing::info!(serial = %issued.serial, "SCEP: issued");
+                Ok(issued.der)
+            }
+            Recorded::Duplicate => self.replayed(message, requester, None).await,
+        }
     }
 
-    /// RenewalReq: signed by a still-valid certificate of ours; no challenge needed.
-    async fn renew(&self, message: &PkiMessage, csr_der: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let csr = scep::parse_csr(csr_der)?;
+    /// RenewalReq: signed by a currently valid certificate of ours that was not renewed before;
+    /// no challenge needed. The new certificate belongs to the same enrollment, and the old one
+    /// is retired after the overlap (its not_after cut), in the same transaction.
+    async fn renew(
+        &self,
+        message: &PkiMessage,
+        requester: &Requester,
+        csr: scep::CertificationRequest,
+    ) -> Result<Vec<u8>, Refusal> {
         check_key(&csr)?;
         let signer = Certificate::from_der_bytes(&message.signer_certificate)?;
         let serial = super::ca::serial_hex(signer.tbs_certificate().serial_number().as_bytes());
         let old = self
             .store
-            .certificate(&serial)
+            .requested_certificate(&serial)
             .await?
-            .filter(|c| c.der == message.signer_certificate)
+            .filter(|c| c.certificate.der == message.signer_certificate)
             .ok_or_else(|| {
                 Refusal::new(
                     FailInfo::BadCertId,
                     "renewal not signed by a certificate of this CA",
                 )
             })?;
-        if old.status != CERT_VALID {
+        let certificate = &old.certificate;
+        if certificate.status != CERT_VALID {
             return Err(Refusal::new(
                 FailInfo::BadCertId,
                 "the certificate is revoked",
             ));
         }
-        if old.not_after <= chrono::Utc::now() {
+        let now = crate::store::now();
+        if certificate.not_after <= now || certificate.not_before > now {
             return Err(Refusal::new(
                 FailInfo::BadTime,
-                "the certificate has expired",
+                "the certificate is not valid now",
             ));
         }
+        // A retry of this very renewal gets what it got, even though the certificate that
+        // signs it is superseded by now.
         if let Some(earlier) = self
-            .store
-            .certificate_by_transaction(&message.transaction_id, &nonce_hex(message))
+            .replay(message, requester, Some(&certificate.serial))
             .await?
         {
-            return Ok(earlier.der);
+            return Ok(earlier);
         }
-        let enrollment_id = old
+        if old.superseded_by.is_some() {
+            return Err(already_renewed());
+        }
+        let enrollment_id = certificate
             .enrollment_id
             .clone()
             .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "certificate has no enrollment"))?;
@@ -301,23 +339,79 @@ impl ScepService {
             &issued,
             message,
             Some(enrollment_id),
-            Some(old.serial.clone()),
+            Some(certificate.serial.clone()),
         );
-        self.record(issued, record).await
-    }
-
-    async fn record(
-        &self,
-        issued: IssuedCertificate,
-        record: CertificateRecord,
-    ) -> Result<Vec<u8>, Refusal> {
-        match self.store.record_certificate(&record).await? {
-            Recorded::Issued => {
-                tracing::info!(serial = %issued.serial, "SCEP: issued");
+        let retire_at = certificate
+            .not_after
+            .min(crate::store::now() + self.ca.scep.renewal_overlap);
+        match self
+            .store
+            .record_renewal(&record, &requester.key, &certificate.serial, retire_at)
+            .await?
+        {
+            Ok(Recorded::Issued) => {
+                tracing::info!(
+                    serial = %issued.serial,
+                    renewed = %certificate.serial,
+                    retire_at = %retire_at,
+                    "SCEP: renewed"
+                );
                 Ok(issued.der)
             }
-            Recorded::Replay(earlier) => Ok(earlier.der),
+            // A concurrent renewal won: if it was this same request, answer with its result.
+            Ok(Recorded::Duplicate) | Err(_) => self
+                .replay(message, requester, Some(&certificate.serial))
+                .await?
+                .ok_or_else(already_renewed),
         }
+    }
+
+    /// A request seen before under the same transaction ID (and, for a renewal, renewing the
+    /// same certificate): the same signer key gets the certificate it got then; any other key
+    /// is refused, never handed someone else's certificate.
+    async fn replay(
+        &self,
+        message: &PkiMessage,
+        requester: &Requester,
+        renewed: Option<&str>,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        let earlier: Vec<RequestedCertificate> = self
+            .store
+            .transaction_certificates(&message.transaction_id)
+            .await?
+            .into_iter()
+            .filter(|c| c.certificate.renewed_from.as_deref() == renewed)
+            .collect();
+        if earlier.is_empty() {
+            return Ok(None);
+        }
+        earlier
+            .into_iter()
+            .find(|c| requester.asked_for(c))
+            .map(|c| Some(c.certificate.der))
+            .ok_or_else(|| {
+                Refusal::new(
+                    FailInfo::BadRequest,
+                    "the transaction ID belongs to another requester",
+                )
+            })
+    }
+
+    /// After a concurrent insert of the same transaction: what it recorded, if it is ours.
+    async fn replayed(
+        &self,
+        message: &PkiMessage,
+        requester: &Requester,
+        renewed: Option<&str>,
+    ) -> Result<Vec<u8>, Refusal> {
+        self.replay(message, requester, renewed)
+            .await?
+            .ok_or_else(|| {
+                Refusal::new(
+                    FailInfo::BadRequest,
+                    "the certificate could not be recorded",
+                )
+            })
     }
 
     async fn enrollment(&self, id: &str) -> Result<EnrollmentRecord, Refusal> {
@@ -387,19 +481,88 @@ impl ScepService {
     }
 }
 
-/// Decrypts the envelope of a verified message with the SCEP recipient key.
+/// What a verified request's envelope held, read in the step that decrypted it.
+enum Content {
+    /// PKCSReq, RenewalReq: a CSR whose self-signature verified.
+    Csr(scep::CertificationRequest),
+    /// GetCert: the serial number asked for.
+    Serial(Vec<u8>),
+    /// GetCertInitial: an IssuerAndSubject (the transaction ID says what is polled).
+    Poll,
+    /// Message types we refuse whatever they carry.
+    Nothing,
+}
+
+struct Opened {
+    content: Content,
+    cipher: ContentCipher,
+}
+
+/// Decrypts the envelope of a verified message with the SCEP recipient key and reads what it
+/// must hold. A bad padding and a well-padded envelope without a valid content are one error
+/// (`Undecryptable`, failInfo badMessageCheck) from one path (see `open_envelope_with`).
 #[allow(clippy::result_large_err)]
-fn open(
-    ca: &CertificateAuthority,
-    message: PkiMessage,
-) -> (PkiMessage, Result<scep::Opened, ScepError>) {
+fn open(ca: &CertificateAuthority, message: PkiMessage) -> (PkiMessage, Result<Opened, ScepError>) {
     let recipient = ca.scep_recipient();
-    let opened = scep::open_envelope(
+    let message_type = message.message_type;
+    let opened = scep::open_envelope_with(
         &message.enveloped_data,
         &recipient.certificate_der,
         &recipient.rsa_key,
-    );
+        ca.scep.ciphers,
+        |content| match message_type {
+            MessageType::PkcsReq | MessageType::RenewalReq => {
+                scep::parse_csr(content).map(Content::Csr)
+            }
+            MessageType::GetCert => scep::parse_issuer_and_serial(content).map(Content::Serial),
+            MessageType::CertPoll => {
+                scep::parse_issuer_and_subject(content).map(|()| Content::Poll)
+            }
+            MessageType::GetCrl | MessageType::CertRep => Ok(Content::Nothing),
+        },
+    )
+    .map(|(content, cipher)| Opened { content, cipher });
     (message, opened)
+}
+
+/// Who signed a request: the SHA-256 (hex) of the signer certificate's public key.
+struct Requester {
+    key: String,
+}
+
+impl Requester {
+    fn of(signer_certificate: &[u8]) -> Result<Requester, Refusal> {
+        Ok(Requester {
+            key: key_fingerprint(&signer_public_key(signer_certificate)?),
+        })
+    }
+
+    /// Whether this signer is the one that asked for `certificate`. Certificates recorded
+    /// before requesters were kept were always requested with the certified key itself.
+    fn asked_for(&self, certificate: &RequestedCertificate) -> bool {
+        match &certificate.signer_key_sha256 {
+            Some(signer) => bool::from(signer.as_bytes().ct_eq(self.key.as_bytes())),
+            None => self.holds(&certificate.certificate),
+        }
+    }
+
+    /// Whether this signer holds the key `certificate` certifies.
+    fn holds(&self, certificate: &CertificateRecord) -> bool {
+        signer_public_key(&certificate.der)
+            .map(|spki| bool::from(key_fingerprint(&spki).as_bytes().ct_eq(self.key.as_bytes())))
+            .unwrap_or(false)
+    }
+}
+
+fn key_fingerprint(spki_der: &[u8]) -> String {
+    hex::encode(DigestAlgorithm::Sha256.digest(spki_der))
+}
+
+fn already_renewed() -> Refusal {
+    Refusal::new(
+        FailInfo::BadRequest,
+        "the certificate was renewed already: renew from the newest one",
+    )
 }
 
 /// ring signs RSA with SHA-256 or SHA-512 only; a SHA-1 request gets a SHA-256 reply, which is

@@ -33,7 +33,7 @@ pub use mdm::{
 };
 pub use pki::{
     CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,
-    Recorded, RedeemRefusal, SigningKeyRow,
+    Recorded, RedeemRefusal, RenewalRefusal, RequestedCertificate, SigningKeyRow,
 };
 pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 

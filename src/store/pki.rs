@@ -55,12 +55,32 @@ pub enum RedeemRefusal {
     NotRedeemable,
 }
 
+/// Why a renewal could not be recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RenewalRefusal {
+    /// The certificate was renewed already, or is no longer valid (revoked meanwhile).
+    NotRenewable,
+}
+
 /// The outcome of recording a certificate under a SCEP transaction.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
     Issued,
-    /// The same (transactionID, senderNonce) was seen before: here is what it got then.
-    Replay(Box<CertificateRecord>),
+    /// The same (transactionID, senderNonce) is recorded already (a concurrent replay won):
+    /// nothing was written; the caller looks the transaction up again.
+    Duplicate,
+}
+
+/// A certificate with who asked for it and what replaced it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RequestedCertificate {
+    #[sqlx(flatten)]
+    pub certificate: CertificateRecord,
+    /// SHA-256 (hex) of the SubjectPublicKeyInfo that signed the SCEP request; `None` for
+    /// certificates recorded before it was kept (their signer key was the certified key).
+    pub signer_key_sha256: Option<String>,
+    /// The certificate a renewal issued in this one's place.
+    pub superseded_by: Option<String>,
 }
 
 /// `SELECT <every certificate column> FROM certificates` followed by the given clause.
@@ -75,9 +95,26 @@ macro_rules! select_certificates {
     };
 }
 
+/// `SELECT <every certificate column>, signer_key_sha256, superseded_by FROM certificates`
+/// followed by the given clause.
+macro_rules! select_requested_certificates {
+    ($clause:literal) => {
+        concat!(
+            "SELECT serial, enrollment_id, subject, not_before, not_after, status, revoked_at, \
+             revocation_reason, renewed_from, transaction_id, sender_nonce, der, issued_at, \
+             signer_key_sha256, superseded_by FROM certificates ",
+            $clause
+        )
+    };
+}
+
 const INSERT_CERTIFICATE: &str = "INSERT INTO certificates (serial, enrollment_id, subject, \
-     not_before, not_after, status, renewed_from, transaction_id, sender_nonce, der, issued_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+     not_before, not_after, status, renewed_from, transaction_id, sender_nonce, der, issued_at, \
+     signer_key_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// At most this many certificates are read back for one transaction ID (they are one or two:
+/// a transaction ID belongs to one requester).
+const TRANSACTION_ROWS: i64 = 16;
 
 /// Filters for listing certificates; `before` is the `serial` of the last row of a page.
 #[derive(Clone, Debug, Default)]
@@ -180,22 +217,17 @@ impl Store {
             .await?))
     }
 
-    /// Atomically marks the challenge used and records the certificate issued under it. Of any
-    /// number of concurrent redemptions of one challenge exactly one commits; the others are
-    /// refused and leave nothing behind. A replayed transaction gets the earlier certificate.
+    /// Atomically marks the challenge used and records the certificate issued under it, with
+    /// the key that signed the request. Of any number of concurrent redemptions of one
+    /// challenge exactly one commits; the others are refused and leave nothing behind.
     pub async fn redeem_challenge_and_record(
         &self,
         challenge_hash: &str,
         enrollment_id: &str,
         now: DateTime<Utc>,
         certificate: &CertificateRecord,
+        signer_key_sha256: &str,
     ) -> StoreResult<Result<Recorded, RedeemRefusal>> {
-        if let Some(earlier) = self
-            .certificate_by_transaction(&certificate.transaction_id, &certificate.sender_nonce)
-            .await?
-        {
-            return Ok(Ok(Recorded::Replay(Box::new(earlier))));
-        }
         let redeem = "UPDATE scep_challenges SET redeemed_at = $1 \
                       WHERE challenge_hash = $2 AND enrollment_id = $3 \
                         AND redeemed_at IS NULL AND expires_at > $1";
@@ -214,31 +246,81 @@ impl Store {
                     return Ok(Err(RedeemRefusal::NotRedeemable));
                 }
                 bind_certificate(sqlx::query(INSERT_CERTIFICATE), certificate)
+                    .bind(signer_key_sha256)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
                 Ok(Ok(()))
             }
             .await);
-        self.recorded_or_replay(outcome, certificate).await
+        recorded_or_duplicate(outcome)
     }
 
-    /// Records a certificate issued without a challenge (a renewal).
+    /// Records a certificate issued under the static challenge.
     pub async fn record_certificate(
         &self,
         certificate: &CertificateRecord,
+        signer_key_sha256: &str,
     ) -> StoreResult<Recorded> {
         let outcome: Result<Result<(), RedeemRefusal>, sqlx::Error> = on_pool!(self, |pool| {
             bind_certificate(sqlx::query(INSERT_CERTIFICATE), certificate)
+                .bind(signer_key_sha256)
                 .execute(pool)
                 .await
                 .map(|_| Ok(()))
         });
-        match self.recorded_or_replay(outcome, certificate).await? {
+        match recorded_or_duplicate(outcome)? {
             Ok(recorded) => Ok(recorded),
             Err(RedeemRefusal::NotRedeemable) => Err(StoreError::Conflict(
                 "certificate could not be recorded".into(),
             )),
+        }
+    }
+
+    /// Records the certificate a RenewalReq issued and, in the same transaction, retires the one
+    /// it renews: marked superseded, its `not_after` set to `retire_at` (the caller's
+    /// min(not_after, end of the overlap the device needs to switch)). Of concurrent renewals of one
+    /// certificate exactly one commits: a certificate is renewed once.
+    pub async fn record_renewal(
+        &self,
+        certificate: &CertificateRecord,
+        signer_key_sha256: &str,
+        renewed: &str,
+        retire_at: DateTime<Utc>,
+    ) -> StoreResult<Result<Recorded, RenewalRefusal>> {
+        let retire = "UPDATE certificates SET superseded_by = $1, \
+                      not_after = $2 \
+                      WHERE serial = $3 AND status = $4 AND superseded_by IS NULL";
+        let outcome: Result<Result<(), RenewalRefusal>, sqlx::Error> =
+            on_pool!(self, |pool| async {
+                let mut tx = super::begin_write(pool).await?;
+                let retired = sqlx::query(retire)
+                    .bind(&certificate.serial)
+                    .bind(retire_at)
+                    .bind(renewed)
+                    .bind(CERT_VALID)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if retired != 1 {
+                    tx.rollback().await?;
+                    return Ok(Err(RenewalRefusal::NotRenewable));
+                }
+                bind_certificate(sqlx::query(INSERT_CERTIFICATE), certificate)
+                    .bind(signer_key_sha256)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+            .await);
+        match outcome {
+            Ok(Ok(())) => Ok(Ok(Recorded::Issued)),
+            Ok(Err(refusal)) => Ok(Err(refusal)),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Ok(Ok(Recorded::Duplicate))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -278,54 +360,29 @@ impl Store {
         Ok(result?)
     }
 
-    /// A unique violation on (transaction_id, sender_nonce) means a concurrent replay won:
-    /// answer with what it recorded.
-    async fn recorded_or_replay(
-        &self,
-        outcome: Result<Result<(), RedeemRefusal>, sqlx::Error>,
-        certificate: &CertificateRecord,
-    ) -> StoreResult<Result<Recorded, RedeemRefusal>> {
-        match outcome {
-            Ok(Ok(())) => Ok(Ok(Recorded::Issued)),
-            Ok(Err(refusal)) => Ok(Err(refusal)),
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                match self
-                    .certificate_by_transaction(
-                        &certificate.transaction_id,
-                        &certificate.sender_nonce,
-                    )
-                    .await?
-                {
-                    Some(earlier) => Ok(Ok(Recorded::Replay(Box::new(earlier)))),
-                    // A serial collision (2^-128): the caller retries with a new serial.
-                    None => Err(StoreError::Conflict("certificate serial collision".into())),
-                }
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub async fn certificate_by_transaction(
+    /// The certificates issued under a transaction ID, newest first, with their requesters.
+    pub async fn transaction_certificates(
         &self,
         transaction_id: &str,
-        sender_nonce: &str,
-    ) -> StoreResult<Option<CertificateRecord>> {
-        let sql = select_certificates!("WHERE transaction_id = $1 AND sender_nonce = $2");
+    ) -> StoreResult<Vec<RequestedCertificate>> {
+        let sql = select_requested_certificates!(
+            "WHERE transaction_id = $1 ORDER BY issued_at DESC, serial LIMIT $2"
+        );
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(transaction_id)
-            .bind(sender_nonce)
-            .fetch_optional(pool)
+            .bind(TRANSACTION_ROWS)
+            .fetch_all(pool)
             .await?))
     }
 
-    /// The newest certificate issued under a transaction id (for GetCertInitial polls).
-    pub async fn latest_certificate_for_transaction(
+    /// A certificate with its requester and what superseded it.
+    pub async fn requested_certificate(
         &self,
-        transaction_id: &str,
-    ) -> StoreResult<Option<CertificateRecord>> {
-        let sql = select_certificates!("WHERE transaction_id = $1 ORDER BY issued_at DESC LIMIT 1");
+        serial: &str,
+    ) -> StoreResult<Option<RequestedCertificate>> {
+        let sql = select_requested_certificates!("WHERE serial = $1");
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
-            .bind(transaction_id)
+            .bind(serial)
             .fetch_optional(pool)
             .await?))
     }
@@ -378,6 +435,19 @@ impl Store {
         } else {
             Err(StoreError::NotFound)
         }
+    }
+}
+
+/// A unique violation on (transaction_id, sender_nonce) means a concurrent replay won (or, at
+/// 2^-128, a serial collided): nothing was written, and the caller looks the transaction up.
+fn recorded_or_duplicate<R>(
+    outcome: Result<Result<(), R>, sqlx::Error>,
+) -> StoreResult<Result<Recorded, R>> {
+    match outcome {
+        Ok(Ok(())) => Ok(Ok(Recorded::Issued)),
+        Ok(Err(refusal)) => Ok(Err(refusal)),
+        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(Ok(Recorded::Duplicate)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -9,7 +9,8 @@ use rsa::{Pkcs1v15Sign, RsaPrivateKey};
 use super::reply::sign_pki_message;
 use super::tlv::build;
 use super::{
-    CmsSigner, ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiStatus, ScepError, oids,
+    CipherPolicy, CmsSigner, ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiStatus,
+    ScepError, oids,
 };
 
 /// A requester's key and the self-signed certificate it signs requests with.
@@ -149,8 +150,18 @@ pub fn build_request(
     request: &Request<'_>,
 ) -> Result<Vec<u8>, ScepError> {
     let envelope = super::seal_envelope(request.content, request.recipient_der, request.cipher)?;
+    build_request_around(identity, request, &envelope)
+}
+
+/// Signs a PKIMessage around an envelope made elsewhere (`request.content`, `recipient_der`
+/// and `cipher` are not used): a tampered or badly padded one, in tests.
+pub fn build_request_around(
+    identity: &ClientIdentity,
+    request: &Request<'_>,
+    envelope: &[u8],
+) -> Result<Vec<u8>, ScepError> {
     sign_pki_message(
-        &envelope,
+        envelope,
         &[
             (
                 oids::MESSAGE_TYPE,
@@ -199,12 +210,14 @@ pub fn open_cert_rep(
         .pki_status
         .ok_or_else(|| ScepError::Malformed("CertRep without pkiStatus".into()))?;
     let certificates = if status == PkiStatus::Success {
-        let opened = super::open_envelope(
+        let (certificates, _) = super::open_envelope_with(
             &message.enveloped_data,
             &identity.certificate_der,
             &identity.key,
+            CipherPolicy::ANY,
+            super::parse_degenerate_certificates,
         )?;
-        super::parse_degenerate_certificates(&opened.content)?
+        certificates
     } else {
         Vec::new()
     };
@@ -226,5 +239,16 @@ pub fn issuer_and_serial(certificate_der: &[u8]) -> Result<Vec<u8>, ScepError> {
     Ok(build::sequence(&[
         &tbs.issuer().to_der()?,
         &tbs.serial_number().to_der()?,
+    ]))
+}
+
+/// An IssuerAndSubject for GetCertInitial: the CA's name and the subject (DER Name) the
+/// request asked for.
+pub fn issuer_and_subject(ca_der: &[u8], subject_der: &[u8]) -> Result<Vec<u8>, ScepError> {
+    use der::Decode;
+    let ca = x509_cert::Certificate::from_der(ca_der)?;
+    Ok(build::sequence(&[
+        &ca.tbs_certificate().subject().to_der()?,
+        subject_der,
     ]))
 }

@@ -17,11 +17,13 @@ mod tlv;
 mod tests;
 
 pub use csr::{CertificationRequest, parse_csr};
-pub use envelope::{Opened, open_envelope, seal_envelope};
+pub use envelope::{
+    CipherPolicy, Opened, open_envelope, open_envelope_with, seal_envelope, seal_envelope_unpadded,
+};
 pub use message::{PkiMessage, RequestHeader, parse_pki_message, parse_request_header};
 pub use reply::{
     cert_rep_failure, cert_rep_success, degenerate_certificates, parse_degenerate_certificates,
-    parse_issuer_and_serial, sign_attached, sign_detached,
+    parse_issuer_and_serial, parse_issuer_and_subject, sign_attached, sign_detached,
 };
 pub use signed_data::{VerifiedSigner, verify_detached};
 

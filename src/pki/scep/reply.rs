@@ -206,3 +206,15 @@ pub fn parse_issuer_and_serial(der: &[u8]) -> Result<Vec<u8>, ScepError> {
     issuer.expect(0x30)?;
     Ok(serial.expect(0x02)?.value.to_vec())
 }
+
+/// An IssuerAndSubject, the content of GetCertInitial: checked for shape only (the transaction
+/// ID says which request is polled).
+pub fn parse_issuer_and_subject(der: &[u8]) -> Result<(), ScepError> {
+    let parts = tlv::read_exact(der)?.children_of(0x30)?;
+    let [issuer, subject] = parts.as_slice() else {
+        return Err(ScepError::Malformed("IssuerAndSubject".into()));
+    };
+    issuer.expect(0x30)?;
+    subject.expect(0x30)?;
+    Ok(())
+}

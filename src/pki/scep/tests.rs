@@ -58,7 +58,7 @@ fn scepclient_request_parses_verifies_and_opens() {
     assert_eq!(message.sender_nonce.len(), 16);
     assert!(!message.transaction_id.is_empty());
     let (ca, key) = fixture_ca();
-    let opened = open_envelope(&message.enveloped_data, &ca, &key).unwrap();
+    let opened = open_envelope(&message.enveloped_data, &ca, &key, CipherPolicy::ANY).unwrap();
     assert_eq!(opened.cipher, ContentCipher::DesCbc);
     let csr = parse_csr(&opened.content).unwrap();
     assert_eq!(csr.challenge_password.as_deref(), Some("secret123"));
@@ -103,6 +103,7 @@ fn every_cipher_and_digest_round_trips() {
                 &message.enveloped_data,
                 &server.certificate_der,
                 &server.key,
+                CipherPolicy::ANY,
             )
             .unwrap();
             assert_eq!(opened.cipher, cipher);
@@ -176,6 +177,7 @@ fn ber_with_indefinite_lengths_verifies() {
         &to_ber(&message.enveloped_data),
         &server.certificate_der,
         &server.key,
+        CipherPolicy::ANY,
     )
     .unwrap();
     assert!(parse_csr(&opened.content).is_ok());
@@ -211,6 +213,7 @@ fn envelopes_for_someone_else_are_refused() {
         &message.enveloped_data,
         &client.certificate_der,
         &client.key,
+        CipherPolicy::ANY,
     )
     .unwrap_err();
     assert!(matches!(err, ScepError::WrongRecipient), "{err}");
@@ -218,7 +221,14 @@ fn envelopes_for_someone_else_are_refused() {
     // The right certificate with the wrong key does not decrypt, and says no more than that.
     let (_, ca_key) = fixture_ca();
     let (_, server) = identities();
-    let err = open_envelope(&message.enveloped_data, &server.certificate_der, &ca_key).unwrap_err();
+    let err = open_envelope_with(
+        &message.enveloped_data,
+        &server.certificate_der,
+        &ca_key,
+        CipherPolicy::ANY,
+        parse_csr,
+    )
+    .unwrap_err();
     assert!(matches!(err, ScepError::Undecryptable), "{err}");
 }
 
@@ -235,7 +245,13 @@ fn unsupported_ciphers_get_bad_alg() {
         .position(|w| w == aes128)
         .unwrap();
     envelope[at + aes128.len() - 1] = 0x16;
-    let err = open_envelope(&envelope, &server.certificate_der, &server.key).unwrap_err();
+    let err = open_envelope(
+        &envelope,
+        &server.certificate_der,
+        &server.key,
+        CipherPolicy::ANY,
+    )
+    .unwrap_err();
     assert!(matches!(err, ScepError::UnsupportedAlgorithm(_)), "{err}");
     assert_eq!(err.fail_info(), FailInfo::BadAlg);
 }
@@ -259,7 +275,12 @@ fn garbage_never_panics() {
         assert!(parse_request_header(input).is_err() || !input.is_empty());
         let _ = parse_csr(input);
         let (_, server) = identities();
-        let _ = open_envelope(input, &server.certificate_der, &server.key);
+        let _ = open_envelope(
+            input,
+            &server.certificate_der,
+            &server.key,
+            CipherPolicy::ANY,
+        );
         let _ = parse_degenerate_certificates(input);
     }
 }
@@ -284,4 +305,156 @@ fn degenerate_bundles_round_trip() {
     let bundle = degenerate_certificates(&certs).unwrap();
     assert_eq!(parse_degenerate_certificates(&bundle).unwrap(), certs);
     assert!(degenerate_certificates(&[b"not a certificate".to_vec()]).is_err());
+}
+
+#[test]
+fn single_des_is_refused_unless_allowed() {
+    let (client, server) = identities();
+    let csr = client.csr("d", Some("c"), DigestAlgorithm::Sha256).unwrap();
+    let strict = CipherPolicy {
+        allow_single_des: false,
+    };
+    let des = seal_envelope(&csr, &server.certificate_der, ContentCipher::DesCbc).unwrap();
+    let err = open_envelope(&des, &server.certificate_der, &server.key, strict).unwrap_err();
+    assert!(matches!(err, ScepError::UnsupportedAlgorithm(_)), "{err}");
+    assert_eq!(err.fail_info(), FailInfo::BadAlg);
+    let legacy = CipherPolicy {
+        allow_single_des: true,
+    };
+    assert!(open_envelope(&des, &server.certificate_der, &server.key, legacy).is_ok());
+    for cipher in [
+        ContentCipher::DesEde3Cbc,
+        ContentCipher::Aes128Cbc,
+        ContentCipher::Aes256Cbc,
+    ] {
+        let envelope = seal_envelope(&csr, &server.certificate_der, cipher).unwrap();
+        assert!(open_envelope(&envelope, &server.certificate_der, &server.key, strict).is_ok());
+    }
+}
+
+/// Envelopes around the same CSR that fail in every way a padding or Bleichenbacher oracle
+/// would probe, and well-padded ones that hold no valid CSR.
+fn hostile_envelopes(
+    csr: &[u8],
+    recipient: &[u8],
+    cipher: ContentCipher,
+) -> Vec<(String, Vec<u8>)> {
+    let block = match cipher {
+        ContentCipher::DesCbc | ContentCipher::DesEde3Cbc => 8,
+        _ => 16,
+    };
+    let whole = |mut content: Vec<u8>, last: u8| {
+        content.resize(content.len().div_ceil(block) * block + block, 0x5a);
+        if let Some(b) = content.last_mut() {
+            *b = last;
+        }
+        content
+    };
+    let mut spoiled_inside = whole(csr.to_vec(), 3);
+    let n = spoiled_inside.len();
+    spoiled_inside[n - 2] = 3;
+    spoiled_inside[n - 3] = 4;
+    let mut bad_signature = csr.to_vec();
+    let last = bad_signature.len() - 1;
+    bad_signature[last] ^= 1;
+    let mut bad_key = seal_envelope(csr, recipient, cipher).unwrap();
+    let at = bad_key
+        .windows(4)
+        .position(|w| w == [0x04, 0x82, 0x01, 0x00])
+        .unwrap();
+    bad_key[at + 4 + 100] ^= 0x10;
+    let unpadded = |blocks: Vec<u8>| seal_envelope_unpadded(&blocks, recipient, cipher).unwrap();
+    vec![
+        ("padding byte 0".into(), unpadded(whole(csr.to_vec(), 0))),
+        (
+            "padding byte over the block".into(),
+            unpadded(whole(csr.to_vec(), block as u8 + 1)),
+        ),
+        ("padding spoiled inside".into(), unpadded(spoiled_inside)),
+        (
+            "well-padded garbage".into(),
+            seal_envelope(&crate::random::bytes::<300>(), recipient, cipher).unwrap(),
+        ),
+        (
+            "well-padded DER that is no CSR".into(),
+            seal_envelope(recipient, recipient, cipher).unwrap(),
+        ),
+        (
+            "well-padded CSR whose signature fails".into(),
+            seal_envelope(&bad_signature, recipient, cipher).unwrap(),
+        ),
+        ("content key tampered".into(), bad_key),
+    ]
+}
+
+#[test]
+fn padding_content_and_key_transport_failures_are_one_error() {
+    let (client, server) = identities();
+    let csr = client.csr("d", Some("c"), DigestAlgorithm::Sha256).unwrap();
+    for cipher in [
+        ContentCipher::DesEde3Cbc,
+        ContentCipher::Aes128Cbc,
+        ContentCipher::Aes256Cbc,
+    ] {
+        for (what, envelope) in hostile_envelopes(&csr, &server.certificate_der, cipher) {
+            let err = open_envelope_with(
+                &envelope,
+                &server.certificate_der,
+                &server.key,
+                CipherPolicy::ANY,
+                parse_csr,
+            )
+            .unwrap_err();
+            assert!(matches!(err, ScepError::Undecryptable), "{what}: {err}");
+        }
+        let good = seal_envelope(&csr, &server.certificate_der, cipher).unwrap();
+        let (read, _) = open_envelope_with(
+            &good,
+            &server.certificate_der,
+            &server.key,
+            CipherPolicy::ANY,
+            parse_csr,
+        )
+        .unwrap();
+        assert_eq!(read.der, csr);
+    }
+}
+
+/// Not a pass/fail test (timing is too noisy for that): prints how long opening each kind of
+/// hostile envelope takes. `cargo test --release --lib envelope_timing -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn envelope_timing() {
+    let (client, server) = identities();
+    let csr = client.csr("d", Some("c"), DigestAlgorithm::Sha256).unwrap();
+    let mut cases = hostile_envelopes(&csr, &server.certificate_der, ContentCipher::Aes128Cbc);
+    cases.push((
+        "valid".into(),
+        seal_envelope(&csr, &server.certificate_der, ContentCipher::Aes128Cbc).unwrap(),
+    ));
+    const ROUNDS: usize = 400;
+    let mut samples = vec![Vec::with_capacity(ROUNDS); cases.len()];
+    // Interleaved, so drift in the machine's speed falls on every case alike.
+    for _ in 0..ROUNDS {
+        for (i, (_, envelope)) in cases.iter().enumerate() {
+            let start = std::time::Instant::now();
+            let _ = open_envelope_with(
+                envelope,
+                &server.certificate_der,
+                &server.key,
+                CipherPolicy::ANY,
+                parse_csr,
+            );
+            samples[i].push(start.elapsed().as_nanos());
+        }
+    }
+    for ((what, _), mut times) in cases.iter().zip(samples) {
+        times.sort_unstable();
+        println!(
+            "{what:40} median {:>8} ns  p10 {:>8}  p90 {:>8}",
+            times[ROUNDS / 2],
+            times[ROUNDS / 10],
+            times[ROUNDS * 9 / 10]
+        );
+    }
 }
