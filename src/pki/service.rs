@@ -14,6 +14,7 @@ use super::scep::{
     ScepError,
 };
 use crate::config::Secret;
+use super::validity::Unusable;
 use crate::store::{
     CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, RequestedCertificate, Store,
     StoreError,
@@ -305,18 +306,21 @@ impl ScepService {
                 )
             })?;
         let certificate = &old.certificate;
-        if certificate.status != CERT_VALID {
-            return Err(Refusal::new(
-                FailInfo::BadCertId,
-                "the certificate is revoked",
-            ));
-        }
         let now = crate::store::now();
-        if certificate.not_after <= now || certificate.not_before > now {
-            return Err(Refusal::new(
-                FailInfo::BadTime,
-                "the certificate is not valid now",
-            ));
+        match super::validity::usable_at(certificate, now) {
+            Ok(()) => {}
+            Err(Unusable::Revoked) => {
+                return Err(Refusal::new(
+                    FailInfo::BadCertId,
+                    "the certificate is revoked",
+                ));
+            }
+            Err(Unusable::NotYetValid | Unusable::Expired) => {
+                return Err(Refusal::new(
+                    FailInfo::BadTime,
+                    "the certificate is not valid now",
+                ));
+            }
         }
         // A retry of this very renewal gets what it got, even though the certificate that
         // signs it is superseded by now.
