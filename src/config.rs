@@ -978,6 +978,43 @@ mod tests {
     }
 
     #[test]
+    fn server_and_limits_tables_have_defaults_and_are_checked() {
+        let config = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            config.server.first_request_timeout(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(config.limits.scep, 64);
+        let file: FileConfig = toml::from_str(
+            "[server]\nmax_connections = 50\nidle_timeout_secs = 5\n[limits]\nscep = 2\n",
+        )
+        .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.server.max_connections, 50);
+        assert_eq!(config.server.idle_timeout(), Duration::from_secs(5));
+        assert_eq!(config.limits.scep, 2);
+        for (text, needle) in [
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nfirst_request_timeout_secs = 0\n",
+                "first_request_timeout_secs",
+            ),
+            ("[server]\nmax_header_bytes = 100\n", "max_header_bytes"),
+            ("[limits]\nmdm = 0\n", "limits.mdm"),
+            (
+                "[limits]\nunauthenticated_audit_per_minute = 1\n",
+                "per_source_per_minute",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let err = Config::merge(ConfigArgs::default(), file).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+        assert!(toml::from_str::<FileConfig>("[server]\nmax_conections = 5\n").is_err());
+    }
+
+    #[test]
     fn database_passwords_are_redacted() {
         assert_eq!(
             redact_url("postgres://tb:secret@db:5432/tb"),

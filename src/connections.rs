@@ -170,8 +170,8 @@ impl Drop for InFlight {
 }
 
 /// Drives `connection` to its end, shutting it down gracefully when it has waited too long for
-/// its first request, has been idle too long, or the server stops; one that does not close
-/// within [`CLOSE_GRACE`] of an idle shutdown is dropped.
+/// its first request, has been idle too long, or the server stops; one that has not closed
+/// [`CLOSE_GRACE`] later, and has no request in flight, is dropped.
 pub async fn supervise<C, E>(
     mut connection: Pin<&mut C>,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -183,10 +183,11 @@ where
     C: Future<Output = Result<(), E>>,
 {
     let mut stopping = *stop.borrow();
+    let mut closing_since: Option<Instant> = None;
     if stopping {
         graceful_shutdown(connection.as_mut());
+        closing_since = Some(Instant::now());
     }
-    let mut closing_since: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let wake = match (closing_since, activity.idle_deadline(settings)) {
@@ -198,8 +199,13 @@ where
         tokio::select! {
             result = connection.as_mut() => return result,
             _ = stop.changed(), if !stopping => {
+                // Requests in flight may finish (the server's grace period bounds them); an
+                // idle connection that does not go is dropped like any other.
                 stopping = true;
-                graceful_shutdown(connection.as_mut());
+                if closing_since.is_none() {
+                    graceful_shutdown(connection.as_mut());
+                    closing_since = Some(Instant::now());
+                }
             }
             _ = tokio::time::sleep_until(wake.into()) => {
                 let idle = activity.idle_deadline(settings).is_some_and(|d| d <= Instant::now());
