@@ -438,3 +438,92 @@ async fn refused_admin_keys_write_bounded_audit_records() {
     }
     server.stop().await;
 }
+
+/// An HTTP/2 GET of `path` on stream 1 (HPACK: static-table method and scheme, literal path and
+/// authority), ending the stream.
+fn h2_get(path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x44, u8::try_from(path.len()).expect("short")];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x41, 9]);
+    block.extend_from_slice(b"localhost");
+    let len = u32::try_from(block.len()).expect("short").to_be_bytes();
+    // HEADERS, END_STREAM | END_HEADERS, stream 1.
+    let mut frame = vec![len[1], len[2], len[3], 0x01, 0x05, 0, 0, 0, 1];
+    frame.extend_from_slice(&block);
+    frame
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_their_last_request_and_busy_ones_stay() {
+    const IDLE_SECS: u64 = 2;
+    // Keep-alive PINGs far apart: what closes the idle HTTP/2 connection is the idle timeout.
+    let server = TestServer::start_configured(
+        |_| {},
+        &format!(
+            "[server]\nidle_timeout_secs = {IDLE_SECS}\nfirst_request_timeout_secs = {IDLE_SECS}\n\
+             http2_keep_alive_interval_secs = 3600\n"
+        ),
+    )
+    .await;
+    let http = addr_of(&server.http_base);
+    let bound = Duration::from_secs(IDLE_SECS + 15);
+
+    // HTTP/1 keep-alive: answered, then closed once idle.
+    let mut h1 = TcpStream::connect(&http).await.expect("connect");
+    h1.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = h1.read(&mut buf).await.expect("response");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    tokio::time::timeout(bound, closed_at(h1))
+        .await
+        .expect("idle HTTP/1 connection closed");
+
+    // HTTP/2: one request answered, then the connection idles and is closed (GOAWAY, and
+    // dropped when the peer does not answer the shutdown PING).
+    let mut h2 = TcpStream::connect(&http).await.expect("connect");
+    h2.write_all(PREFACE_AND_SETTINGS).await.expect("preface");
+    h2.write_all(&h2_get("/healthz")).await.expect("request");
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(bound, async {
+        loop {
+            match h2.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "idle HTTP/2 connection still open after {bound:?}"
+    );
+    assert!(
+        received.windows(2).any(|w| w == b"ok"),
+        "the request was answered before the close"
+    );
+    eprintln!(
+        "idle HTTP/2 connection closed {:?} after its request",
+        started.elapsed()
+    );
+
+    // A request in flight longer than the idle timeout and the 5 s close grace together (a slow
+    // upload) is not cut off.
+    let mut busy = TcpStream::connect(&http).await.expect("connect");
+    busy.write_all(
+        b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\nabc",
+    )
+    .await
+    .expect("head");
+    tokio::time::sleep(Duration::from_secs(IDLE_SECS + 7)).await;
+    busy.write_all(b"def").await.expect("the rest of the body");
+    let n = busy.read(&mut buf).await.expect("response");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 400"),
+        "the slow request got its answer: {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    server.stop().await;
+}
