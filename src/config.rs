@@ -281,6 +281,12 @@ pub struct FileConfig {
     /// The enrollment portal, `[enroll]`.
     #[serde(default)]
     pub enroll: PortalSettings,
+    /// Connection limits and timeouts of both listeners, `[server]`.
+    #[serde(default)]
+    pub server: ServerSettings,
+    /// Caps on concurrent expensive requests and on unauthenticated audit writes, `[limits]`.
+    #[serde(default)]
+    pub limits: LimitSettings,
 }
 
 /// How devices may identify themselves besides a `Mdm-Signature` by a certificate of our CA.
@@ -328,6 +334,170 @@ impl Default for PortalSettings {
             allowed_groups: Vec::new(),
             session_ttl_secs: DEFAULT_PORTAL_SESSION_TTL_SECS,
         }
+    }
+}
+
+/// How connections are bounded, on each listener (HTTPS and plain HTTP alike).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Connections open at once per listener; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Seconds a client gets to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds from the end of the handshake (or from accept, without TLS) until the first
+    /// request's headers are in: covers the HTTP/1-vs-HTTP/2 preface too.
+    pub first_request_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in flight (HTTP/1 keep-alive and
+    /// HTTP/2 alike); also bounds the time to read one request's headers.
+    pub idle_timeout_secs: u64,
+    /// Seconds between HTTP/2 PINGs the server sends to check that the peer is alive.
+    pub http2_keep_alive_interval_secs: u64,
+    /// Seconds to wait for a PING's answer before closing the connection.
+    pub http2_keep_alive_timeout_secs: u64,
+    /// Concurrent streams (requests) per HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest request head (request line and headers; HTTP/2's decoded header list).
+    pub max_header_bytes: usize,
+    /// Connections the kernel queues for each listener before they are accepted (capped by
+    /// the system's `net.core.somaxconn`).
+    pub listen_backlog: u32,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+impl Default for ServerSettings {
+    fn default() -> ServerSettings {
+        ServerSettings {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout_secs: 10,
+            first_request_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            http2_keep_alive_interval_secs: 20,
+            http2_keep_alive_timeout_secs: 10,
+            http2_max_concurrent_streams: 100,
+            max_header_bytes: 32 * 1024,
+            listen_backlog: 1024,
+        }
+    }
+}
+
+impl ServerSettings {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn first_request_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_request_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(format!("server.{m}")));
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return invalid("max_connections must be between 1 and 1000000");
+        }
+        for (name, value) in [
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+            (
+                "first_request_timeout_secs",
+                self.first_request_timeout_secs,
+            ),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            (
+                "http2_keep_alive_interval_secs",
+                self.http2_keep_alive_interval_secs,
+            ),
+            (
+                "http2_keep_alive_timeout_secs",
+                self.http2_keep_alive_timeout_secs,
+            ),
+        ] {
+            if !(1..=3600).contains(&value) {
+                return invalid(&format!("{name} must be between 1 and 3600"));
+            }
+        }
+        if !(1..=10_000).contains(&self.http2_max_concurrent_streams) {
+            return invalid("http2_max_concurrent_streams must be between 1 and 10000");
+        }
+        if !(1..=65_535).contains(&self.listen_backlog) {
+            return invalid("listen_backlog must be between 1 and 65535");
+        }
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if !(8192..=1024 * 1024).contains(&self.max_header_bytes) {
+            return invalid("max_header_bytes must be between 8192 and 1048576");
+        }
+        Ok(())
+    }
+}
+
+/// Caps on expensive work an unauthenticated caller can start, `[limits]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// SCEP PKIOperations in flight (GET and POST); GetCACert/GetCACaps are not counted.
+    pub scep: usize,
+    /// MDM check-in and command-channel requests in flight, together.
+    pub mdm: usize,
+    /// SAML Responses being verified (POST /auth/saml/NAME/acs).
+    pub saml_acs: usize,
+    /// OIDC callbacks in flight (each a token request to the provider).
+    pub oidc_callback: usize,
+    /// Portal LDAP password sign-ins in flight (each binds to the directory).
+    pub ldap_sign_in: usize,
+    /// `Retry-After` of the 503 a request over its cap gets, in seconds.
+    pub retry_after_secs: u64,
+    /// Audit records of refused admin keys written per minute, in all.
+    pub unauthenticated_audit_per_minute: u32,
+    /// The same, per source address.
+    pub unauthenticated_audit_per_source_per_minute: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> LimitSettings {
+        LimitSettings {
+            scep: 64,
+            mdm: 128,
+            saml_acs: 16,
+            oidc_callback: 32,
+            ldap_sign_in: 16,
+            retry_after_secs: 5,
+            unauthenticated_audit_per_minute: 120,
+            unauthenticated_audit_per_source_per_minute: 20,
+        }
+    }
+}
+
+impl LimitSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("scep", self.scep),
+            ("mdm", self.mdm),
+            ("saml_acs", self.saml_acs),
+            ("oidc_callback", self.oidc_callback),
+            ("ldap_sign_in", self.ldap_sign_in),
+        ] {
+            if !(1..=100_000).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be between 1 and 100000"
+                )));
+            }
+        }
+        if !(1..=3600).contains(&self.retry_after_secs) {
+            return Err(ConfigError::Invalid(
+                "limits.retry_after_secs must be between 1 and 3600".into(),
+            ));
+        }
+        if self.unauthenticated_audit_per_source_per_minute > self.unauthenticated_audit_per_minute
+        {
+            return Err(ConfigError::Invalid(
+                "limits.unauthenticated_audit_per_source_per_minute cannot exceed \
+                 limits.unauthenticated_audit_per_minute"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -440,6 +610,8 @@ pub struct Config {
     /// The identity providers, by name, in name order.
     pub identity_providers: Vec<(String, ProviderSettings)>,
     pub portal: PortalSettings,
+    pub server: ServerSettings,
+    pub limits: LimitSettings,
 }
 
 impl Config {
@@ -606,6 +778,8 @@ impl Config {
                 "enroll.session_ttl_secs must be between 1 and 86400".into(),
             ));
         }
+        file.server.validate()?;
+        file.limits.validate()?;
         let secret_key = SecretKeySource::File(
             args.secret_key_file
                 .or(file.secret_key_file)
@@ -647,6 +821,8 @@ impl Config {
             mdm_identity,
             identity_providers: file.idp.into_iter().collect(),
             portal: file.enroll,
+            server: file.server,
+            limits: file.limits,
         })
     }
 
@@ -913,6 +1089,43 @@ mod tests {
         let config = Config::merge(ConfigArgs::default(), file).unwrap();
         assert!(config.pki.allow_single_des);
         assert_eq!(config.pki.renewal_overlap, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn server_and_limits_tables_have_defaults_and_are_checked() {
+        let config = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            config.server.first_request_timeout(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(config.limits.scep, 64);
+        let file: FileConfig = toml::from_str(
+            "[server]\nmax_connections = 50\nidle_timeout_secs = 5\n[limits]\nscep = 2\n",
+        )
+        .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.server.max_connections, 50);
+        assert_eq!(config.server.idle_timeout(), Duration::from_secs(5));
+        assert_eq!(config.limits.scep, 2);
+        for (text, needle) in [
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nfirst_request_timeout_secs = 0\n",
+                "first_request_timeout_secs",
+            ),
+            ("[server]\nmax_header_bytes = 100\n", "max_header_bytes"),
+            ("[limits]\nmdm = 0\n", "limits.mdm"),
+            (
+                "[limits]\nunauthenticated_audit_per_minute = 1\n",
+                "per_source_per_minute",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let err = Config::merge(ConfigArgs::default(), file).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+        assert!(toml::from_str::<FileConfig>("[server]\nmax_conections = 5\n").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod apple;
 pub mod audit;
 pub mod config;
+pub mod connections;
 pub mod enroll;
 pub mod fsutil;
 #[doc(hidden)]

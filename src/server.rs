@@ -13,9 +13,8 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -25,7 +24,8 @@ use crate::apple::apns::Pusher;
 use crate::apple::enrollment::{ProfileService, ProfileSettings};
 use crate::apple::identity::MigratedCas;
 use crate::apple::service::MdmService;
-use crate::config::{Config, Database, SecretKeySource};
+use crate::config::{Config, Database, SecretKeySource, ServerSettings};
+use crate::connections::{Activity, ListenerGate, connections_within_fd_limit, supervise};
 use crate::enroll::session::CookiePolicy;
 use crate::http::TlsClientCertificate;
 use crate::http::{self, AppState};
@@ -36,9 +36,6 @@ use crate::secrets::MasterKey;
 use crate::store::Store;
 use crate::{telemetry, tls};
 use rustls::pki_types::CertificateDer;
-
-/// How long a client gets to finish the TLS handshake, and to send a request's headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running server. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
@@ -130,16 +127,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let tls = tls::load(&config, &device_roots)?;
     let grace = config.shutdown_grace;
-    let https_listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let server_settings = Arc::new(config.server.clone());
+    let backlog = server_settings.listen_backlog;
+    let https_listener =
+        bind(config.listen, backlog).with_context(|| format!("listening on {}", config.listen))?;
     let https_addr = https_listener.local_addr()?;
     let http_listener = match config.http_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr}"))?,
-        ),
+        Some(addr) => Some(bind(addr, backlog).with_context(|| format!("listening on {addr}"))?),
         None => None,
     };
     let http_addr = http_listener
@@ -172,6 +166,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let cookies = CookiePolicy {
         secure: public_url.starts_with("https://"),
     };
+    let audit_budget = Arc::new(crate::audit::UnauthenticatedBudget::new(
+        config.limits.unauthenticated_audit_per_minute,
+        config.limits.unauthenticated_audit_per_source_per_minute,
+    ));
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
@@ -186,20 +184,35 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         cookies,
         migrated_cas: Arc::new(migrated_cas),
         sign_in_throttle: Arc::default(),
+        audit_budget,
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);
     let mut listeners = JoinSet::new();
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
+    let max_connections = connections_within_fd_limit(
+        server_settings.max_connections,
+        1 + usize::from(http_listener.is_some()),
+    );
     listeners.spawn(accept_loop(
         https_listener,
         Some(acceptor),
         app.clone(),
+        server_settings.clone(),
+        ListenerGate::new("https", max_connections),
         stopped.clone(),
         grace,
     ));
     if let Some(listener) = http_listener {
-        listeners.spawn(accept_loop(listener, None, app, stopped, grace));
+        listeners.spawn(accept_loop(
+            listener,
+            None,
+            app,
+            server_settings,
+            ListenerGate::new("http", max_connections),
+            stopped,
+            grace,
+        ));
     }
     Ok(RunningServer {
         https_addr,
@@ -214,23 +227,47 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     })
 }
 
+/// A listener with room for `backlog` connections not yet accepted (tokio's default, 128,
+/// overflows when many devices reconnect at once, and the excess then waits for SYN
+/// retransmissions, seconds apart).
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
+    settings: Arc<ServerSettings>,
+    gate: ListenerGate,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let watcher = graceful.watcher();
-                    let app = app.clone();
-                    let tls = tls.clone();
+                    // Over the limit: closed at once, before any TLS or HTTP work.
+                    let Some(slot) = gate.admit() else {
+                        drop(tcp);
+                        continue;
+                    };
+                    let connection = Connection {
+                        tls: tls.clone(),
+                        app: app.clone(),
+                        settings: settings.clone(),
+                        stop: stop.clone(),
+                    };
                     tokio::spawn(async move {
-                        serve_connection(tcp, peer, tls, app, watcher).await;
+                        connection.serve(tcp, peer).await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -243,10 +280,7 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, gate.drained()).await.is_err() {
         tracing::warn!(
             grace_secs = grace.as_secs(),
             "connections still open after the grace period; closing them"
@@ -254,36 +288,24 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
+/// What serving one connection needs.
+struct Connection {
     tls: Option<TlsAcceptor>,
     app: Router,
-    watcher: hyper_util::server::graceful::Watcher,
-) {
-    let _ = tcp.set_nodelay(true);
-    // Every request carries its peer address and, on TLS, the client certificate if one was
-    // presented (devices that do not sign their messages identify themselves that way).
-    let service = |client_certificate: Option<TlsClientCertificate>| {
-        TowerToHyperService::new(app.map_request(
-            move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                if let Some(certificate) = &client_certificate {
-                    request.extensions_mut().insert(certificate.clone());
-                }
-                request
-            },
-        ))
-    };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
-    let result = match tls {
-        Some(acceptor) => {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    settings: Arc<ServerSettings>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(self, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = self.tls.clone() else {
+            return self.run(TokioIo::new(tcp), peer, None).await;
+        };
+        let mut stop = self.stop.clone();
+        let handshake = tokio::time::timeout(self.settings.handshake_timeout(), tls.accept(tcp));
+        let stream = tokio::select! {
+            done = handshake => match done {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -293,23 +315,79 @@ async fn serve_connection(
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
-            };
-            let client_certificate = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|leaf| TlsClientCertificate(Arc::new(leaf.to_vec())));
-            let connection =
-                builder.serve_connection(TokioIo::new(stream), service(client_certificate));
-            watcher.watch(connection).await
-        }
-        None => {
-            let connection = builder.serve_connection(TokioIo::new(tcp), service(None));
-            watcher.watch(connection).await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+            },
+            _ = stop.changed() => return,
+        };
+        let client_certificate = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| TlsClientCertificate(Arc::new(leaf.to_vec())));
+        self.run(TokioIo::new(stream), peer, client_certificate)
+            .await;
     }
+
+    /// HTTP over an established connection; the first-request deadline runs from here.
+    async fn run<I>(self, io: I, peer: SocketAddr, client_certificate: Option<TlsClientCertificate>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let activity = Activity::new();
+        let counted = activity.clone();
+        // Every request carries the peer address and, on TLS, the client certificate if one
+        // was presented (devices that do not sign their messages identify themselves that
+        // way), and counts as in flight until it has been answered.
+        let service = TowerToHyperService::new(
+            self.app
+                .map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    if let Some(certificate) = &client_certificate {
+                        request.extensions_mut().insert(certificate.clone());
+                    }
+                    request
+                })
+                .map_future(move |future| {
+                    let in_flight = counted.begin();
+                    async move {
+                        let response = future.await;
+                        drop(in_flight);
+                        response
+                    }
+                }),
+        );
+        let builder = http_builder(&self.settings);
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        let result = supervise(
+            connection.as_mut(),
+            |c| c.graceful_shutdown(),
+            &activity,
+            &self.settings,
+            self.stop,
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// HTTP/1 and HTTP/2 settings from `[server]`.
+fn http_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Runs while waiting for a request's head, also between kept-alive requests.
+        .header_read_timeout(settings.idle_timeout())
+        .max_buf_size(settings.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(settings.http2_keep_alive_interval_secs))
+        .keep_alive_timeout(Duration::from_secs(settings.http2_keep_alive_timeout_secs))
+        .max_concurrent_streams(settings.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    builder
 }

@@ -64,7 +64,8 @@ impl RequestOrigin {
                 .headers
                 .get(&REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+                // A client may bring its own request id: bounded like anything it sends.
+                .map(|id| audit::truncated(id, 128)),
             source: parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
@@ -119,7 +120,12 @@ impl<S: Required> FromRequestParts<AppState> for Admin<S> {
             || parts.uri.path().to_string(),
             |uri| uri.path().to_string(),
         );
-        let action = format!("{} {path}", parts.method);
+        // The path is the client's choice: kept to a bounded length.
+        let action = format!(
+            "{} {}",
+            parts.method,
+            audit::truncated(&path, audit::MAX_UNAUTHENTICATED_FIELD)
+        );
         let presented = parts
             .headers
             .get(AUTHORIZATION)
@@ -150,7 +156,8 @@ impl<S: Required> FromRequestParts<AppState> for Admin<S> {
                 };
                 let mut entry = origin.entry(&actor, &action, audit::OUTCOME_DENIED);
                 entry.detail = Some(serde_json::json!({"reason": failure.to_string()}).to_string());
-                audit::record(&state.store, entry).await;
+                // The caller proved nothing: what it can make us write is bounded.
+                audit::record_unauthenticated(&state.store, &state.audit_budget, entry).await;
                 return Err(ApiError::unauthorized(
                     "the admin key is not valid (unknown, wrong or revoked)",
                 ));

@@ -14,6 +14,7 @@ use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
@@ -26,20 +27,33 @@ use self::session::{
 use crate::apple::enrollment::ProfileError;
 use crate::audit::{self, OUTCOME_DENIED, OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
+use crate::http::limit::{self, Cap, RouteCaps};
 use crate::identity::{ConfiguredProvider, Identity, IdpError, Provider};
 use crate::pki::challenge::ChallengeRequest;
 use crate::store::NewAuditEntry;
 
-pub fn router() -> Router<AppState> {
+/// `caps`: the sign-in steps that cost a directory bind, a token request or an XML signature
+/// check each take a permit of their group (503 when none is free).
+pub fn router(caps: &RouteCaps) -> Router<AppState> {
+    let capped = |cap: &Cap| middleware::from_fn_with_state(cap.clone(), limit::guard);
     Router::new()
         .route("/enroll", get(portal))
         .route("/enroll/profile", post(download_profile))
         .route("/enroll/sign-out", post(sign_out))
-        .route("/auth/ldap/{name}", post(ldap_sign_in))
+        .route(
+            "/auth/ldap/{name}",
+            post(ldap_sign_in).layer(capped(&caps.ldap_sign_in)),
+        )
         .route("/auth/oidc/{name}/login", get(oidc_login))
-        .route("/auth/oidc/{name}/callback", get(oidc_callback))
+        .route(
+            "/auth/oidc/{name}/callback",
+            get(oidc_callback).layer(capped(&caps.oidc_callback)),
+        )
         .route("/auth/saml/{name}/login", get(saml_login))
-        .route("/auth/saml/{name}/acs", post(saml_acs))
+        .route(
+            "/auth/saml/{name}/acs",
+            post(saml_acs).layer(capped(&caps.saml_acs)),
+        )
         .route("/auth/saml/{name}/metadata", get(saml_metadata))
 }
 

@@ -2,6 +2,7 @@
 //! Handlers stay thin (parse, call a service, map the result); no SQL or protocol code here.
 
 pub mod error;
+pub mod limit;
 pub mod mdm;
 pub mod observe;
 pub mod ops;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub migrated_cas: Arc<MigratedCas>,
     /// Failed password sign-ins at the portal, per login and address.
     pub sign_in_throttle: Arc<crate::enroll::throttle::SignInThrottle>,
+    /// How many audit records refused admin keys may cause.
+    pub audit_budget: Arc<crate::audit::UnauthenticatedBudget>,
 }
 
 /// The certificate a client presented in the TLS handshake with our own listener (a request
@@ -61,15 +64,26 @@ pub struct TlsClientCertificate(pub Arc<Vec<u8>>);
 /// The whole application: every route, wrapped in the common middleware.
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
+    let caps = limit::RouteCaps::new(&config.limits);
+    let capped = |cap: &limit::Cap| middleware::from_fn_with_state(cap.clone(), limit::guard);
     Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route(&config.pki.scep_path, get(scep::get).post(scep::post))
-        .route(mdm::CHECKIN_PATH, put(mdm::check_in))
-        .route(mdm::CONNECT_PATH, put(mdm::connect))
+        .route(
+            &config.pki.scep_path,
+            get(scep::get).post(scep::post).layer(capped(&caps.scep)),
+        )
+        .route(
+            mdm::CHECKIN_PATH,
+            put(mdm::check_in).layer(capped(&caps.mdm)),
+        )
+        .route(
+            mdm::CONNECT_PATH,
+            put(mdm::connect).layer(capped(&caps.mdm)),
+        )
         .nest("/api/v1", crate::admin::router())
-        .merge(crate::enroll::router())
+        .merge(crate::enroll::router(&caps))
         .fallback(error::not_found)
         .with_state(state)
         .layer(middleware::from_fn(observe::record_metrics))

@@ -7,6 +7,7 @@ mod api;
 mod apns;
 mod ca;
 mod cli;
+mod connections;
 mod device;
 mod device_identity;
 mod harness;
