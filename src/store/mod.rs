@@ -10,6 +10,7 @@ mod admin_keys;
 mod audit;
 mod mdm;
 mod pki;
+mod portal;
 mod users;
 
 use std::path::Path;
