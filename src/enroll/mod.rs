@@ -474,7 +474,14 @@ async fn download_profile(
             }
             return refuse_over_limit(&state, &actor, &user.id, refusal).await;
         }
-        Err(e) => return internal(&e),
+        Err(e) => {
+            // Not handed out, so it must not hold one of the person's slots either.
+            let _ = state
+                .store
+                .discard_unredeemed_enrollment(&issued.enrollment_id)
+                .await;
+            return internal(&e);
+        }
     }
     portal_audit(
         &state,
