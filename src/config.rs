@@ -37,6 +37,8 @@ pub const DEFAULT_CA_KEY_BITS: usize = 2048;
 pub const DEFAULT_CA_COMMON_NAME: &str = "trustbroker device CA";
 pub const DEFAULT_ORGANIZATION: &str = "trustbroker";
 pub const DEFAULT_PORTAL_SESSION_TTL_SECS: u64 = 900;
+pub const DEFAULT_MAX_UNREDEEMED_PROFILES: u32 = 5;
+pub const DEFAULT_UNREDEEMED_WINDOW_SECS: u64 = 3600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -238,6 +240,45 @@ pub struct ConfigArgs {
     /// [default: false].
     #[arg(long, env = "TRUSTBROKER_SCEP_ALLOW_SINGLE_DES", global = true)]
     pub scep_allow_single_des: Option<bool>,
+    /// Reverse proxies (IPs or CIDR networks, comma-separated) whose report of the client's
+    /// address is believed [default: none].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_TRUSTED_PROXIES",
+        global = true,
+        value_name = "NETS",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// The header those proxies report the client's address in: x-forwarded-for or forwarded
+    /// [default: x-forwarded-for].
+    #[arg(
+        long,
+        env = "TRUSTBROKER_CLIENT_ADDRESS_HEADER",
+        global = true,
+        value_enum
+    )]
+    pub client_address_header: Option<ClientAddressHeader>,
+}
+
+/// Which header a trusted proxy reports the client's address in. Exactly one is read: a proxy
+/// that appends to one passes the other through untouched, so it would be the client's word.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAddressHeader {
+    /// `X-Forwarded-For: client, proxy1, …` (nginx `$proxy_add_x_forwarded_for`, HAProxy
+    /// `option forwardfor`, most load balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+}
+
+/// Who may tell us the client's address, and how (see [`ClientAddressHeader`]).
+#[derive(Clone, Debug, Default)]
+pub struct ProxyConfig {
+    pub trusted: Vec<ipnet::IpNet>,
+    pub header: ClientAddressHeader,
 }
 
 /// The TOML file: the same settings under the same names (snake_case).
@@ -269,6 +310,10 @@ pub struct FileConfig {
     pub scep_ra: Option<bool>,
     pub scep_renewal_overlap_secs: Option<u64>,
     pub scep_allow_single_des: Option<bool>,
+    /// Reverse proxies whose `client_address_header` is believed (the portal's throttle keys
+    /// on the address they report). Not `mdm.trusted_proxies`, which may vouch for devices.
+    pub trusted_proxies: Option<Vec<String>>,
+    pub client_address_header: Option<ClientAddressHeader>,
     /// A fixed SCEP challenge accepted besides the one-time ones (discouraged; warned at start).
     /// File or TRUSTBROKER_SCEP_STATIC_CHALLENGE only: never on a command line.
     pub scep_static_challenge: Option<String>,
@@ -326,6 +371,10 @@ pub struct PortalSettings {
     pub allowed_groups: Vec<String>,
     /// How long a portal sign-in lasts, in seconds.
     pub session_ttl_secs: u64,
+    /// Profiles a person may hold that no device has used yet, downloaded within
+    /// `unredeemed_window_secs`; past it, downloads get 429.
+    pub max_unredeemed_profiles: u32,
+    pub unredeemed_window_secs: u64,
 }
 
 impl Default for PortalSettings {
@@ -333,6 +382,8 @@ impl Default for PortalSettings {
         PortalSettings {
             allowed_groups: Vec::new(),
             session_ttl_secs: DEFAULT_PORTAL_SESSION_TTL_SECS,
+            max_unredeemed_profiles: DEFAULT_MAX_UNREDEEMED_PROFILES,
+            unredeemed_window_secs: DEFAULT_UNREDEEMED_WINDOW_SECS,
         }
     }
 }
@@ -607,6 +658,8 @@ pub struct Config {
     pub apns: ApnsConfig,
     pub mdm_identity: MdmIdentityConfig,
     pub mdm_reenrollment: ReenrollmentPolicy,
+    /// Reverse proxies whose report of the client address is believed.
+    pub proxies: ProxyConfig,
     /// The identity providers, by name, in name order.
     pub identity_providers: Vec<(String, ProviderSettings)>,
     pub portal: PortalSettings,
@@ -780,6 +833,29 @@ impl Config {
         }
         file.server.validate()?;
         file.limits.validate()?;
+        if !(1..=1000).contains(&file.enroll.max_unredeemed_profiles) {
+            return Err(ConfigError::Invalid(
+                "enroll.max_unredeemed_profiles must be between 1 and 1000".into(),
+            ));
+        }
+        if !(60..=604_800).contains(&file.enroll.unredeemed_window_secs) {
+            return Err(ConfigError::Invalid(
+                "enroll.unredeemed_window_secs must be between 60 and 604800 (a week)".into(),
+            ));
+        }
+        let proxies = ProxyConfig {
+            trusted: parse_networks(
+                "trusted_proxies",
+                &args
+                    .trusted_proxies
+                    .or(file.trusted_proxies)
+                    .unwrap_or_default(),
+            )?,
+            header: args
+                .client_address_header
+                .or(file.client_address_header)
+                .unwrap_or_default(),
+        };
         let secret_key = SecretKeySource::File(
             args.secret_key_file
                 .or(file.secret_key_file)
@@ -819,6 +895,7 @@ impl Config {
                 .or(file.mdm.reenrollment)
                 .unwrap_or_default(),
             mdm_identity,
+            proxies,
             identity_providers: file.idp.into_iter().collect(),
             portal: file.enroll,
             server: file.server,
@@ -878,7 +955,26 @@ fn host_port_for(addr: SocketAddr) -> String {
     }
 }
 
-/// APNs speaks HTTP/2 over TLS only: an https URL without a path.
+/// IP addresses or CIDR networks (`10.0.0.5`, `10.0.0.0/8`, `fd00::/8`), named in errors by
+/// the setting they came from.
+fn parse_networks(setting: &str, texts: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    texts
+        .iter()
+        .map(|text| text.trim())
+        .filter(|text| !text.is_empty())
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "{setting}: '{text}' is not an IP address or CIDR network"
+                    ))
+                })
+        })
+        .collect()
+}
+
 fn validate_mdm_identity(settings: &MdmIdentitySettings) -> Result<MdmIdentityConfig, ConfigError> {
     let trusted_proxies = settings
         .trusted_proxies
@@ -1135,6 +1231,36 @@ mod tests {
             "postgres://tb:****@db:5432/tb"
         );
         assert_eq!(redact_url("postgres://db/tb"), "postgres://db/tb");
+    }
+
+    #[test]
+    fn trusted_proxies_and_portal_limits_are_read_and_checked() {
+        let file: FileConfig = toml::from_str(
+            "trusted_proxies = [\"10.0.0.5\", \"fd00::/8\"]\nclient_address_header = \"forwarded\"\n\
+             [enroll]\nmax_unredeemed_profiles = 3\nunredeemed_window_secs = 600\n",
+        )
+        .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.proxies.trusted.len(), 2);
+        assert!(config.proxies.trusted[1].contains(&"fd00::1".parse::<IpAddr>().unwrap()));
+        assert_eq!(config.proxies.header, ClientAddressHeader::Forwarded);
+        assert_eq!(config.portal.max_unredeemed_profiles, 3);
+        // Defaults: nobody trusted, X-Forwarded-For, 5 per hour.
+        let config = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert!(config.proxies.trusted.is_empty());
+        assert_eq!(config.proxies.header, ClientAddressHeader::XForwardedFor);
+        assert_eq!(config.portal.max_unredeemed_profiles, 5);
+        assert_eq!(config.portal.unredeemed_window_secs, 3600);
+
+        let args = ConfigArgs {
+            trusted_proxies: Some(vec!["proxy.example.org".into()]),
+            ..Default::default()
+        };
+        let err = Config::merge(args, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        let file: FileConfig = toml::from_str("[enroll]\nmax_unredeemed_profiles = 0\n").unwrap();
+        let err = Config::merge(ConfigArgs::default(), file).unwrap_err();
+        assert!(err.to_string().contains("max_unredeemed_profiles"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! providers and downloads an enrollment profile whose one-time challenge is bound to them.
 //! Sign-in routes live under `/auth/{kind}/{name}/...`, stable URLs an IdP admin registers.
 
+pub mod client_address;
+mod headers;
 mod page;
 pub mod session;
 pub mod throttle;
@@ -12,7 +14,7 @@ use axum::Extension;
 use axum::extract::ConnectInfo;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, LOCATION};
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
@@ -55,15 +57,17 @@ pub fn router(caps: &RouteCaps) -> Router<AppState> {
             post(saml_acs).layer(capped(&caps.saml_acs)),
         )
         .route("/auth/saml/{name}/metadata", get(saml_metadata))
+        // On every answer of these routes, including rejections and 405s.
+        .layer(middleware::map_response(headers::secure))
 }
 
 /// The sign-in page, or, once signed in, who the person is and their profile download.
 async fn portal(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(session) = session::open_session(&state.master_key, &headers)
+    if let Some(session) = session::open_session(&state.master_key, &state.cookies, &headers)
         && let Ok(Some(user)) = state.store.user(&session.user_id).await
     {
         let groups = state.store.memberships(&user.id).await.unwrap_or_default();
-        return no_store(Html(page::signed_in(&user, &groups, &session.csrf)).into_response());
+        return Html(page::signed_in(&user, &groups, &session.csrf)).into_response();
     }
     sign_in_page(&state, &headers, StatusCode::OK, None)
 }
@@ -75,7 +79,10 @@ fn sign_in_page(
     status: StatusCode,
     error: Option<&str>,
 ) -> Response {
-    let existing = session::cookie(headers, CSRF_COOKIE).filter(|t| t.len() >= 32);
+    let existing = state
+        .cookies
+        .get(headers, CSRF_COOKIE)
+        .filter(|t| t.len() >= 32);
     let csrf = existing.map_or_else(session::random_token, str::to_owned);
     let mut response = (status, Html(page::sign_in(&state.identity, &csrf, error))).into_response();
     if existing.is_none() {
@@ -84,7 +91,7 @@ fn sign_in_page(
             .set(CSRF_COOKIE, &csrf, LOGIN_TTL_SECS * 6, false);
         session::append(response.headers_mut(), cookie);
     }
-    no_store(response)
+    response
 }
 
 #[derive(Deserialize)]
@@ -104,7 +111,7 @@ async fn ldap_sign_in(
     let Ok(Form(form)) = form else {
         return page::problem(StatusCode::BAD_REQUEST, "The sign-in form was incomplete.");
     };
-    let expected = session::cookie(&headers, CSRF_COOKIE).unwrap_or_default();
+    let expected = state.cookies.get(&headers, CSRF_COOKIE).unwrap_or_default();
     if !session::tokens_match(&form.csrf, expected) {
         return page::problem(
             StatusCode::FORBIDDEN,
@@ -126,7 +133,8 @@ async fn ldap_sign_in(
             Some(WRONG_PASSWORD),
         );
     }
-    let address = peer.map(|p| p.0.0.ip());
+    let address =
+        client_address::client_address(peer.map(|p| p.0.0.ip()), &headers, &state.config.proxies);
     let login = form.login.trim();
     if let Some(wait) = state.sign_in_throttle.blocked(&name, login, address) {
         tracing::warn!(provider = %name, %login, ?address, "LDAP sign-in throttled");
@@ -211,7 +219,7 @@ async fn oidc_callback(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such sign-in method.");
     };
-    let Some(pending) = session::open_login(&state.master_key, &headers)
+    let Some(pending) = session::open_login(&state.master_key, &state.cookies, &headers)
         .filter(|p| p.provider == name)
         .and_then(|p| p.oidc)
     else {
@@ -298,7 +306,7 @@ async fn saml_acs(
         Err(e) => return provider_failure(&name, &e),
     };
     // Absent for an IdP-initiated sign-in, which the provider refuses unless enabled.
-    let expected = session::open_login(&state.master_key, &headers)
+    let expected = session::open_login(&state.master_key, &state.cookies, &headers)
         .filter(|p| p.provider == name)
         .and_then(|p| p.saml_request_id);
     // XML parsing and signature checks are CPU work in C libraries: off the async workers.
@@ -404,7 +412,7 @@ async fn download_profile(
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    let Some(session) = session::open_session(&state.master_key, &headers) else {
+    let Some(session) = session::open_session(&state.master_key, &state.cookies, &headers) else {
         return page::problem(
             StatusCode::UNAUTHORIZED,
             "Your sign-in has expired. Sign in again.",
@@ -422,6 +430,12 @@ async fn download_profile(
         Err(e) => return internal(&e),
     };
     let actor = format!("user:{}:{}", user.provider, user.subject);
+    // Checked before anything is created, so a refusal costs one query.
+    match unredeemed_limit(&state, &user.id, 1).await {
+        Ok(None) => {}
+        Ok(Some(refusal)) => return refuse_over_limit(&state, &actor, &user.id, refusal).await,
+        Err(e) => return internal(&e),
+    }
     let for_user = user.email.clone().or(user.login.clone());
     let issued = state
         .profiles
@@ -459,6 +473,30 @@ async fn download_profile(
             };
         }
     };
+    // Checked again now the new one is stored: concurrent downloads may all have passed the
+    // first check. Any that finds the person over the limit takes its own profile back, so
+    // however they interleave no more than the limit survive (they may all lose: fail closed).
+    match unredeemed_limit(&state, &user.id, 0).await {
+        Ok(None) => {}
+        Ok(Some(refusal)) => {
+            if let Err(e) = state
+                .store
+                .discard_unredeemed_enrollment(&issued.enrollment_id)
+                .await
+            {
+                return internal(&e);
+            }
+            return refuse_over_limit(&state, &actor, &user.id, refusal).await;
+        }
+        Err(e) => {
+            // Not handed out, so it must not hold one of the person's slots either.
+            let _ = state
+                .store
+                .discard_unredeemed_enrollment(&issued.enrollment_id)
+                .await;
+            return internal(&e);
+        }
+    }
     portal_audit(
         &state,
         &actor,
@@ -472,23 +510,91 @@ async fn download_profile(
         "attachment; filename=\"enroll-{}.mobileconfig\"",
         issued.enrollment_id
     );
-    no_store(
-        (
-            [
-                (
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("application/x-apple-aspen-config"),
-                ),
-                (
-                    CONTENT_DISPOSITION,
-                    HeaderValue::from_str(&disposition)
-                        .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
-                ),
-            ],
-            issued.body,
-        )
-            .into_response(),
+    (
+        [
+            (
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-apple-aspen-config"),
+            ),
+            (
+                CONTENT_DISPOSITION,
+                HeaderValue::from_str(&disposition)
+                    .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
+            ),
+        ],
+        issued.body,
     )
+        .into_response()
+}
+
+/// A person at their limit of profiles no device has used yet.
+struct OverLimit {
+    held: usize,
+    /// Until a slot frees by the window passing (using a profile frees one at once).
+    wait: chrono::Duration,
+}
+
+/// `Some` when the profiles `user_id` downloaded within `enroll.unredeemed_window_secs` that
+/// no device has used yet, plus `adding` new ones, are more than `enroll.max_unredeemed_profiles`.
+async fn unredeemed_limit(
+    state: &AppState,
+    user_id: &str,
+    adding: usize,
+) -> Result<Option<OverLimit>, crate::store::StoreError> {
+    let settings = &state.config.portal;
+    let window = chrono::Duration::seconds(
+        i64::try_from(settings.unredeemed_window_secs).unwrap_or(i64::MAX / 1000),
+    );
+    let now = crate::store::now();
+    let created = state
+        .store
+        .unredeemed_profiles_since(user_id, now - window)
+        .await?;
+    let max = usize::try_from(settings.max_unredeemed_profiles).unwrap_or(usize::MAX);
+    let total = created.len().saturating_add(adding);
+    if total <= max {
+        return Ok(None);
+    }
+    // One more fits once the oldest (total - max) have left the window.
+    let wait = created
+        .get(total - max - 1)
+        .map_or(window, |at| *at + window - now)
+        .max(chrono::Duration::seconds(1));
+    Ok(Some(OverLimit {
+        held: total - 1,
+        wait,
+    }))
+}
+
+async fn refuse_over_limit(
+    state: &AppState,
+    actor: &str,
+    user_id: &str,
+    over: OverLimit,
+) -> Response {
+    portal_audit(
+        state,
+        actor,
+        "enrollment-profile.create",
+        None,
+        OUTCOME_DENIED,
+        Some(json!({"user_id": user_id, "reason": "unredeemed profile limit", "held": over.held})),
+    )
+    .await;
+    let minutes = over.wait.num_seconds().max(1).unsigned_abs().div_ceil(60);
+    let message = format!(
+        "You have already downloaded {held} enrollment profiles that no device has installed \
+         yet. Install one of those (each works once, on one device), or wait {minutes} \
+         minute{s} before downloading another.",
+        held = over.held,
+        s = if minutes == 1 { "" } else { "s" }
+    );
+    let mut response = page::problem(StatusCode::TOO_MANY_REQUESTS, &message);
+    response.headers_mut().insert(
+        RETRY_AFTER,
+        HeaderValue::from(over.wait.num_seconds().max(1)),
+    );
+    response
 }
 
 async fn sign_out(
@@ -496,7 +602,10 @@ async fn sign_out(
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    let valid = match (session::open_session(&state.master_key, &headers), form) {
+    let valid = match (
+        session::open_session(&state.master_key, &state.cookies, &headers),
+        form,
+    ) {
         (Some(session), Ok(Form(form))) => session::tokens_match(&form.csrf, &session.csrf),
         _ => false,
     };
@@ -528,13 +637,6 @@ fn see_other(location: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(LOCATION, value);
     }
-    no_store(response)
-}
-
-fn no_store(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

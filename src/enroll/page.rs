@@ -22,24 +22,28 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// The pages' only style sheet, inline; the Content-Security-Policy allows exactly this text
+/// by its hash (see `headers`), so no other inline style or script runs.
+pub const STYLE: &str = "body{font-family:-apple-system,system-ui,sans-serif;max-width:28rem;\
+     margin:2rem auto;padding:0 1rem;line-height:1.4}\
+     form{margin:1rem 0;padding:1rem;border:1px solid #ccc;border-radius:.5rem}\
+     input,button,a.button{font-size:1rem;width:100%;box-sizing:border-box;margin:.25rem 0;\
+     padding:.6rem}\
+     button,a.button{background:#0a60d0;color:#fff;border:0;border-radius:.4rem}\
+     a.button{display:block;text-align:center;text-decoration:none}\
+     .error{color:#a00} .muted{color:#666}";
+
 fn layout(title: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title}</title><style>\
-         body{{font-family:-apple-system,system-ui,sans-serif;max-width:28rem;margin:2rem auto;\
-         padding:0 1rem;line-height:1.4}}\
-         form{{margin:1rem 0;padding:1rem;border:1px solid #ccc;border-radius:.5rem}}\
-         input,button{{font-size:1rem;width:100%;box-sizing:border-box;margin:.25rem 0;\
-         padding:.6rem}}\
-         button{{background:#0a60d0;color:#fff;border:0;border-radius:.4rem}}\
-         .error{{color:#a00}} .muted{{color:#666}}</style></head><body>\
+         <title>{title}</title><style>{STYLE}</style></head><body>\
          <h1>{title}</h1>{body}</body></html>",
         title = escape(title)
     )
 }
 
-/// The sign-in choices: a form for each LDAP provider, a button for each SSO provider.
+/// The sign-in choices: a form for each LDAP provider, a button-styled link for each SSO one.
 pub fn sign_in(providers: &IdentityProviders, csrf: &str, error: Option<&str>) -> String {
     let mut body = String::new();
     if let Some(error) = error {
@@ -70,13 +74,15 @@ pub fn sign_in(providers: &IdentityProviders, csrf: &str, error: Option<&str>) -
                  <button type=\"submit\">Sign in</button></form>",
                 csrf = escape(csrf)
             )),
+            // Links, not forms: a form's submission that redirects to another origin (the
+            // provider) is blocked by `form-action 'self'`.
             Provider::Oidc(_) => body.push_str(&format!(
-                "<form method=\"get\" action=\"/auth/oidc/{name}/login\">\
-                 <button type=\"submit\">Sign in with {label}</button></form>"
+                "<p><a class=\"button\" href=\"/auth/oidc/{name}/login\">\
+                 Sign in with {label}</a></p>"
             )),
             Provider::Saml(_) => body.push_str(&format!(
-                "<form method=\"get\" action=\"/auth/saml/{name}/login\">\
-                 <button type=\"submit\">Sign in with {label}</button></form>"
+                "<p><a class=\"button\" href=\"/auth/saml/{name}/login\">\
+                 Sign in with {label}</a></p>"
             )),
         }
     }

@@ -42,31 +42,52 @@ pub struct PendingLogin {
     pub expires_at: i64,
 }
 
-/// How cookies are marked: `Secure` whenever the public URL is HTTPS.
+/// How cookies are marked and named: on HTTPS (the public URL decides) they are `Secure` and
+/// carry the `__Host-` prefix, which browsers accept only on a Secure, `Path=/` cookie without a
+/// `Domain`; so a sibling subdomain, or a plain-http page of ours, cannot plant one (session
+/// fixation, or a CSRF token the attacker knows). Plain http keeps the bare names, where the
+/// prefix is not allowed.
 #[derive(Clone, Copy, Debug)]
 pub struct CookiePolicy {
     pub secure: bool,
 }
 
 impl CookiePolicy {
+    /// The name cookie `base` goes by under this policy.
+    pub fn name(&self, base: &str) -> String {
+        if self.secure {
+            format!("__Host-{base}")
+        } else {
+            base.to_owned()
+        }
+    }
+
+    /// The value of cookie `base` in the request, under its policy name only: on HTTPS a bare
+    /// `tb_session` is someone else's cookie and is ignored.
+    pub fn get<'a>(&self, headers: &'a HeaderMap, base: &str) -> Option<&'a str> {
+        cookie(headers, &self.name(base))
+    }
+
     /// A `Set-Cookie` value. `cross_site_post` is for the SAML ACS, which the IdP's page posts
     /// to from another site: Lax cookies are not sent then, so it needs `SameSite=None`, which
     /// browsers accept only with `Secure`.
-    pub fn set(&self, name: &str, value: &str, max_age: i64, cross_site_post: bool) -> HeaderValue {
+    pub fn set(&self, base: &str, value: &str, max_age: i64, cross_site_post: bool) -> HeaderValue {
         let same_site = if cross_site_post && self.secure {
             "None"
         } else {
             "Lax"
         };
         let secure = if self.secure { "; Secure" } else { "" };
+        let name = self.name(base);
+        // Never a Domain attribute: a host-only cookie (and `__Host-` requires it).
         let text = format!(
             "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite={same_site}{secure}"
         );
         HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 
-    pub fn clear(&self, name: &str) -> HeaderValue {
-        self.set(name, "", 0, false)
+    pub fn clear(&self, base: &str) -> HeaderValue {
+        self.set(base, "", 0, false)
     }
 }
 
@@ -99,8 +120,12 @@ pub fn seal_session(key: &MasterKey, session: &Session) -> String {
     seal(key, SESSION_PURPOSE, session)
 }
 
-pub fn open_session(key: &MasterKey, headers: &HeaderMap) -> Option<Session> {
-    let session: Session = open(key, SESSION_PURPOSE, cookie(headers, SESSION_COOKIE)?)?;
+pub fn open_session(
+    key: &MasterKey,
+    cookies: &CookiePolicy,
+    headers: &HeaderMap,
+) -> Option<Session> {
+    let session: Session = open(key, SESSION_PURPOSE, cookies.get(headers, SESSION_COOKIE)?)?;
     (session.expires_at > chrono::Utc::now().timestamp()).then_some(session)
 }
 
@@ -108,8 +133,12 @@ pub fn seal_login(key: &MasterKey, login: &PendingLogin) -> String {
     seal(key, LOGIN_PURPOSE, login)
 }
 
-pub fn open_login(key: &MasterKey, headers: &HeaderMap) -> Option<PendingLogin> {
-    let login: PendingLogin = open(key, LOGIN_PURPOSE, cookie(headers, LOGIN_COOKIE)?)?;
+pub fn open_login(
+    key: &MasterKey,
+    cookies: &CookiePolicy,
+    headers: &HeaderMap,
+) -> Option<PendingLogin> {
+    let login: PendingLogin = open(key, LOGIN_PURPOSE, cookies.get(headers, LOGIN_COOKIE)?)?;
     (login.expires_at > chrono::Utc::now().timestamp()).then_some(login)
 }
 
@@ -148,23 +177,36 @@ mod tests {
             COOKIE,
             format!("a=b; {SESSION_COOKIE}={value}").parse().unwrap(),
         );
-        assert_eq!(open_session(&key(), &headers).unwrap().user_id, "u1");
+        let http = CookiePolicy { secure: false };
+        assert_eq!(open_session(&key(), &http, &headers).unwrap().user_id, "u1");
         // Another key, or the login purpose, cannot open it.
-        assert!(open_session(&MasterKey::from_bytes(&[8; 32]), &headers).is_none());
+        assert!(open_session(&MasterKey::from_bytes(&[8; 32]), &http, &headers).is_none());
+        // On HTTPS only the `__Host-` name counts: the bare one may have been planted.
+        let https = CookiePolicy { secure: true };
+        assert!(open_session(&key(), &https, &headers).is_none());
+        headers.insert(
+            COOKIE,
+            format!("__Host-{SESSION_COOKIE}={value}").parse().unwrap(),
+        );
+        assert_eq!(
+            open_session(&key(), &https, &headers).unwrap().user_id,
+            "u1"
+        );
+        assert!(open_session(&key(), &http, &headers).is_none());
         let expired = Session {
             expires_at: chrono::Utc::now().timestamp() - 1,
             ..session
         };
         let value = seal_session(&key(), &expired);
         headers.insert(COOKIE, format!("{SESSION_COOKIE}={value}").parse().unwrap());
-        assert!(open_session(&key(), &headers).is_none());
+        assert!(open_session(&key(), &http, &headers).is_none());
     }
 
     #[test]
     fn a_tampered_cookie_is_ignored() {
         let mut headers = HeaderMap::new();
         headers.insert(COOKIE, format!("{SESSION_COOKIE}=AAAA").parse().unwrap());
-        assert!(open_session(&key(), &headers).is_none());
+        assert!(open_session(&key(), &CookiePolicy { secure: false }, &headers).is_none());
     }
 
     #[test]
@@ -172,9 +214,17 @@ mod tests {
         let https = CookiePolicy { secure: true };
         let text = https.set("x", "v", 60, true);
         let text = text.to_str().unwrap();
+        assert!(text.starts_with("__Host-x=v; Path=/;"), "{text}");
         assert!(text.contains("HttpOnly") && text.contains("Secure"));
         assert!(text.contains("SameSite=None"));
+        assert!(!text.to_ascii_lowercase().contains("domain="), "{text}");
         let http = CookiePolicy { secure: false };
+        assert!(
+            http.set("x", "v", 60, true)
+                .to_str()
+                .unwrap()
+                .starts_with("x=v;")
+        );
         assert!(
             http.set("x", "v", 60, true)
                 .to_str()

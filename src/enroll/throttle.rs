@@ -3,6 +3,10 @@
 //! cannot be used to guess passwords (or to lock people out of the directory by its own
 //! lockout policy) at network speed. Counts live in this process: behind a load balancer each
 //! instance counts on its own, which bounds guessing at (instances × limit) per window.
+//!
+//! The address is the client's as `client_address` determines it (behind a trusted proxy, the
+//! one it reports). An IPv6 client is counted by its /64: one host is routinely given a whole
+//! /64, so counting single addresses would give an attacker 2^64 fresh ones.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -71,9 +75,20 @@ fn login_key(provider: &str, login: &str) -> String {
 fn keys(provider: &str, login: &str, address: Option<IpAddr>) -> Vec<(String, u32)> {
     let mut keys = vec![(login_key(provider, login), PER_LOGIN)];
     if let Some(address) = address {
-        keys.push((format!("address:{address}"), PER_ADDRESS));
+        keys.push((format!("address:{}", address_group(address)), PER_ADDRESS));
     }
     keys
+}
+
+/// The unit an address is counted in: an IPv4 address, or the /64 an IPv6 address is in.
+fn address_group(address: IpAddr) -> String {
+    match address.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            format!("{}/64", std::net::Ipv6Addr::from(prefix))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +126,33 @@ mod tests {
             throttle
                 .blocked("ldap", "someone-new", Some(IpAddr::from([10, 0, 0, 2])))
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let throttle = SignInThrottle::default();
+        let address = |text: &str| Some(text.parse::<IpAddr>().unwrap());
+        // Each failure from another address of the same /64.
+        for i in 0..PER_ADDRESS {
+            throttle.failed(
+                "ldap",
+                &format!("user{i}"),
+                address(&format!("2001:db8:1:2::{i:x}")),
+            );
+        }
+        let same_64 = address("2001:db8:1:2:ffff:ffff:ffff:ffff");
+        assert!(throttle.blocked("ldap", "someone-new", same_64).is_some());
+        let next_64 = address("2001:db8:1:3::1");
+        assert!(throttle.blocked("ldap", "someone-new", next_64).is_none());
+        // An IPv4-mapped address is its IPv4 address, counted alone.
+        assert_eq!(
+            address_group("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1"
+        );
+        assert_eq!(
+            address_group("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "2001:db8:1:2::/64"
         );
     }
 }

@@ -11,6 +11,7 @@ mod audit;
 mod lifecycle;
 mod mdm;
 mod pki;
+mod portal;
 mod users;
 
 use std::path::Path;

@@ -77,11 +77,25 @@ impl Browser {
     }
 
     pub async fn post_form(&mut self, url: &str, fields: &[(&str, &str)]) -> reqwest::Response {
-        let response = self
+        self.post_form_with(url, fields, &[]).await
+    }
+
+    /// A form post with extra request headers (what a proxy in front would add, say).
+    pub async fn post_form_with(
+        &mut self,
+        url: &str,
+        fields: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
             .client
             .post(url)
             .header("cookie", self.cookie_header())
-            .form(fields)
+            .form(fields);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {url}: {e}"));
@@ -487,6 +501,37 @@ async fn only_members_of_allowed_groups_may_enroll() {
     server.stop().await;
 }
 
+/// A valid session with the wrong CSRF token (a form posted from another site while the person
+/// is signed in): refused, nothing made, nobody signed out; the right token then works.
+#[tokio::test]
+async fn a_signed_in_person_s_forms_need_their_own_csrf_token() {
+    let portal = KeyedPortal::start(&TestDb::Sqlite, PUBLIC_URL, "").await;
+    let (mut browser, csrf) = portal.signed_in("dora").await;
+    let page = browser.page(&portal.server.url("/enroll")).await;
+    assert!(page.contains("Download enrollment profile"), "{page}");
+    assert_eq!(hidden_input(&page, "csrf"), csrf);
+    // Another valid token (of the sign-in form) is still the wrong one here.
+    let wrong = "x".repeat(csrf.len());
+    for token in [wrong.as_str(), "", &csrf[1..]] {
+        let response = browser
+            .post_form(&portal.server.url("/enroll/profile"), &[("csrf", token)])
+            .await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{token:?}");
+        let response = browser
+            .post_form(&portal.server.url("/enroll/sign-out"), &[("csrf", token)])
+            .await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{token:?}");
+    }
+    assert_eq!(portal.unredeemed_profiles("dora").await, 0);
+    assert!(browser.cookie("tb_session").is_some(), "still signed in");
+    let response = browser
+        .post_form(&portal.server.url("/enroll/profile"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(portal.unredeemed_profiles("dora").await, 1);
+    portal.server.stop().await;
+}
+
 #[tokio::test]
 async fn portal_forms_need_their_csrf_token_and_a_session() {
     let (server, _) = portal_on(&TestDb::Sqlite, "").await;
@@ -576,6 +621,8 @@ async fn a_person_enrolls_through_the_portal_in_chromium() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: Json = serde_json::from_slice(&out.stdout).expect("the flow's JSON line");
+    // The portal's style sheet applied: the Content-Security-Policy allows it by its hash.
+    assert_eq!(result["buttonColor"], "rgb(10, 96, 208)", "{result}");
     let shown = result["shown"].as_str().unwrap();
     assert!(
         shown.contains("Carol Clark") && shown.contains("mdm-users"),
@@ -873,5 +920,515 @@ async fn repeated_wrong_passwords_are_throttled_without_asking_the_directory() {
         attempt("carol", "carolpw").await.status(),
         StatusCode::SEE_OTHER
     );
+    server.stop().await;
+}
+
+/// A portal whose master key the test knows, so it can seal a person's session itself (no
+/// identity provider needed), with a push certificate imported.
+pub struct KeyedPortal {
+    pub server: TestServer,
+    pub admin: String,
+    key: trustbroker::secrets::MasterKey,
+    secure: bool,
+    _key_dir: tempfile::TempDir,
+}
+
+impl KeyedPortal {
+    /// `public_url` decides the cookie policy: HTTPS or plain http.
+    pub async fn start(db: &TestDb, public_url: &str, file_toml: &str) -> KeyedPortal {
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = key_dir.path().join("secret.key");
+        let hex_key = "5a".repeat(32);
+        std::fs::write(&key_file, &hex_key).unwrap();
+        let url = db.database_url();
+        let public = public_url.to_owned();
+        let server = TestServer::start_configured(
+            move |args| {
+                args.database_url = url;
+                args.public_url = Some(public);
+                args.secret_key_file = Some(key_file);
+            },
+            file_toml,
+        )
+        .await;
+        let admin = server.admin_key("portal-admin", &["admin"]).await;
+        let (cert, key) = push_certificate(device::TOPIC);
+        assert_eq!(
+            import_push(&server, &admin, &cert, &key).await.status(),
+            StatusCode::OK
+        );
+        KeyedPortal {
+            server,
+            admin,
+            key: trustbroker::secrets::MasterKey::parse(&hex_key).unwrap(),
+            secure: public_url.starts_with("https://"),
+            _key_dir: key_dir,
+        }
+    }
+
+    /// The session cookie's name under this portal's policy.
+    pub fn session_cookie(&self) -> String {
+        self.policy()
+            .name(trustbroker::enroll::session::SESSION_COOKIE)
+    }
+
+    fn policy(&self) -> trustbroker::enroll::session::CookiePolicy {
+        trustbroker::enroll::session::CookiePolicy {
+            secure: self.secure,
+        }
+    }
+
+    /// `login` recorded as a person, as a sign-in does (again: it is an upsert); their id.
+    async fn person(&self, login: &str) -> String {
+        let identity = trustbroker::identity::Identity {
+            provider: "test".into(),
+            subject: login.into(),
+            login: Some(login.into()),
+            email: Some(format!("{login}@example.org")),
+            display_name: None,
+            groups: Vec::new(),
+        };
+        let user = self
+            .server
+            .store()
+            .record_sign_in(&identity, "sign-in")
+            .await
+            .unwrap();
+        user.id
+    }
+
+    /// A sealed session for `login`, and its CSRF token.
+    pub async fn session(&self, login: &str) -> (String, String) {
+        use trustbroker::enroll::session::{Session, seal_session};
+        let user_id = self.person(login).await;
+        let csrf = trustbroker::enroll::session::random_token();
+        let session = Session {
+            user_id,
+            provider: "test".into(),
+            csrf: csrf.clone(),
+            expires_at: chrono::Utc::now().timestamp() + 600,
+        };
+        (seal_session(&self.key, &session), csrf)
+    }
+
+    /// A browser signed in as `login`, and its session's CSRF token.
+    pub async fn signed_in(&self, login: &str) -> (Browser, String) {
+        let (sealed, csrf) = self.session(login).await;
+        let mut browser = Browser::new(&self.server);
+        browser.set_cookie(&self.session_cookie(), &sealed);
+        (browser, csrf)
+    }
+
+    /// Challenges issued to `login`'s enrollments that no device has redeemed.
+    pub async fn unredeemed_profiles(&self, login: &str) -> usize {
+        let user_id = self.person(login).await;
+        let since = chrono::Utc::now() - chrono::Duration::days(1);
+        self.server
+            .store()
+            .unredeemed_profiles_since(&user_id, since)
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+/// Posts the download form; the response.
+async fn post_download(
+    server: &TestServer,
+    browser: &mut Browser,
+    csrf: &str,
+) -> reqwest::Response {
+    browser
+        .post_form(&server.url("/enroll/profile"), &[("csrf", csrf)])
+        .await
+}
+
+fn assert_security_headers(response: &reqwest::Response, what: &str) {
+    let headers = response.headers();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: no {name}"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let policy = header("content-security-policy");
+    for directive in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+        "base-uri 'none'",
+    ] {
+        assert!(
+            policy.contains(directive),
+            "{what}: {directive} not in {policy}"
+        );
+    }
+    assert!(!policy.contains("unsafe-inline"), "{what}: {policy}");
+    assert_eq!(header("x-frame-options"), "DENY", "{what}");
+    assert_eq!(header("x-content-type-options"), "nosniff", "{what}");
+    assert_eq!(header("referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(header("cache-control"), "no-store", "{what}");
+}
+
+/// The `'sha256-…'` source the policy must name for a page's inline style sheet.
+fn style_hash(page: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let style = page
+        .split("<style>")
+        .nth(1)
+        .and_then(|rest| rest.split("</style>").next())
+        .expect("an inline style sheet");
+    let digest = sha2::Sha256::digest(style.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+#[tokio::test]
+async fn every_portal_answer_carries_the_security_headers() {
+    let portal = KeyedPortal::start(&TestDb::Sqlite, PUBLIC_URL, "").await;
+    let server = &portal.server;
+    let mut stranger = Browser::new(server);
+    // The sign-in page: its style sheet is allowed by its hash, and nothing else inline.
+    let page = stranger.get(&server.url("/enroll")).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_security_headers(&page, "sign-in page");
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = page.text().await.unwrap();
+    assert!(policy.contains(&style_hash(&text)), "{policy}");
+    assert!(!text.contains("<script"), "{text}");
+    // Error pages, a rejected form, a wrong method, a sign-in route.
+    let csrf = stranger
+        .cookie("tb_csrf")
+        .expect("a CSRF cookie")
+        .to_owned();
+    let checks = [
+        (
+            stranger
+                .post_form(
+                    &server.url("/auth/ldap/nope"),
+                    &[("csrf", &csrf), ("login", "a"), ("password", "b")],
+                )
+                .await,
+            StatusCode::NOT_FOUND,
+            "unknown provider",
+        ),
+        (
+            stranger
+                .post_form(
+                    &server.url("/auth/ldap/nope"),
+                    &[("csrf", "forged"), ("login", "a"), ("password", "b")],
+                )
+                .await,
+            StatusCode::FORBIDDEN,
+            "forged sign-in form",
+        ),
+        (
+            stranger.get(&server.url("/auth/oidc/nope/login")).await,
+            StatusCode::NOT_FOUND,
+            "unknown sign-in",
+        ),
+        (
+            stranger
+                .post_form(&server.url("/enroll/profile"), &[("csrf", "x")])
+                .await,
+            StatusCode::UNAUTHORIZED,
+            "download without a session",
+        ),
+        (
+            stranger.get(&server.url("/enroll/profile")).await,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "wrong method",
+        ),
+        (
+            stranger
+                .post_form(&server.url("/auth/ldap/nope"), &[("nothing", "x")])
+                .await,
+            StatusCode::BAD_REQUEST,
+            "incomplete form",
+        ),
+    ];
+    for (response, status, what) in checks {
+        assert_eq!(response.status(), status, "{what}");
+        assert_security_headers(&response, what);
+    }
+    // Signed in: the page with the download button, the download, the sign-out redirect.
+    let (mut browser, csrf) = portal.signed_in("erin").await;
+    let page = browser.get(&server.url("/enroll")).await;
+    assert_security_headers(&page, "signed-in page");
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("Download enrollment profile")
+    );
+    let download = post_download(server, &mut browser, &csrf).await;
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_security_headers(&download, "profile download");
+    let out = browser
+        .post_form(&server.url("/enroll/sign-out"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert_security_headers(&out, "sign-out redirect");
+    portal.server.stop().await;
+}
+
+#[tokio::test]
+async fn cookies_carry_the_host_prefix_on_https_and_plain_names_on_http() {
+    // HTTPS (the test server's own listener is the public URL).
+    let https = KeyedPortal::start(&TestDb::Sqlite, "https://127.0.0.1:9443", "").await;
+    let mut browser = Browser::new(&https.server);
+    let page = browser.get(&https.server.url("/enroll")).await;
+    let cookies: Vec<String> = page
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    let csrf = &cookies[0];
+    assert!(csrf.starts_with("__Host-tb_csrf="), "{csrf}");
+    assert!(
+        csrf.contains("; Secure") && csrf.contains("; Path=/;"),
+        "{csrf}"
+    );
+    assert!(!csrf.to_ascii_lowercase().contains("domain="), "{csrf}");
+    // A valid session under the bare name (planted by a sibling host, say) is not a session.
+    let (sealed, _) = https.session("fred").await;
+    let mut planted = Browser::new(&https.server);
+    planted.set_cookie("tb_session", &sealed);
+    let page = planted.page(&https.server.url("/enroll")).await;
+    assert!(!page.contains("Download enrollment profile"), "{page}");
+    let mut real = Browser::new(&https.server);
+    real.set_cookie("__Host-tb_session", &sealed);
+    let page = real.page(&https.server.url("/enroll")).await;
+    assert!(page.contains("Download enrollment profile"), "{page}");
+    https.server.stop().await;
+
+    // Plain http: the prefix is not allowed there, so the bare names.
+    let http = KeyedPortal::start(&TestDb::Sqlite, PUBLIC_URL, "").await;
+    let mut browser = Browser::new(&http.server);
+    let page = browser.get(&http.server.url("/enroll")).await;
+    let csrf = page.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    assert!(csrf.starts_with("tb_csrf="), "{csrf}");
+    assert!(!csrf.contains("Secure"), "{csrf}");
+    http.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_person_holds_a_bounded_number_of_unused_profiles() {
+    for db in TestDb::all().await {
+        let portal = KeyedPortal::start(&db, PUBLIC_URL, "").await;
+        let server = &portal.server;
+        let (mut browser, csrf) = portal.signed_in("gail").await;
+        let mut challenges = Vec::new();
+        for i in 0..5 {
+            let response = post_download(server, &mut browser, &csrf).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::OK,
+                "{}: download {i}",
+                db.name()
+            );
+            challenges.push(challenge_in(&response.bytes().await.unwrap()));
+        }
+        // The sixth within the hour: 429, a page that says what to do, nothing made.
+        let refused = post_download(server, &mut browser, &csrf).await;
+        assert_eq!(
+            refused.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            db.name()
+        );
+        assert_security_headers(&refused, "over the limit");
+        let wait: i64 = refused.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3600).contains(&wait), "{wait}");
+        let text = refused.text().await.unwrap();
+        assert!(
+            text.contains("already downloaded 5 enrollment profiles")
+                && text.contains("Install one of those")
+                && text.contains("minutes"),
+            "{text}"
+        );
+        assert_eq!(portal.unredeemed_profiles("gail").await, 5);
+        // Someone else is not affected.
+        let (mut other, other_csrf) = portal.signed_in("hank").await;
+        assert_eq!(
+            post_download(server, &mut other, &other_csrf)
+                .await
+                .status(),
+            StatusCode::OK
+        );
+        // A device uses one of the five: that frees a slot, for one more download.
+        Device::enroll(server, &challenges[0]).await;
+        assert_eq!(portal.unredeemed_profiles("gail").await, 4);
+        let response = post_download(server, &mut browser, &csrf).await;
+        assert_eq!(response.status(), StatusCode::OK, "{}", db.name());
+        assert_eq!(
+            post_download(server, &mut browser, &csrf).await.status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        // The refusal is in the audit log under the person's name.
+        let audit = server
+            .get_json(
+                "/api/v1/audit?actor=user:test:gail&action=enrollment-profile.create",
+                Some(&portal.admin),
+            )
+            .await;
+        let denied = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["outcome"] == "denied")
+            .count();
+        assert_eq!(denied, 2, "{audit}");
+
+        // Many downloads at once (the same session in many tabs) cannot get past the limit
+        // between the check and the write.
+        let (sealed, csrf) = portal.session("ivy").await;
+        let cookie = format!("{}={sealed}", portal.session_cookie());
+        let mut downloads = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let client = Browser::new(server).client;
+            let url = server.url("/enroll/profile");
+            let (cookie, csrf) = (cookie.clone(), csrf.clone());
+            downloads.spawn(async move {
+                client
+                    .post(url)
+                    .header("cookie", cookie)
+                    .form(&[("csrf", csrf)])
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            });
+        }
+        let mut granted = 0;
+        while let Some(status) = downloads.join_next().await {
+            match status.unwrap() {
+                StatusCode::OK => granted += 1,
+                StatusCode::TOO_MANY_REQUESTS => {}
+                other => panic!("{}: {other}", db.name()),
+            }
+        }
+        let held = portal.unredeemed_profiles("ivy").await;
+        assert!(
+            granted <= 5 && held == granted,
+            "{}: {granted} granted, {held} held",
+            db.name()
+        );
+        portal.server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_sign_in_throttle_believes_forwarded_addresses_only_from_trusted_proxies() {
+    let (Some(url), Some(ca)) = (
+        peer_env("TRUSTBROKER_TEST_LDAP_URL"),
+        peer_env("TRUSTBROKER_TEST_LDAP_CA"),
+    ) else {
+        return;
+    };
+    use trustbroker::enroll::throttle::PER_ADDRESS;
+    let ldap = ldap_toml(&url, &ca, "brokerpw");
+    // Failed sign-ins, each as another login, each claiming to come from `claimed(i)`.
+    async fn fail_from(
+        server: &TestServer,
+        browser: &mut Browser,
+        csrf: &str,
+        logins: std::ops::Range<u32>,
+        claimed: impl Fn(u32) -> String,
+    ) -> Vec<StatusCode> {
+        let mut statuses = Vec::new();
+        for i in logins {
+            let login = format!("nobody{i}");
+            let from = claimed(i);
+            let response = browser
+                .post_form_with(
+                    &server.url("/auth/ldap/ldap"),
+                    &[("csrf", csrf), ("login", &login), ("password", "guess")],
+                    &[("x-forwarded-for", &from)],
+                )
+                .await;
+            statuses.push(response.status());
+        }
+        statuses
+    }
+
+    // Behind a trusted proxy (the test connects from 127.0.0.1): the address it reports.
+    let toml = format!("trusted_proxies = [\"127.0.0.1\"]\n{ldap}");
+    let (server, _) = portal_on(&TestDb::Sqlite, &toml).await;
+    let mut browser = Browser::new(&server);
+    let csrf = hidden_input(&browser.page(&server.url("/enroll")).await, "csrf");
+    // The client prepends addresses of its own; the proxy appends the one it saw.
+    let statuses = fail_from(&server, &mut browser, &csrf, 0..PER_ADDRESS, |i| {
+        format!("10.9.{i}.1, 198.51.100.7")
+    })
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+        "{statuses:?}"
+    );
+    let blocked = fail_from(&server, &mut browser, &csrf, 100..101, |_| {
+        "203.0.113.99, 198.51.100.7".into()
+    })
+    .await;
+    assert_eq!(
+        blocked,
+        [StatusCode::TOO_MANY_REQUESTS],
+        "that client is throttled"
+    );
+    let other = fail_from(&server, &mut browser, &csrf, 101..102, |_| {
+        "198.51.100.8".into()
+    })
+    .await;
+    assert_eq!(
+        other,
+        [StatusCode::UNAUTHORIZED],
+        "another client behind the proxy is not"
+    );
+    // IPv6 clients count by /64: another address in the same /64 is the same client.
+    let v6 = fail_from(&server, &mut browser, &csrf, 200..200 + PER_ADDRESS, |i| {
+        format!("2001:db8:7:7::{i:x}")
+    })
+    .await;
+    assert!(v6.iter().all(|s| *s == StatusCode::UNAUTHORIZED), "{v6:?}");
+    let same_64 = fail_from(&server, &mut browser, &csrf, 300..301, |_| {
+        "2001:db8:7:7:ffff::1".into()
+    })
+    .await;
+    assert_eq!(same_64, [StatusCode::TOO_MANY_REQUESTS]);
+    server.stop().await;
+
+    // Not behind a trusted proxy: the header is the client's word and is ignored; the socket
+    // address is throttled, whatever the header says.
+    let toml = format!("trusted_proxies = [\"10.0.0.0/8\"]\n{ldap}");
+    let (server, _) = portal_on(&TestDb::Sqlite, &toml).await;
+    let mut browser = Browser::new(&server);
+    let csrf = hidden_input(&browser.page(&server.url("/enroll")).await, "csrf");
+    let statuses = fail_from(&server, &mut browser, &csrf, 0..PER_ADDRESS, |i| {
+        format!("198.51.100.{i}")
+    })
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+        "{statuses:?}"
+    );
+    let blocked = fail_from(&server, &mut browser, &csrf, 100..101, |_| {
+        "203.0.113.1".into()
+    })
+    .await;
+    assert_eq!(blocked, [StatusCode::TOO_MANY_REQUESTS]);
     server.stop().await;
 }

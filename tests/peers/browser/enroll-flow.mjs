@@ -5,7 +5,8 @@
 //   node enroll-flow.mjs PORTAL_URL BUTTON_TEXT USER PASSWORD OUT_DIR
 //
 // Prints one JSON line: {"shown": <text of the signed-in page>, "profile": <path of the
-// downloaded .mobileconfig>}. Exits non-zero with a message when a step fails.
+// downloaded .mobileconfig>, "buttonColor": <the SSO button's computed background>}. Exits
+// non-zero with a message when a step fails.
 import fs from 'node:fs';
 import path from 'node:path';
 import puppeteer, { KnownDevices } from 'puppeteer-core';
@@ -37,8 +38,13 @@ try {
 
   step(`open ${portal}/enroll`);
   await page.goto(`${portal}/enroll`, { waitUntil: 'load' });
-  const [button] = await page.$$(`xpath/.//button[contains(., ${JSON.stringify(buttonText)})]`);
+  // A button, or a link styled as one (the SSO choices are links).
+  const [button] = await page.$$(
+    `xpath/.//*[self::button or self::a][contains(., ${JSON.stringify(buttonText)})]`,
+  );
   if (!button) throw new Error(`no button "${buttonText}" on the portal`);
+  // The style sheet applies only if the Content-Security-Policy lets it (by its hash).
+  const buttonColor = await button.evaluate((b) => getComputedStyle(b).backgroundColor);
   step(`press "${buttonText}"`);
   await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), button.tap()]);
 
@@ -72,7 +78,7 @@ try {
     new Promise((_, reject) => setTimeout(() => reject(new Error('no download within 20 s')), 20000)),
   ]);
   const profile = file || fs.readdirSync(outDir).map((f) => path.join(outDir, f))[0];
-  console.log(JSON.stringify({ shown, profile }));
+  console.log(JSON.stringify({ shown, profile, buttonColor }));
 } finally {
   await browser.close();
 }
