@@ -13,8 +13,8 @@ use super::scep::{
     self, ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiMessage, RequestHeader,
     ScepError,
 };
-use crate::config::Secret;
 use super::validity::Unusable;
+use crate::config::Secret;
 use crate::store::{
     CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, RequestedCertificate, Store,
     StoreError,
