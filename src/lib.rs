@@ -3,6 +3,18 @@
 //! `main.rs` only wires things together; everything it starts lives here so that the
 //! integration tests can start the same server in-process.
 
+// Nothing that came from outside may panic the server: no unwrap, expect, panic or indexing
+// in non-test code; the few justified exceptions carry an `allow` and a reason where they stand.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod admin;
 pub mod apple;
 pub mod audit;

@@ -1,5 +1,12 @@
 //! The `trustbroker` command line: wiring only.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::process::ExitCode;
 
 use anyhow::Context;

@@ -35,6 +35,8 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Fails only for an empty bucket list, which LATENCY_BUCKETS is not.
+            #[allow(clippy::expect_used)]
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .expect("latency buckets are non-empty")

@@ -216,6 +216,6 @@ async fn apns_reason(response: reqwest::Response) -> String {
         .json::<serde_json::Value>()
         .await
         .ok()
-        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .and_then(|v| v.get("reason")?.as_str().map(str::to_owned))
         .unwrap_or_default()
 }

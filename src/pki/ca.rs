@@ -483,7 +483,7 @@ fn to_time(at: DateTime<Utc>) -> anyhow::Result<time::OffsetDateTime> {
 /// Lower-case hex of a serial number's integer value (no leading zero bytes).
 pub fn serial_hex(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
-    let trimmed = &bytes[start..];
+    let trimmed = bytes.get(start..).unwrap_or_default();
     if trimmed.is_empty() {
         "00".into()
     } else {

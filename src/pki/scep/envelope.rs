@@ -345,7 +345,7 @@ pub fn seal_envelope_unpadded(
 }
 
 fn fill_random(buf: &mut [u8]) {
-    getrandom::fill(buf).expect("the operating system's random number generator failed");
+    crate::random::fill(buf);
 }
 
 fn encrypt(
