@@ -18,8 +18,8 @@ use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::pki::challenge::ChallengeRequest;
 use crate::store::{
-    AUDIT_RETIRE, CommandRecord, DeviceRecord, EnrollmentSpan, MdmEnrollment, NewCommand, Queued,
-    RetireRequest, UserRecord,
+    AUDIT_RETIRE, ChannelStatus, CommandRecord, CommandStatus, DeviceRecord, EnrollmentSpan,
+    MdmEnrollment, NewCommand, PushStatus, Queued, RetireRequest, UserRecord,
 };
 
 pub fn router() -> Router<AppState> {
@@ -94,8 +94,8 @@ async fn enqueue(
     let mut wakeable = Vec::new();
     for id in &targets {
         match state.store.mdm_enrollment(id).await? {
-            Some(e) if e.status != "checked-out" => {
-                if e.push_token.is_some() && e.push_status != "unregistered" {
+            Some(e) if e.status != ChannelStatus::CheckedOut => {
+                if e.push_token.is_some() && e.push_status != PushStatus::Unregistered {
                     wakeable.push(id.clone());
                 }
             }
@@ -149,7 +149,7 @@ async fn enqueue(
         .zip(&queued)
         .map(|(c, q)| match q {
             Queued::Queued => json!({"enrollment_id": c.enrollment_id, "command_uuid": c.uuid,
-                                     "status": "queued", "push": push(&c.enrollment_id)}),
+                                     "status": CommandStatus::Queued, "push": push(&c.enrollment_id)}),
             Queued::Duplicate(existing) => json!({"enrollment_id": c.enrollment_id,
                 "command_uuid": existing, "status": "duplicate", "push": push(&c.enrollment_id)}),
         })

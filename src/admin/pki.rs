@@ -13,7 +13,7 @@ use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::pki::challenge::{self, ChallengeRequest};
-use crate::store::{CertificateQuery, CertificateRecord, StoreError};
+use crate::store::{CertificateQuery, CertificateRecord, CertificateStatus, StoreError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -108,7 +108,8 @@ struct CertificateView {
     serial: String,
     subject: String,
     enrollment_id: Option<String>,
-    status: String,
+    /// The stored status, or `expired`.
+    status: &'static str,
     not_before: DateTime<Utc>,
     not_after: DateTime<Utc>,
     issued_at: DateTime<Utc>,
@@ -122,11 +123,11 @@ struct CertificateView {
 impl CertificateView {
     fn of(record: CertificateRecord, with_pem: bool) -> Self {
         // A certificate past its end is reported as expired, whatever its stored status.
-        let status = if record.status == crate::store::CERT_VALID && record.not_after <= Utc::now()
+        let status = if record.status == CertificateStatus::Valid && record.not_after <= Utc::now()
         {
-            "expired".to_string()
+            "expired"
         } else {
-            record.status
+            record.status.as_str()
         };
         CertificateView {
             pem: with_pem.then(|| crate::pki::pem("CERTIFICATE", &record.der)),
@@ -159,16 +160,20 @@ async fn list_certificates(
     Query(params): Query<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = super::page_limit(params.limit)?;
-    if let Some(status) = &params.status
-        && ![crate::store::CERT_VALID, crate::store::CERT_REVOKED].contains(&status.as_str())
+    let status = match params
+        .status
+        .as_deref()
+        .map(str::parse::<CertificateStatus>)
     {
-        return Err(ApiError::bad_request("status must be 'valid' or 'revoked'"));
-    }
+        None => None,
+        Some(Ok(status)) => Some(status),
+        Some(Err(_)) => return Err(ApiError::bad_request("status must be 'valid' or 'revoked'")),
+    };
     let records = state
         .store
         .list_certificates(&CertificateQuery {
             enrollment_id: params.enrollment_id,
-            status: params.status,
+            status,
             after: params.after.map(|s| s.to_ascii_lowercase()),
             limit,
         })

@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::ApnsConfig;
 use crate::secrets::MasterKey;
-use crate::store::{MdmEnrollment, Store};
+use crate::store::{ChannelStatus, MdmEnrollment, PushStatus, Store};
 
 /// Concurrent pushes in flight at most (APNs multiplexes them over few connections).
 const MAX_IN_FLIGHT: usize = 64;
@@ -106,7 +106,9 @@ impl Pusher {
         let (Some(token), Some(magic)) = (&enrollment.push_token, &enrollment.push_magic) else {
             return PushOutcome::NoToken;
         };
-        if enrollment.push_status == "unregistered" || enrollment.status == "checked-out" {
+        if enrollment.push_status == PushStatus::Unregistered
+            || enrollment.status == ChannelStatus::CheckedOut
+        {
             return PushOutcome::NoToken;
         }
         let connection = match self.connection().await {
@@ -132,7 +134,7 @@ impl Pusher {
                 .await;
             match sent {
                 Ok(response) if response.status().is_success() => {
-                    self.set_push_status(&enrollment.id, "ok").await;
+                    self.set_push_status(&enrollment.id, PushStatus::Ok).await;
                     return PushOutcome::Sent;
                 }
                 Ok(response) => {
@@ -142,7 +144,8 @@ impl Pusher {
                         || (status == reqwest::StatusCode::BAD_REQUEST
                             && reason == "BadDeviceToken")
                     {
-                        self.set_push_status(&enrollment.id, "unregistered").await;
+                        self.set_push_status(&enrollment.id, PushStatus::Unregistered)
+                            .await;
                         tracing::info!(enrollment = %enrollment.id, %reason,
                             "APNs: the push token is dead");
                         return PushOutcome::Unregistered;
@@ -165,7 +168,7 @@ impl Pusher {
         PushOutcome::Failed(last_error)
     }
 
-    async fn set_push_status(&self, enrollment_id: &str, status: &str) {
+    async fn set_push_status(&self, enrollment_id: &str, status: PushStatus) {
         if let Err(e) = self.store.set_push_status(enrollment_id, status).await {
             tracing::warn!(error = %e, "APNs: could not record the push status");
         }

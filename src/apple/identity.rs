@@ -17,7 +17,9 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 
 use crate::pki::{scep, validity};
-use crate::store::{CERT_VALID, CertificateRecord, ChannelState, EnrollmentRecord, Store};
+use crate::store::{
+    CertificateRecord, CertificateStatus, ChannelState, EnrollmentRecord, EnrollmentStatus, Store,
+};
 
 /// Largest `Mdm-Signature` header accepted (a signature with a 4096-bit certificate chain is
 /// about 4 KiB of base64).
@@ -194,7 +196,7 @@ impl MigratedCas {
             user_id: None,
             requested_by: "migration".into(),
             created_at: now,
-            status: "migrated".into(),
+            status: EnrollmentStatus::Migrated,
         };
         let record = CertificateRecord {
             serial: crate::pki::ca::serial_hex(tbs.serial_number().as_bytes()),
@@ -202,7 +204,7 @@ impl MigratedCas {
             subject: tbs.subject().to_string(),
             not_before: time(&tbs.validity().not_before),
             not_after: time(&tbs.validity().not_after),
-            status: CERT_VALID.into(),
+            status: CertificateStatus::Valid,
             revoked_at: None,
             revocation_reason: None,
             renewed_from: None,

@@ -14,7 +14,8 @@ use super::plist::{Limits, PlistError};
 use crate::config::ReenrollmentPolicy;
 use crate::secrets::MasterKey;
 use crate::store::{
-    BindRefusal, Bound, ChannelState, CommandOutcome, DeviceFacts, Store, TokenUpdateRecord,
+    BindRefusal, Bound, ChannelState, ChannelStatus, ChannelType, CommandOutcome, DeviceFacts,
+    Store, TokenUpdateRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +205,11 @@ impl MdmService {
                     .token_update(&TokenUpdateRecord {
                         enrollment_id,
                         udid: device_id.to_owned(),
-                        channel: if user.is_some() { "user" } else { "device" },
+                        channel: if user.is_some() {
+                            ChannelType::User
+                        } else {
+                            ChannelType::Device
+                        },
                         user_id: user,
                         user_short_name: channel.user_short_name.clone(),
                         user_long_name: channel.user_long_name.clone(),
@@ -275,7 +280,7 @@ impl MdmService {
         bound_device(identity, &device_id)?;
         let channel = identity
             .channel(&enrollment_id, &device_id)
-            .filter(|c| c.status != "checked-out")
+            .filter(|c| c.status != ChannelStatus::CheckedOut)
             .ok_or_else(|| {
                 tracing::info!(device = %device_id, channel = %enrollment_id,
                     "MDM: connect refused: the channel has no TokenUpdate or checked out");

@@ -9,9 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::store::{EnrollmentRecord, Store, StoreResult};
-
-pub const ENROLLMENT_PENDING: &str = "pending";
+use crate::store::{EnrollmentRecord, EnrollmentStatus, Store, StoreResult};
 
 /// Who a challenge is for, as given by whoever asked for it.
 #[derive(Clone, Debug, Default)]
@@ -44,7 +42,7 @@ pub async fn create(
         user_id: request.user_id,
         requested_by: request.requested_by,
         created_at: now,
-        status: ENROLLMENT_PENDING.into(),
+        status: EnrollmentStatus::Pending,
     };
     store.insert_enrollment(&enrollment).await?;
     let challenge = URL_SAFE_NO_PAD.encode(crate::random::bytes::<32>());

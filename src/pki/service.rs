@@ -16,8 +16,8 @@ use super::scep::{
 use super::validity::Unusable;
 use crate::config::Secret;
 use crate::store::{
-    CERT_VALID, CertificateRecord, EnrollmentRecord, Recorded, RequestedCertificate, Store,
-    StoreError,
+    CertificateRecord, CertificateStatus, EnrollmentRecord, EnrollmentStatus, Recorded,
+    RequestedCertificate, Store, StoreError,
 };
 
 /// What the HTTP layer sends back for a PKIOperation.
@@ -263,7 +263,7 @@ impl ScepService {
             user_id: None,
             requested_by: "scep:static-challenge".into(),
             created_at: crate::store::now(),
-            status: challenge::ENROLLMENT_PENDING.into(),
+            status: EnrollmentStatus::Pending,
         };
         self.store.insert_enrollment(&enrollment).await?;
         let enrollment_id = enrollment.id.clone();
@@ -617,7 +617,7 @@ fn certificate_record(
         subject: issued.subject.clone(),
         not_before: issued.not_before,
         not_after: issued.not_after,
-        status: CERT_VALID.into(),
+        status: CertificateStatus::Valid,
         revoked_at: None,
         revocation_reason: None,
         renewed_from,

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::store::{CERT_VALID, CertificateRecord};
+use crate::store::{CertificateRecord, CertificateStatus};
 
 /// Why a certificate of ours may not be used now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum Unusable {
 /// Whether `record` may authenticate a request at `now`: unrevoked and within its validity
 /// (a renewed certificate's validity ends when its overlap with the new one does).
 pub fn usable_at(record: &CertificateRecord, now: DateTime<Utc>) -> Result<(), Unusable> {
-    if record.status != CERT_VALID {
+    if record.status != CertificateStatus::Valid {
         return Err(Unusable::Revoked);
     }
     if record.not_before > now {

@@ -10,99 +10,14 @@ use serde_json::json;
 
 use super::audit::INSERT_AUDIT;
 use super::mdm::DeviceFacts;
-use super::pki::{CERT_REVOKED, CERT_VALID};
-use super::{Store, StoreError, StoreResult, on_pool};
+use super::states::pending_commands_sql;
+use super::{
+    CertificateStatus, ChannelStatus, CommandStatus, EnrollmentStatus, PushStatus,
+    RetirementReason, Store, StoreError, StoreResult, on_pool,
+};
 use crate::config::ReenrollmentPolicy;
 
-/// Where an enrollment record (`enrollments.status`) stands. `as_str` is the one mapping to
-/// the database and the API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EnrollmentStatus {
-    /// Issued (challenge, profile), no device bound yet.
-    Pending,
-    /// Bound to a device by an Authenticate with one of its certificates.
-    Active,
-    /// Over: its certificates revoked, its device's queue cancelled.
-    Retired,
-    /// Recorded for another MDM's device certificate, no device bound yet.
-    Migrated,
-}
-
-impl EnrollmentStatus {
-    pub const ALL: [EnrollmentStatus; 4] = [
-        EnrollmentStatus::Pending,
-        EnrollmentStatus::Active,
-        EnrollmentStatus::Retired,
-        EnrollmentStatus::Migrated,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EnrollmentStatus::Pending => "pending",
-            EnrollmentStatus::Active => "active",
-            EnrollmentStatus::Retired => "retired",
-            EnrollmentStatus::Migrated => "migrated",
-        }
-    }
-
-    /// Not bound to any device and not retired: its certificate may enroll a device.
-    pub fn is_fresh(self) -> bool {
-        matches!(self, EnrollmentStatus::Pending | EnrollmentStatus::Migrated)
-    }
-}
-
-macro_rules! serialize_as_str {
-    ($($state:ty),*) => {$(
-        impl Serialize for $state {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(self.as_str())
-            }
-        }
-    )*};
-}
-serialize_as_str!(EnrollmentStatus, RetirementReason);
-
-/// A status or reason in the database that this version does not know.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown {what} '{value}' in the database")]
-pub struct UnknownState {
-    what: &'static str,
-    value: String,
-}
-
-impl TryFrom<String> for EnrollmentStatus {
-    type Error = UnknownState;
-    fn try_from(value: String) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.as_str() == value)
-            .ok_or(UnknownState {
-                what: "enrollment status",
-                value,
-            })
-    }
-}
-
-/// Why an enrollment ended (`enrollments.retired_reason`), mapped by `as_str`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RetirementReason {
-    /// The device authenticated with a fresh enrollment record, which replaced this one.
-    Reenrolled,
-    /// An admin retired it (API or command line).
-    Retired,
-}
-
 impl RetirementReason {
-    pub const ALL: [RetirementReason; 2] =
-        [RetirementReason::Reenrolled, RetirementReason::Retired];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RetirementReason::Reenrolled => "re-enrolled",
-            RetirementReason::Retired => "retired",
-        }
-    }
-
     /// The RFC 5280 reason its certificates are revoked with.
     fn revocation_reason(self) -> &'static str {
         match self {
@@ -113,24 +28,11 @@ impl RetirementReason {
 
     /// What the device's channels become: pending for the enrollment that replaces this one
     /// (until its TokenUpdate), checked out when nothing does.
-    fn channel_status(self) -> &'static str {
+    fn channel_status(self) -> ChannelStatus {
         match self {
-            RetirementReason::Reenrolled => "pending",
-            RetirementReason::Retired => "checked-out",
+            RetirementReason::Reenrolled => ChannelStatus::Pending,
+            RetirementReason::Retired => ChannelStatus::CheckedOut,
         }
-    }
-}
-
-impl TryFrom<String> for RetirementReason {
-    type Error = UnknownState;
-    fn try_from(value: String) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.as_str() == value)
-            .ok_or(UnknownState {
-                what: "retirement reason",
-                value,
-            })
     }
 }
 
@@ -183,40 +85,30 @@ pub struct EnrollmentSpan {
 #[derive(sqlx::FromRow)]
 struct SpanRow {
     id: String,
-    #[sqlx(try_from = "String")]
     status: EnrollmentStatus,
     user_id: Option<String>,
     requested_by: String,
     bound_at: Option<DateTime<Utc>>,
     retired_at: Option<DateTime<Utc>>,
-    retired_reason: Option<String>,
+    retired_reason: Option<RetirementReason>,
     retired_by: Option<String>,
     superseded_by: Option<String>,
 }
 
 impl SpanRow {
-    fn into_span(self) -> StoreResult<EnrollmentSpan> {
-        let retired_reason = self
-            .retired_reason
-            .map(RetirementReason::try_from)
-            .transpose()
-            .map_err(decode_error)?;
-        Ok(EnrollmentSpan {
+    fn into_span(self) -> EnrollmentSpan {
+        EnrollmentSpan {
             id: self.id,
             status: self.status,
             owner_id: self.user_id,
             requested_by: self.requested_by,
             started_at: self.bound_at,
             retired_at: self.retired_at,
-            retired_reason,
+            retired_reason: self.retired_reason,
             retired_by: self.retired_by,
             superseded_by: self.superseded_by,
-        })
+        }
     }
-}
-
-fn decode_error(e: UnknownState) -> StoreError {
-    StoreError::Database(sqlx::Error::Decode(Box::new(e)))
 }
 
 /// What retiring an enrollment did.
@@ -269,9 +161,9 @@ macro_rules! retire_in_tx {
                  retired_by = $5, superseded_by = $6 WHERE id = $1 AND status <> $2",
             )
             .bind($record)
-            .bind(EnrollmentStatus::Retired.as_str())
+            .bind(EnrollmentStatus::Retired)
             .bind($now)
-            .bind(reason.as_str())
+            .bind(reason)
             .bind($by)
             .bind($superseded_by)
             .execute(&mut *$tx)
@@ -281,10 +173,10 @@ macro_rules! retire_in_tx {
                  WHERE enrollment_id = $1 AND status = $5",
             )
             .bind($record)
-            .bind(CERT_REVOKED)
+            .bind(CertificateStatus::Revoked)
             .bind($now)
             .bind(reason.revocation_reason())
-            .bind(CERT_VALID)
+            .bind(CertificateStatus::Valid)
             .execute(&mut *$tx)
             .await?
             .rows_affected();
@@ -299,24 +191,27 @@ macro_rules! retire_in_tx {
             .await?;
             let mut cancelled = 0;
             if let Some(udid) = udid {
-                cancelled = sqlx::query(
-                    "UPDATE mdm_commands SET status = 'cancelled', answered_at = $2 \
+                cancelled = sqlx::query(concat!(
+                    "UPDATE mdm_commands SET status = $3, answered_at = $2 \
                      WHERE enrollment_id IN (SELECT id FROM mdm_enrollments WHERE udid = $1) \
-                     AND status IN ('queued', 'sent', 'not-now')",
-                )
+                     AND status IN ",
+                    pending_commands_sql!()
+                ))
                 .bind(udid)
                 .bind($now)
+                .bind(CommandStatus::Cancelled)
                 .execute(&mut *$tx)
                 .await?
                 .rows_affected();
                 sqlx::query(
                     "UPDATE mdm_enrollments SET status = $2, push_token = NULL, \
-                     push_magic = NULL, unlock_token = NULL, push_status = 'unknown', \
+                     push_magic = NULL, unlock_token = NULL, push_status = $4, \
                      updated_at = $3 WHERE udid = $1",
                 )
                 .bind(udid)
                 .bind(reason.channel_status())
                 .bind($now)
+                .bind(PushStatus::Unknown)
                 .execute(&mut *$tx)
                 .await?;
                 sqlx::query(
@@ -373,48 +268,135 @@ impl Store {
     ) -> StoreResult<Attempt> {
         let now = super::now();
         let actor = format!("device:{udid}");
-        let outcome: Result<Result<Attempt, UnknownState>, sqlx::Error> =
-            on_pool!(self, |pool| async {
-                let mut tx = super::begin_write(pool).await?;
-                // Lock the device's row first (a no-op write: SQLite's BEGIN IMMEDIATE holds
-                // the lock already), so that on PostgreSQL concurrent Authenticates of one
-                // device queue here and each reads what the one before it wrote.
-                sqlx::query("UPDATE mdm_devices SET updated_at = updated_at WHERE udid = $1")
-                    .bind(udid)
-                    .execute(&mut *tx)
-                    .await?;
-                let record: Option<(String, Option<String>)> =
-                    sqlx::query_as("SELECT status, user_id FROM enrollments WHERE id = $1")
-                        .bind(record_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                let Some((status, owner)) = record else {
-                    return Ok(Ok(Attempt::Done(Err(BindRefusal::UnknownRecord))));
-                };
-                let status = match EnrollmentStatus::try_from(status) {
-                    Ok(status) => status,
-                    Err(e) => return Ok(Err(e)),
-                };
-                if status == EnrollmentStatus::Retired {
-                    return Ok(Ok(Attempt::Done(Err(BindRefusal::RecordRetired))));
-                }
-                let bound: Option<(String, Option<String>)> = sqlx::query_as(
-                    "SELECT enrollment_id, owner_id FROM mdm_devices WHERE udid = $1",
-                )
+        let outcome: Result<Attempt, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            // Lock the device's row first (a no-op write: SQLite's BEGIN IMMEDIATE holds
+            // the lock already), so that on PostgreSQL concurrent Authenticates of one
+            // device queue here and each reads what the one before it wrote.
+            sqlx::query("UPDATE mdm_devices SET updated_at = updated_at WHERE udid = $1")
                 .bind(udid)
-                .fetch_optional(&mut *tx)
+                .execute(&mut *tx)
                 .await?;
+            let record: Option<(EnrollmentStatus, Option<String>)> =
+                sqlx::query_as("SELECT status, user_id FROM enrollments WHERE id = $1")
+                    .bind(record_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some((status, owner)) = record else {
+                return Ok(Attempt::Done(Err(BindRefusal::UnknownRecord)));
+            };
+            if status == EnrollmentStatus::Retired {
+                return Ok(Attempt::Done(Err(BindRefusal::RecordRetired)));
+            }
+            let bound: Option<(String, Option<String>)> =
+                sqlx::query_as("SELECT enrollment_id, owner_id FROM mdm_devices WHERE udid = $1")
+                    .bind(udid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
 
-                if let Some((current, _)) = &bound
-                    && current == record_id
-                {
-                    sqlx::query(
-                        "UPDATE mdm_devices SET serial_number = $2, model = $3, \
+            if let Some((current, _)) = &bound
+                && current == record_id
+            {
+                sqlx::query(
+                    "UPDATE mdm_devices SET serial_number = $2, model = $3, \
                          model_name = $4, product_name = $5, device_name = $6, \
                          os_version = $7, build_version = $8, topic = $9, \
                          authenticated_at = $10, updated_at = $10 WHERE udid = $1",
+                )
+                .bind(udid)
+                .bind(&facts.serial_number)
+                .bind(&facts.model)
+                .bind(&facts.model_name)
+                .bind(&facts.product_name)
+                .bind(&facts.device_name)
+                .bind(&facts.os_version)
+                .bind(&facts.build_version)
+                .bind(topic)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE mdm_enrollments SET status = $3, updated_at = $2 \
+                         WHERE udid = $1 AND status = $4",
+                )
+                .bind(udid)
+                .bind(now)
+                .bind(ChannelStatus::Pending)
+                .bind(ChannelStatus::Active)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(Attempt::Done(Ok(Bound::Refreshed)));
+            }
+
+            // Only a record no device has used may enroll one.
+            let taken: Option<String> =
+                sqlx::query_scalar("SELECT udid FROM mdm_devices WHERE enrollment_id = $1")
+                    .bind(record_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if !status.is_fresh() || taken.is_some() {
+                return Ok(Attempt::Done(Err(BindRefusal::CertificateBoundElsewhere)));
+            }
+
+            let previous = match &bound {
+                None => None,
+                Some((current, current_owner)) => {
+                    let current_status: Option<EnrollmentStatus> =
+                        sqlx::query_scalar("SELECT status FROM enrollments WHERE id = $1")
+                            .bind(current)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    // An enrollment an admin retired holds the device no longer.
+                    let released = current_status == Some(EnrollmentStatus::Retired);
+                    let allowed = released
+                        || match policy {
+                            ReenrollmentPolicy::Allow => true,
+                            ReenrollmentPolicy::SameOwner => *current_owner == owner,
+                            ReenrollmentPolicy::Deny => false,
+                        };
+                    if !allowed {
+                        return Ok(Attempt::Done(Err(BindRefusal::DeviceBoundElsewhere(
+                            policy,
+                        ))));
+                    }
+                    Some((current.clone(), current_owner.clone()))
+                }
+            };
+
+            // Claim the record: of concurrent Authenticates with it, one gets it.
+            // (The fresh statuses, as `EnrollmentStatus::is_fresh` names them.)
+            let claimed = sqlx::query(
+                "UPDATE enrollments SET status = $2, udid = $3, bound_at = $4 \
+                     WHERE id = $1 AND status IN ($5, $6)",
+            )
+            .bind(record_id)
+            .bind(EnrollmentStatus::Active)
+            .bind(udid)
+            .bind(now)
+            .bind(EnrollmentStatus::Pending)
+            .bind(EnrollmentStatus::Migrated)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if claimed != 1 {
+                tx.rollback().await?;
+                return Ok(Attempt::Done(Err(BindRefusal::CertificateBoundElsewhere)));
+            }
+
+            let mut detail = json!({"enrollment": record_id, "owner": owner});
+            match &previous {
+                None => {
+                    // The device belongs to whoever the enrollment record was issued to.
+                    let inserted = sqlx::query(
+                        "INSERT INTO mdm_devices (udid, enrollment_id, serial_number, model, \
+                             model_name, product_name, device_name, os_version, build_version, \
+                             topic, authenticated_at, updated_at, owner_id, owner_bound_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, \
+                             CASE WHEN $12 IS NULL THEN NULL ELSE $11 END)",
                     )
                     .bind(udid)
+                    .bind(record_id)
                     .bind(&facts.serial_number)
                     .bind(&facts.model)
                     .bind(&facts.model_name)
@@ -424,195 +406,101 @@ impl Store {
                     .bind(&facts.build_version)
                     .bind(topic)
                     .bind(now)
+                    .bind(&owner)
                     .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "UPDATE mdm_enrollments SET status = 'pending', updated_at = $2 \
-                         WHERE udid = $1 AND status = 'active'",
-                    )
-                    .bind(udid)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    return Ok(Ok(Attempt::Done(Ok(Bound::Refreshed))));
-                }
-
-                // Only a record no device has used may enroll one.
-                let taken: Option<String> =
-                    sqlx::query_scalar("SELECT udid FROM mdm_devices WHERE enrollment_id = $1")
-                        .bind(record_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if !status.is_fresh() || taken.is_some() {
-                    return Ok(Ok(Attempt::Done(Err(
-                        BindRefusal::CertificateBoundElsewhere,
-                    ))));
-                }
-
-                let previous = match &bound {
-                    None => None,
-                    Some((current, current_owner)) => {
-                        let current_status: Option<String> =
-                            sqlx::query_scalar("SELECT status FROM enrollments WHERE id = $1")
-                                .bind(current)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        // An enrollment an admin retired holds the device no longer.
-                        let released =
-                            current_status.as_deref() == Some(EnrollmentStatus::Retired.as_str());
-                        let allowed = released
-                            || match policy {
-                                ReenrollmentPolicy::Allow => true,
-                                ReenrollmentPolicy::SameOwner => *current_owner == owner,
-                                ReenrollmentPolicy::Deny => false,
-                            };
-                        if !allowed {
-                            return Ok(Ok(Attempt::Done(Err(BindRefusal::DeviceBoundElsewhere(
-                                policy,
-                            )))));
+                    .await;
+                    match inserted {
+                        Ok(_) => {}
+                        // A concurrent Authenticate of the same device with another record
+                        // won: try again, against what it wrote.
+                        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                            tx.rollback().await?;
+                            return Ok(Attempt::LostRace);
                         }
-                        Some((current.clone(), current_owner.clone()))
+                        Err(e) => return Err(e),
                     }
-                };
-
-                // Claim the record: of concurrent Authenticates with it, one gets it.
-                // (The fresh statuses, as `EnrollmentStatus::is_fresh` names them.)
-                let claimed = sqlx::query(
-                    "UPDATE enrollments SET status = $2, udid = $3, bound_at = $4 \
-                     WHERE id = $1 AND status IN ($5, $6)",
-                )
-                .bind(record_id)
-                .bind(EnrollmentStatus::Active.as_str())
-                .bind(udid)
-                .bind(now)
-                .bind(EnrollmentStatus::Pending.as_str())
-                .bind(EnrollmentStatus::Migrated.as_str())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if claimed != 1 {
-                    tx.rollback().await?;
-                    return Ok(Ok(Attempt::Done(Err(
-                        BindRefusal::CertificateBoundElsewhere,
-                    ))));
                 }
-
-                let mut detail = json!({"enrollment": record_id, "owner": owner});
-                match &previous {
-                    None => {
-                        // The device belongs to whoever the enrollment record was issued to.
-                        let inserted = sqlx::query(
-                            "INSERT INTO mdm_devices (udid, enrollment_id, serial_number, model, \
-                             model_name, product_name, device_name, os_version, build_version, \
-                             topic, authenticated_at, updated_at, owner_id, owner_bound_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, \
-                             CASE WHEN $12 IS NULL THEN NULL ELSE $11 END)",
-                        )
-                        .bind(udid)
-                        .bind(record_id)
-                        .bind(&facts.serial_number)
-                        .bind(&facts.model)
-                        .bind(&facts.model_name)
-                        .bind(&facts.product_name)
-                        .bind(&facts.device_name)
-                        .bind(&facts.os_version)
-                        .bind(&facts.build_version)
-                        .bind(topic)
-                        .bind(now)
-                        .bind(&owner)
-                        .execute(&mut *tx)
-                        .await;
-                        match inserted {
-                            Ok(_) => {}
-                            // A concurrent Authenticate of the same device with another record
-                            // won: try again, against what it wrote.
-                            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                                tx.rollback().await?;
-                                return Ok(Ok(Attempt::LostRace));
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    Some((current, current_owner)) => {
-                        let moved = sqlx::query(
-                            "UPDATE mdm_devices SET enrollment_id = $2, serial_number = $3, \
+                Some((current, current_owner)) => {
+                    let moved = sqlx::query(
+                        "UPDATE mdm_devices SET enrollment_id = $2, serial_number = $3, \
                              model = $4, model_name = $5, product_name = $6, device_name = $7, \
                              os_version = $8, build_version = $9, topic = $10, \
                              authenticated_at = $11, updated_at = $11, owner_id = $12, \
                              owner_bound_at = CASE WHEN $12 IS NULL THEN NULL ELSE $11 END \
                              WHERE udid = $1 AND enrollment_id = $13",
-                        )
-                        .bind(udid)
-                        .bind(record_id)
-                        .bind(&facts.serial_number)
-                        .bind(&facts.model)
-                        .bind(&facts.model_name)
-                        .bind(&facts.product_name)
-                        .bind(&facts.device_name)
-                        .bind(&facts.os_version)
-                        .bind(&facts.build_version)
-                        .bind(topic)
-                        .bind(now)
-                        .bind(&owner)
-                        .bind(current)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                        if moved != 1 {
-                            tx.rollback().await?;
-                            return Ok(Ok(Attempt::LostRace));
-                        }
-                        let (revoked, cancelled) = retire_in_tx!(
-                            tx,
-                            current,
-                            Some(udid),
-                            now,
-                            RetirementReason::Reenrolled,
-                            &actor,
-                            Some(record_id)
-                        )
-                        .await?;
-                        detail = json!({
-                            "enrollment": record_id, "owner": owner,
-                            "previous_enrollment": current, "previous_owner": current_owner,
-                            "certificates_revoked": revoked, "commands_cancelled": cancelled,
-                            "policy": policy.as_str(),
-                        });
+                    )
+                    .bind(udid)
+                    .bind(record_id)
+                    .bind(&facts.serial_number)
+                    .bind(&facts.model)
+                    .bind(&facts.model_name)
+                    .bind(&facts.product_name)
+                    .bind(&facts.device_name)
+                    .bind(&facts.os_version)
+                    .bind(&facts.build_version)
+                    .bind(topic)
+                    .bind(now)
+                    .bind(&owner)
+                    .bind(current)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if moved != 1 {
+                        tx.rollback().await?;
+                        return Ok(Attempt::LostRace);
                     }
+                    let (revoked, cancelled) = retire_in_tx!(
+                        tx,
+                        current,
+                        Some(udid),
+                        now,
+                        RetirementReason::Reenrolled,
+                        &actor,
+                        Some(record_id)
+                    )
+                    .await?;
+                    detail = json!({
+                        "enrollment": record_id, "owner": owner,
+                        "previous_enrollment": current, "previous_owner": current_owner,
+                        "certificates_revoked": revoked, "commands_cancelled": cancelled,
+                        "policy": policy.as_str(),
+                    });
                 }
-                sqlx::query(
-                    "UPDATE mdm_enrollments SET status = 'pending', updated_at = $2 \
-                     WHERE udid = $1 AND status = 'active'",
-                )
-                .bind(udid)
+            }
+            sqlx::query(
+                "UPDATE mdm_enrollments SET status = $3, updated_at = $2 \
+                     WHERE udid = $1 AND status = $4",
+            )
+            .bind(udid)
+            .bind(now)
+            .bind(ChannelStatus::Pending)
+            .bind(ChannelStatus::Active)
+            .execute(&mut *tx)
+            .await?;
+            let action = if previous.is_some() {
+                AUDIT_REENROLL
+            } else {
+                AUDIT_ENROLL
+            };
+            sqlx::query(INSERT_AUDIT)
                 .bind(now)
+                .bind(&actor)
+                .bind(action)
+                .bind(udid)
+                .bind(crate::audit::OUTCOME_SUCCESS)
+                .bind(detail.to_string())
+                .bind(None::<String>)
+                .bind(None::<String>)
                 .execute(&mut *tx)
                 .await?;
-                let action = if previous.is_some() {
-                    AUDIT_REENROLL
-                } else {
-                    AUDIT_ENROLL
-                };
-                sqlx::query(INSERT_AUDIT)
-                    .bind(now)
-                    .bind(&actor)
-                    .bind(action)
-                    .bind(udid)
-                    .bind(crate::audit::OUTCOME_SUCCESS)
-                    .bind(detail.to_string())
-                    .bind(None::<String>)
-                    .bind(None::<String>)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(Ok(Attempt::Done(Ok(match previous {
-                    None => Bound::Enrolled,
-                    Some((previous, _)) => Bound::Reenrolled { previous },
-                }))))
-            }
-            .await);
-        outcome?.map_err(decode_error)
+            tx.commit().await?;
+            Ok(Attempt::Done(Ok(match previous {
+                None => Bound::Enrolled,
+                Some((previous, _)) => Bound::Reenrolled { previous },
+            })))
+        }
+        .await);
+        Ok(outcome?)
     }
 
     /// Retires enrollment `id` — an enrollment record, or a command channel (a UDID), meaning
@@ -627,100 +515,94 @@ impl Store {
     ) -> StoreResult<Option<Retirement>> {
         let now = super::now();
         let reason = RetirementReason::Retired;
-        let outcome: Result<Result<Option<Retirement>, UnknownState>, sqlx::Error> =
-            on_pool!(self, |pool| async {
-                let mut tx = super::begin_write(pool).await?;
-                let mut record: Option<String> =
-                    sqlx::query_scalar("SELECT id FROM enrollments WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if record.is_none() {
-                    record = sqlx::query_scalar(
-                        "SELECT d.enrollment_id FROM mdm_enrollments e \
-                         JOIN mdm_devices d ON d.udid = e.udid WHERE e.id = $1",
-                    )
+        let outcome: Result<Option<Retirement>, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let mut record: Option<String> =
+                sqlx::query_scalar("SELECT id FROM enrollments WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&mut *tx)
                     .await?;
-                }
-                let Some(record) = record else {
-                    return Ok(Ok(None));
-                };
-                let (status, retired_at, retired_reason): (
-                    String,
-                    Option<DateTime<Utc>>,
-                    Option<String>,
-                ) = sqlx::query_as(
-                    "SELECT status, retired_at, retired_reason FROM enrollments WHERE id = $1",
+            if record.is_none() {
+                record = sqlx::query_scalar(
+                    "SELECT d.enrollment_id FROM mdm_enrollments e \
+                         JOIN mdm_devices d ON d.udid = e.udid WHERE e.id = $1",
                 )
-                .bind(&record)
-                .fetch_one(&mut *tx)
+                .bind(id)
+                .fetch_optional(&mut *tx)
                 .await?;
-                let udid: Option<String> =
-                    sqlx::query_scalar("SELECT udid FROM mdm_devices WHERE enrollment_id = $1")
-                        .bind(&record)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                let already = status == EnrollmentStatus::Retired.as_str();
-                let retirement = if already {
-                    let retired_reason = match retired_reason.map(RetirementReason::try_from) {
-                        None => None,
-                        Some(Ok(reason)) => Some(reason),
-                        Some(Err(e)) => return Ok(Err(e)),
-                    };
-                    Retirement {
-                        enrollment_id: record.clone(),
-                        udid,
-                        already_retired: true,
-                        retired_at,
-                        retired_reason,
-                        certificates_revoked: 0,
-                        commands_cancelled: 0,
-                    }
-                } else {
-                    let (revoked, cancelled) = retire_in_tx!(
-                        tx,
-                        &record,
-                        udid.as_deref(),
-                        now,
-                        reason,
-                        &by.actor,
-                        None::<String>
-                    )
-                    .await?;
-                    Retirement {
-                        enrollment_id: record.clone(),
-                        udid,
-                        already_retired: false,
-                        retired_at: Some(now),
-                        retired_reason: Some(reason),
-                        certificates_revoked: revoked,
-                        commands_cancelled: cancelled,
-                    }
-                };
-                let detail = json!({
-                    "requested": id, "device": retirement.udid,
-                    "already_retired": retirement.already_retired,
-                    "certificates_revoked": retirement.certificates_revoked,
-                    "commands_cancelled": retirement.commands_cancelled,
-                });
-                sqlx::query(INSERT_AUDIT)
-                    .bind(now)
-                    .bind(&by.actor)
-                    .bind(AUDIT_RETIRE)
-                    .bind(&record)
-                    .bind(crate::audit::OUTCOME_SUCCESS)
-                    .bind(detail.to_string())
-                    .bind(&by.request_id)
-                    .bind(&by.source)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(Ok(Some(retirement)))
             }
-            .await);
-        outcome?.map_err(decode_error)
+            let Some(record) = record else {
+                return Ok(None);
+            };
+            let (status, retired_at, retired_reason): (
+                EnrollmentStatus,
+                Option<DateTime<Utc>>,
+                Option<RetirementReason>,
+            ) = sqlx::query_as(
+                "SELECT status, retired_at, retired_reason FROM enrollments WHERE id = $1",
+            )
+            .bind(&record)
+            .fetch_one(&mut *tx)
+            .await?;
+            let udid: Option<String> =
+                sqlx::query_scalar("SELECT udid FROM mdm_devices WHERE enrollment_id = $1")
+                    .bind(&record)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let already = status == EnrollmentStatus::Retired;
+            let retirement = if already {
+                Retirement {
+                    enrollment_id: record.clone(),
+                    udid,
+                    already_retired: true,
+                    retired_at,
+                    retired_reason,
+                    certificates_revoked: 0,
+                    commands_cancelled: 0,
+                }
+            } else {
+                let (revoked, cancelled) = retire_in_tx!(
+                    tx,
+                    &record,
+                    udid.as_deref(),
+                    now,
+                    reason,
+                    &by.actor,
+                    None::<String>
+                )
+                .await?;
+                Retirement {
+                    enrollment_id: record.clone(),
+                    udid,
+                    already_retired: false,
+                    retired_at: Some(now),
+                    retired_reason: Some(reason),
+                    certificates_revoked: revoked,
+                    commands_cancelled: cancelled,
+                }
+            };
+            let detail = json!({
+                "requested": id, "device": retirement.udid,
+                "already_retired": retirement.already_retired,
+                "certificates_revoked": retirement.certificates_revoked,
+                "commands_cancelled": retirement.commands_cancelled,
+            });
+            sqlx::query(INSERT_AUDIT)
+                .bind(now)
+                .bind(&by.actor)
+                .bind(AUDIT_RETIRE)
+                .bind(&record)
+                .bind(crate::audit::OUTCOME_SUCCESS)
+                .bind(detail.to_string())
+                .bind(&by.request_id)
+                .bind(&by.source)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Some(retirement))
+        }
+        .await);
+        Ok(outcome?)
     }
 
     /// The enrollments device `udid` has had, oldest first (within one second, the current
@@ -735,42 +617,6 @@ impl Store {
             .bind(udid)
             .fetch_all(pool)
             .await?);
-        rows.into_iter().map(SpanRow::into_span).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn states_map_to_the_database_and_back() {
-        for status in EnrollmentStatus::ALL {
-            assert_eq!(
-                EnrollmentStatus::try_from(status.as_str().to_owned()).unwrap(),
-                status
-            );
-            assert_eq!(
-                serde_json::to_value(status).unwrap(),
-                json!(status.as_str())
-            );
-        }
-        for reason in RetirementReason::ALL {
-            assert_eq!(
-                RetirementReason::try_from(reason.as_str().to_owned()).unwrap(),
-                reason
-            );
-        }
-        assert!(EnrollmentStatus::try_from("bound".to_owned()).is_err());
-        assert!(RetirementReason::try_from(String::new()).is_err());
-        let fresh: Vec<_> = EnrollmentStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_fresh())
-            .collect();
-        assert_eq!(
-            fresh,
-            [EnrollmentStatus::Pending, EnrollmentStatus::Migrated],
-            "the claim in authenticate_device binds exactly these"
-        );
+        Ok(rows.into_iter().map(SpanRow::into_span).collect())
     }
 }

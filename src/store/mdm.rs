@@ -4,7 +4,10 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Store, StoreError, StoreResult, on_pool};
+use super::states::{offered_commands_sql, pending_commands_sql};
+use super::{
+    ChannelStatus, ChannelType, CommandStatus, PushStatus, Store, StoreError, StoreResult, on_pool,
+};
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct DeviceRecord {
@@ -50,8 +53,7 @@ pub struct DeviceFacts {
 pub struct MdmEnrollment {
     pub id: String,
     pub udid: String,
-    /// `device` or `user`.
-    pub channel: String,
+    pub channel: ChannelType,
     pub user_id: Option<String>,
     pub user_short_name: Option<String>,
     pub user_long_name: Option<String>,
@@ -61,10 +63,8 @@ pub struct MdmEnrollment {
     pub push_magic: Option<String>,
     #[serde(skip)]
     pub unlock_token: Option<String>,
-    /// `pending` (authenticated, no push token yet), `active`, `checked-out`.
-    pub status: String,
-    /// `unknown`, `ok`, or `unregistered` (APNs said the token is dead).
-    pub push_status: String,
+    pub status: ChannelStatus,
+    pub push_status: PushStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_seen_at: Option<DateTime<Utc>>,
@@ -84,8 +84,7 @@ pub struct CertificateStanding {
 #[derive(Clone, Debug)]
 pub struct ChannelState {
     pub id: String,
-    /// `pending`, `active` or `checked-out`.
-    pub status: String,
+    pub status: ChannelStatus,
     pub last_seen_at: Option<DateTime<Utc>>,
     /// A command is queued, sent or deferred: without one, an Idle needs no queue read.
     pub has_work: bool,
@@ -97,7 +96,7 @@ struct StandingRow {
     certificate: super::CertificateRecord,
     bound_udid: Option<String>,
     channel_id: Option<String>,
-    channel_status: Option<String>,
+    channel_status: Option<ChannelStatus>,
     channel_last_seen_at: Option<DateTime<Utc>>,
     channel_has_work: bool,
 }
@@ -107,7 +106,7 @@ struct StandingRow {
 pub struct TokenUpdateRecord {
     pub enrollment_id: String,
     pub udid: String,
-    pub channel: &'static str,
+    pub channel: ChannelType,
     pub user_id: Option<String>,
     pub user_short_name: Option<String>,
     pub user_long_name: Option<String>,
@@ -127,7 +126,7 @@ pub struct CommandRecord {
     pub fingerprint: String,
     #[serde(skip)]
     pub body: Vec<u8>,
-    pub status: String,
+    pub status: CommandStatus,
     pub created_by: String,
     pub queued_at: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
@@ -166,18 +165,15 @@ pub enum CommandOutcome {
 }
 
 impl CommandOutcome {
-    fn status(self) -> &'static str {
+    fn status(self) -> CommandStatus {
         match self {
-            CommandOutcome::Acknowledged => "acknowledged",
-            CommandOutcome::Error => "error",
-            CommandOutcome::FormatError => "format-error",
-            CommandOutcome::NotNow => "not-now",
+            CommandOutcome::Acknowledged => CommandStatus::Acknowledged,
+            CommandOutcome::Error => CommandStatus::Error,
+            CommandOutcome::FormatError => CommandStatus::FormatError,
+            CommandOutcome::NotNow => CommandStatus::NotNow,
         }
     }
 }
-
-/// Statuses of a command that has not been answered for good.
-pub const PENDING: [&str; 3] = ["queued", "sent", "not-now"];
 
 macro_rules! select_devices {
     ($clause:literal) => {
@@ -203,11 +199,11 @@ macro_rules! select_enrollments {
 }
 
 macro_rules! select_commands {
-    ($clause:literal) => {
+    ($($clause:expr),+) => {
         concat!(
             "SELECT uuid, enrollment_id, request_type, fingerprint, body, status, created_by, \
              queued_at, sent_at, answered_at, result, error_chain FROM mdm_commands ",
-            $clause
+            $($clause),+
         )
     };
 }
@@ -228,13 +224,13 @@ impl Store {
         let sql = "INSERT INTO mdm_enrollments (id, udid, channel, user_id, user_short_name, \
                    user_long_name, push_token, push_magic, unlock_token, status, push_status, \
                    created_at, updated_at, last_seen_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'active', 'unknown', $10, $10, $10) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12, $10, $10, $10) \
                    ON CONFLICT (id) DO UPDATE SET push_token = excluded.push_token, \
                    push_magic = excluded.push_magic, \
                    unlock_token = COALESCE(excluded.unlock_token, mdm_enrollments.unlock_token), \
                    user_short_name = excluded.user_short_name, \
-                   user_long_name = excluded.user_long_name, status = 'active', \
-                   push_status = 'unknown', updated_at = excluded.updated_at, \
+                   user_long_name = excluded.user_long_name, status = excluded.status, \
+                   push_status = excluded.push_status, updated_at = excluded.updated_at, \
                    last_seen_at = excluded.last_seen_at";
         on_pool!(self, |pool| sqlx::query(sql)
             .bind(&t.enrollment_id)
@@ -247,6 +243,8 @@ impl Store {
             .bind(&t.push_magic)
             .bind(&t.unlock_token)
             .bind(now)
+            .bind(ChannelStatus::Active)
+            .bind(PushStatus::Unknown)
             .execute(pool)
             .await?
             .rows_affected());
@@ -255,11 +253,11 @@ impl Store {
 
     /// CheckOut: the device left management; its channels stop receiving commands.
     pub async fn check_out(&self, udid: &str) -> StoreResult<()> {
-        let sql = "UPDATE mdm_enrollments SET status = 'checked-out', updated_at = $2 \
-                   WHERE udid = $1";
+        let sql = "UPDATE mdm_enrollments SET status = $3, updated_at = $2 WHERE udid = $1";
         on_pool!(self, |pool| sqlx::query(sql)
             .bind(udid)
             .bind(super::now())
+            .bind(ChannelStatus::CheckedOut)
             .execute(pool)
             .await?
             .rows_affected());
@@ -319,17 +317,21 @@ impl Store {
         &self,
         serial: &str,
     ) -> StoreResult<Option<CertificateStanding>> {
-        let sql = "SELECT k.serial, k.enrollment_id, k.subject, k.not_before, k.not_after, \
+        let sql = concat!(
+            "SELECT k.serial, k.enrollment_id, k.subject, k.not_before, k.not_after, \
                    k.status, k.revoked_at, k.revocation_reason, k.renewed_from, \
                    k.transaction_id, k.sender_nonce, k.der, k.issued_at, \
                    d.udid AS bound_udid, e.id AS channel_id, e.status AS channel_status, \
                    e.last_seen_at AS channel_last_seen_at, \
                    EXISTS (SELECT 1 FROM mdm_commands c WHERE c.enrollment_id = e.id \
-                           AND c.status IN ('queued', 'sent', 'not-now')) AS channel_has_work \
+                           AND c.status IN ",
+            pending_commands_sql!(),
+            ") AS channel_has_work \
                    FROM certificates k \
                    LEFT JOIN mdm_devices d ON d.enrollment_id = k.enrollment_id \
                    LEFT JOIN mdm_enrollments e ON e.udid = d.udid \
-                   WHERE k.serial = $1";
+                   WHERE k.serial = $1"
+        );
         let rows: Vec<StandingRow> = on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(serial)
             .fetch_all(pool)
@@ -404,7 +406,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_push_status(&self, id: &str, status: &str) -> StoreResult<()> {
+    pub async fn set_push_status(&self, id: &str, status: PushStatus) -> StoreResult<()> {
         let sql = "UPDATE mdm_enrollments SET push_status = $2 WHERE id = $1";
         on_pool!(self, |pool| sqlx::query(sql)
             .bind(id)
@@ -419,11 +421,15 @@ impl Store {
     /// one still pending for the same enrollment is not queued again.
     pub async fn enqueue(&self, commands: &[NewCommand], dedupe: bool) -> StoreResult<Vec<Queued>> {
         let now = super::now();
-        let find = "SELECT uuid FROM mdm_commands WHERE enrollment_id = $1 AND fingerprint = $2 \
-                    AND status IN ('queued', 'sent', 'not-now') ORDER BY seq LIMIT 1";
+        let find = concat!(
+            "SELECT uuid FROM mdm_commands WHERE enrollment_id = $1 AND fingerprint = $2 \
+             AND status IN ",
+            pending_commands_sql!(),
+            " ORDER BY seq LIMIT 1"
+        );
         let insert = "INSERT INTO mdm_commands (uuid, enrollment_id, request_type, fingerprint, \
                       body, status, created_by, queued_at) \
-                      VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7)";
+                      VALUES ($1, $2, $3, $4, $5, $8, $6, $7)";
         let outcome: Result<Vec<Queued>, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             let mut out = Vec::with_capacity(commands.len());
@@ -447,6 +453,7 @@ impl Store {
                     .bind(&c.body)
                     .bind(&c.created_by)
                     .bind(now)
+                    .bind(CommandStatus::Queued)
                     .execute(&mut *tx)
                     .await?;
                 out.push(Queued::Queued);
@@ -467,16 +474,18 @@ impl Store {
         include_not_now: bool,
     ) -> StoreResult<Option<CommandRecord>> {
         let find = select_commands!(
-            "WHERE enrollment_id = $1 AND (status IN ('queued', 'sent') \
-             OR ($2 AND status = 'not-now')) ORDER BY seq LIMIT 1"
+            "WHERE enrollment_id = $1 AND (status IN ",
+            offered_commands_sql!(),
+            " OR ($2 AND status = $3)) ORDER BY seq LIMIT 1"
         );
-        let mark = "UPDATE mdm_commands SET status = 'sent', sent_at = $2 \
+        let mark = "UPDATE mdm_commands SET status = $4, sent_at = $2 \
                     WHERE uuid = $1 AND status = $3";
         // Reads first: most connects find nothing, and a read takes no write lock.
         for _ in 0..3 {
             let next: Option<CommandRecord> = on_pool!(self, |pool| sqlx::query_as(find)
                 .bind(enrollment_id)
                 .bind(include_not_now)
+                .bind(CommandStatus::NotNow)
                 .fetch_optional(pool)
                 .await?);
             let Some(mut command) = next else {
@@ -486,12 +495,13 @@ impl Store {
             let marked = on_pool!(self, |pool| sqlx::query(mark)
                 .bind(&command.uuid)
                 .bind(now)
-                .bind(&command.status)
+                .bind(command.status)
+                .bind(CommandStatus::Sent)
                 .execute(pool)
                 .await?
                 .rows_affected());
             if marked == 1 {
-                command.status = "sent".into();
+                command.status = CommandStatus::Sent;
                 command.sent_at = Some(now);
                 return Ok(Some(command));
             }
@@ -510,9 +520,11 @@ impl Store {
         raw: &[u8],
         error_chain: Option<&str>,
     ) -> StoreResult<Option<CommandRecord>> {
-        let sql = "UPDATE mdm_commands SET status = $3, answered_at = $4, result = $5, \
-                   error_chain = $6 WHERE uuid = $1 AND enrollment_id = $2 \
-                   AND status IN ('sent', 'not-now', 'queued')";
+        let sql = concat!(
+            "UPDATE mdm_commands SET status = $3, answered_at = $4, result = $5, \
+             error_chain = $6 WHERE uuid = $1 AND enrollment_id = $2 AND status IN ",
+            pending_commands_sql!()
+        );
         let changed = on_pool!(self, |pool| sqlx::query(sql)
             .bind(uuid)
             .bind(enrollment_id)
@@ -555,11 +567,14 @@ impl Store {
 
     /// Cancels a command that has not been answered; false if there is none.
     pub async fn cancel_command(&self, uuid: &str) -> StoreResult<bool> {
-        let sql = "UPDATE mdm_commands SET status = 'cancelled', answered_at = $2 \
-                   WHERE uuid = $1 AND status IN ('queued', 'sent', 'not-now')";
+        let sql = concat!(
+            "UPDATE mdm_commands SET status = $3, answered_at = $2 WHERE uuid = $1 AND status IN ",
+            pending_commands_sql!()
+        );
         let changed = on_pool!(self, |pool| sqlx::query(sql)
             .bind(uuid)
             .bind(super::now())
+            .bind(CommandStatus::Cancelled)
             .execute(pool)
             .await?
             .rows_affected());

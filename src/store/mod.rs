@@ -12,6 +12,7 @@ mod lifecycle;
 mod mdm;
 mod pki;
 mod portal;
+mod states;
 mod users;
 
 use std::path::Path;
@@ -25,16 +26,20 @@ use sqlx::{PgPool, SqlitePool};
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
 pub use lifecycle::{
-    AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan,
-    EnrollmentStatus, RetireRequest, Retirement, RetirementReason,
+    AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan, RetireRequest,
+    Retirement,
 };
 pub use mdm::{
     CertificateStanding, ChannelState, CommandOutcome, CommandRecord, DeviceFacts, DeviceRecord,
-    MdmEnrollment, NewCommand, PENDING, PushCertificateRow, Queued, TokenUpdateRecord,
+    MdmEnrollment, NewCommand, PushCertificateRow, Queued, TokenUpdateRecord,
 };
 pub use pki::{
-    CERT_REVOKED, CERT_VALID, CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord,
-    Recorded, RedeemRefusal, RenewalRefusal, RequestedCertificate, SigningKeyRow,
+    CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord, Recorded, RedeemRefusal,
+    RenewalRefusal, RequestedCertificate, SigningKeyRow,
+};
+pub use states::{
+    CertificateStatus, ChannelStatus, ChannelType, CommandStatus, EnrollmentStatus, PushStatus,
+    RetirementReason, UnknownState,
 };
 pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Store, StoreError, StoreResult, on_pool};
+use super::{CertificateStatus, EnrollmentStatus, Store, StoreError, StoreResult, on_pool};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct CaKeyRow {
@@ -25,7 +25,7 @@ pub struct EnrollmentRecord {
     pub user_id: Option<String>,
     pub requested_by: String,
     pub created_at: DateTime<Utc>,
-    pub status: String,
+    pub status: EnrollmentStatus,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -35,7 +35,7 @@ pub struct CertificateRecord {
     pub subject: String,
     pub not_before: DateTime<Utc>,
     pub not_after: DateTime<Utc>,
-    pub status: String,
+    pub status: CertificateStatus,
     pub revoked_at: Option<DateTime<Utc>>,
     pub revocation_reason: Option<String>,
     pub renewed_from: Option<String>,
@@ -44,9 +44,6 @@ pub struct CertificateRecord {
     pub der: Vec<u8>,
     pub issued_at: DateTime<Utc>,
 }
-
-pub const CERT_VALID: &str = "valid";
-pub const CERT_REVOKED: &str = "revoked";
 
 /// Why a challenge could not be redeemed. The requester is told only that it was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -120,7 +117,7 @@ const TRANSACTION_ROWS: i64 = 16;
 #[derive(Clone, Debug, Default)]
 pub struct CertificateQuery {
     pub enrollment_id: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<CertificateStatus>,
     pub after: Option<String>,
     pub limit: u32,
 }
@@ -164,7 +161,7 @@ impl Store {
             .bind(&e.for_device)
             .bind(&e.requested_by)
             .bind(e.created_at)
-            .bind(&e.status)
+            .bind(e.status)
             .bind(&e.user_id)
             .execute(pool)
             .await?
@@ -298,7 +295,7 @@ impl Store {
                     .bind(&certificate.serial)
                     .bind(retire_at)
                     .bind(renewed)
-                    .bind(CERT_VALID)
+                    .bind(CertificateStatus::Valid)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -347,7 +344,7 @@ impl Store {
                 .bind(&enrollment.for_device)
                 .bind(&enrollment.requested_by)
                 .bind(enrollment.created_at)
-                .bind(&enrollment.status)
+                .bind(enrollment.status)
                 .bind(&enrollment.user_id)
                 .execute(&mut *tx)
                 .await?;
@@ -405,7 +402,7 @@ impl Store {
         );
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(&query.enrollment_id)
-            .bind(&query.status)
+            .bind(query.status)
             .bind(&query.after)
             .bind(i64::from(query.limit))
             .fetch_all(pool)
@@ -422,11 +419,11 @@ impl Store {
         let sql = "UPDATE certificates SET status = $1, revoked_at = $2, revocation_reason = $3 \
                    WHERE serial = $4 AND status = $5";
         let changed = on_pool!(self, |pool| sqlx::query(sql)
-            .bind(CERT_REVOKED)
+            .bind(CertificateStatus::Revoked)
             .bind(at)
             .bind(reason)
             .bind(serial)
-            .bind(CERT_VALID)
+            .bind(CertificateStatus::Valid)
             .execute(pool)
             .await?
             .rows_affected());
@@ -459,6 +456,7 @@ where
     String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    CertificateStatus: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
     query
@@ -467,7 +465,7 @@ where
         .bind(c.subject.clone())
         .bind(c.not_before)
         .bind(c.not_after)
-        .bind(c.status.clone())
+        .bind(c.status)
         .bind(c.renewed_from.clone())
         .bind(c.transaction_id.clone())
         .bind(c.sender_nonce.clone())

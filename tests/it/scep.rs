@@ -901,7 +901,7 @@ async fn a_certificate_is_renewed_once_and_stays_good_only_for_the_overlap() {
             overlap > chrono::Duration::minutes(235) && overlap <= chrono::Duration::hours(4),
             "{overlap}"
         );
-        assert_eq!(record.status, "valid");
+        assert_eq!(record.status.as_str(), "valid");
         assert!(device.idle(&scep.server).await.is_none());
 
         // A retry of that renewal gets the same certificate; any other renewal from the old
