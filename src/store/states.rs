@@ -142,10 +142,6 @@ impl CommandStatus {
     ];
     /// Offered on any connect; `NotNow` ones wait for an Idle ([`offered_commands_sql!`]).
     pub const OFFERED: [CommandStatus; 2] = [CommandStatus::Queued, CommandStatus::Sent];
-
-    pub fn is_pending(self) -> bool {
-        Self::PENDING.contains(&self)
-    }
 }
 
 /// SQL text of [`CommandStatus::PENDING`], for `status IN <this>` (a literal for `concat!`).
