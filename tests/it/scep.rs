@@ -266,7 +266,9 @@ async fn one_challenge_issues_exactly_one_certificate_under_concurrency() {
 
 #[tokio::test]
 async fn wrong_reused_expired_and_missing_challenges_issue_nothing() {
-    let server = TestServer::start_with(|args| args.scep_challenge_ttl_secs = Some(1)).await;
+    // Stored times are whole seconds, so a challenge lives between TTL - 1 and TTL seconds:
+    // 3 leaves a loaded machine at least 2 s to redeem the first one.
+    let server = TestServer::start_with(|args| args.scep_challenge_ttl_secs = Some(3)).await;
     let scep = Scep::with(server).await;
     let id = identity(1);
     let req = |challenge: Option<&str>| {
@@ -292,7 +294,7 @@ async fn wrong_reused_expired_and_missing_challenges_issue_nothing() {
     let reused = outcome(&scep, id, req(Some(challenge))).await;
     assert_eq!(reused.status, PkiStatus::Failure);
     let expiring = scep.challenge().await;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
     let expired = outcome(&scep, id, req(expiring["challenge"].as_str())).await;
     assert_eq!(expired.status, PkiStatus::Failure);
     assert_eq!(scep.certificates().await.len(), 1);
