@@ -240,6 +240,15 @@ pub struct ConfigArgs {
     /// [default: false].
     #[arg(long, env = "TRUSTBROKER_SCEP_ALLOW_SINGLE_DES", global = true)]
     pub scep_allow_single_des: Option<bool>,
+    /// A policy directory applied at start when it differs from the applied set (`[policy]
+    /// dir` in the file) [default: none: policies come from `policy apply`].
+    #[arg(
+        long = "policies",
+        env = "TRUSTBROKER_POLICIES",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub policy_dir: Option<PathBuf>,
     /// Reverse proxies (IPs or CIDR networks, comma-separated) whose report of the client's
     /// address is believed [default: none].
     #[arg(
@@ -332,6 +341,52 @@ pub struct FileConfig {
     /// Caps on concurrent expensive requests and on unauthenticated audit writes, `[limits]`.
     #[serde(default)]
     pub limits: LimitSettings,
+    /// Group-driven policy and its reconciler, `[policy]`.
+    #[serde(default)]
+    pub policy: PolicySettings,
+}
+
+/// What a person whose account the directory disabled or deleted keeps on their devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccountDisabledAction {
+    /// Remove what policies installed (as if they left every group).
+    #[default]
+    Remove,
+    /// Leave everything in place.
+    Keep,
+}
+
+/// Group-driven policy, `[policy]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySettings {
+    /// A policy directory applied at start when it differs from the applied set.
+    pub dir: Option<PathBuf>,
+    /// Whether that start-time apply may contain locks and wipes (else it is refused and the
+    /// last applied set stays in force).
+    pub allow_destructive: bool,
+    /// Seconds between full passes over every device (the safety net under the triggers).
+    pub full_pass_interval_secs: u64,
+    /// Milliseconds between looks for reconcile requests other nodes recorded.
+    pub poll_interval_ms: u64,
+    /// What a disabled or deleted account's devices keep.
+    pub on_account_disabled: AccountDisabledAction,
+    /// Days before its identity certificate expires that a device is sent a new one.
+    pub identity_renewal_days: u32,
+}
+
+impl Default for PolicySettings {
+    fn default() -> PolicySettings {
+        PolicySettings {
+            dir: None,
+            allow_destructive: false,
+            full_pass_interval_secs: 900,
+            poll_interval_ms: 1000,
+            on_account_disabled: AccountDisabledAction::Remove,
+            identity_renewal_days: 30,
+        }
+    }
 }
 
 /// How devices may identify themselves besides a `Mdm-Signature` by a certificate of our CA.
@@ -665,6 +720,7 @@ pub struct Config {
     pub portal: PortalSettings,
     pub server: ServerSettings,
     pub limits: LimitSettings,
+    pub policy: PolicySettings,
 }
 
 impl Config {
@@ -900,6 +956,10 @@ impl Config {
             portal: file.enroll,
             server: file.server,
             limits: file.limits,
+            policy: PolicySettings {
+                dir: args.policy_dir.or(file.policy.dir.clone()),
+                ..file.policy
+            },
         })
     }
 

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod pki;
+pub mod policy;
 pub mod random;
 pub mod secrets;
 pub mod server;

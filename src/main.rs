@@ -56,6 +56,57 @@ enum Command {
     /// Device enrollments: retire one, show a device's history.
     #[command(subcommand)]
     Enrollment(EnrollmentCommand),
+    /// Group-driven policy: validate, plan and apply a policy directory.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check the policy files (syntax, Apple's payload schemas, variables, conflicts); each
+    /// problem is printed as file:line:column.
+    Validate {
+        #[arg(default_value = "policies")]
+        dir: std::path::PathBuf,
+    },
+    /// What applying the directory would do: devices entering and leaving each policy, the
+    /// commands that would be queued, destructive actions apart.
+    Plan {
+        #[arg(default_value = "policies")]
+        dir: std::path::PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record the directory as the next policy version; the reconcilers queue what it takes.
+    /// Refused when the plan locks or wipes devices, unless --allow-destructive.
+    Apply {
+        #[arg(default_value = "policies")]
+        dir: std::path::PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[arg(long)]
+        allow_destructive: bool,
+        /// The policy repository's commit, recorded with the version.
+        #[arg(long, value_name = "SHA")]
+        git_commit: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A running broker to plan or apply against, instead of the configured database. The admin
+/// key (scope policies:read to plan, policies:write to apply) comes from TRUSTBROKER_ADMIN_KEY.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The broker's base URL, e.g. https://mdm.example.org.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// PEM certificates to trust for the server (its generated TLS certificate, say).
+    #[arg(long, value_name = "FILE", requires = "server")]
+    server_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -163,7 +214,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -171,7 +222,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        // Policy runs end in more than success or failure (refused, invalid files).
+        Command::Policy(cmd) => policy(cmd, config).await,
+        other => run_to_end(other, config).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+async fn run_to_end(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
         Command::Migrate => {
@@ -188,6 +247,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::PushCert(cmd) => push_cert(cmd, config).await,
         Command::Idp(cmd) => idp(cmd, config).await,
         Command::Enrollment(cmd) => enrollment(cmd, config).await,
+        Command::Policy(_) => Ok(()),
     }
 }
 
@@ -364,6 +424,47 @@ async fn admin_key(cmd: AdminKeyCommand, config: Config) -> anyhow::Result<()> {
     }
     store.close().await;
     Ok(())
+}
+
+async fn policy(cmd: PolicyCommand, config: Config) -> anyhow::Result<ExitCode> {
+    use trustbroker::policy::cli::{self, ApplyOptions, Outcome, Target};
+    let target = |remote: RemoteArgs| -> anyhow::Result<Target> {
+        Ok(match remote.server {
+            None => Target::Local(Box::new(config.clone())),
+            Some(url) => Target::Remote {
+                url,
+                admin_key: std::env::var("TRUSTBROKER_ADMIN_KEY").context(
+                    "--server needs an admin key in the environment variable \
+                     TRUSTBROKER_ADMIN_KEY",
+                )?,
+                ca_file: remote.server_ca,
+            },
+        })
+    };
+    let outcome = match cmd {
+        PolicyCommand::Validate { dir } => cli::validate(&dir),
+        PolicyCommand::Plan { dir, remote, json } => {
+            cli::run(target(remote)?, &dir, None, json).await?
+        }
+        PolicyCommand::Apply {
+            dir,
+            remote,
+            allow_destructive,
+            git_commit,
+            json,
+        } => {
+            let options = ApplyOptions {
+                allow_destructive,
+                git_commit,
+            };
+            cli::run(target(remote)?, &dir, Some(options), json).await?
+        }
+    };
+    Ok(match outcome {
+        Outcome::Ok => ExitCode::SUCCESS,
+        Outcome::Refused => ExitCode::from(1),
+        Outcome::Invalid => ExitCode::from(2),
+    })
 }
 
 async fn enrollment(cmd: EnrollmentCommand, config: Config) -> anyhow::Result<()> {

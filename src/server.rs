@@ -32,6 +32,8 @@ use crate::http::{self, AppState};
 use crate::identity::IdentityProviders;
 use crate::pki::ca::CertificateAuthority;
 use crate::pki::service::ScepService;
+use crate::policy::reconcile::Reconciler;
+use crate::policy::{ActivePolicies, ReconcileWake};
 use crate::secrets::MasterKey;
 use crate::store::Store;
 use crate::{telemetry, tls};
@@ -46,8 +48,12 @@ pub struct RunningServer {
     pub tls_cert_path: std::path::PathBuf,
     pub tls_generated: bool,
     pub store: Store,
+    /// This node's policy reconciler (tests drive passes through it).
+    pub reconciler: Reconciler,
     stop: watch::Sender<bool>,
     listeners: JoinSet<()>,
+    /// Tasks that stop with the server (the reconciler, group syncs).
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -55,6 +61,9 @@ impl RunningServer {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.listeners.join_next().await.is_some() {}
+        for task in self.background {
+            let _ = task.await;
+        }
         self.store.close().await;
     }
 }
@@ -147,8 +156,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.pki.static_challenge.clone(),
     );
     let master = Arc::new(master);
-    let mdm =
-        MdmService::new(store.clone(), master.clone()).with_reenrollment(config.mdm_reenrollment);
+    let policies = ActivePolicies::default();
+    let reconcile_wake = ReconcileWake::default();
+    let mdm = MdmService::new(store.clone(), master.clone())
+        .with_reenrollment(config.mdm_reenrollment)
+        .with_reconcile_wake(reconcile_wake.clone());
     let pusher = Pusher::new(store.clone(), master.clone(), config.apns.clone());
     let profiles = ProfileService::new(
         store.clone(),
@@ -161,8 +173,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             challenge_ttl: config.pki.challenge_ttl,
         },
     );
+    let reconciler = Reconciler::new(
+        store.clone(),
+        profiles.clone(),
+        pusher.clone(),
+        policies.clone(),
+        reconcile_wake.clone(),
+        config.policy.clone(),
+    );
+    if let Some(dir) = &config.policy.dir {
+        apply_policy_dir(&store, &reconciler, dir, config.policy.allow_destructive).await?;
+    }
     let identity = IdentityProviders::from_config(&config.identity_providers, &public_url)
         .context("identity providers")?;
+    let group_syncs = crate::identity::ldap::sync::configured(&config.identity_providers)
+        .context("LDAP group sync")?;
     let cookies = CookiePolicy {
         secure: public_url.starts_with("https://"),
     };
@@ -185,9 +210,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         migrated_cas: Arc::new(migrated_cas),
         sign_in_throttle: Arc::default(),
         audit_budget,
+        reconciler: reconciler.clone(),
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);
+    let mut background = vec![reconciler.clone().spawn(stopped.clone())];
+    background.extend(crate::identity::ldap::sync::spawn_all(
+        group_syncs,
+        &store,
+        &policies,
+        &reconcile_wake,
+        &stopped,
+    ));
     let mut listeners = JoinSet::new();
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
     let max_connections = connections_within_fd_limit(
@@ -222,9 +256,89 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tls_cert_path: tls.cert_path,
         tls_generated: tls.generated,
         store,
+        reconciler,
         stop,
         listeners,
+        background,
     })
+}
+
+/// A reconciler for the command line (`policy plan|apply` without `--server`): the same
+/// database and policy set as the server's, without listeners; it queues nothing itself (the
+/// servers' reconcilers pick up what an apply records).
+pub async fn offline_reconciler(config: &Config) -> anyhow::Result<(Store, Reconciler)> {
+    let store = open_store(config).await?;
+    let master = Arc::new(load_master_key(config)?);
+    let ca = CertificateAuthority::load_or_create(&store, &master, &config.pki).await?;
+    let public_url = config.public_url_for(config.listen);
+    let profiles = ProfileService::new(
+        store.clone(),
+        ca,
+        master.clone(),
+        ProfileSettings {
+            public_url,
+            scep_path: config.pki.scep_path.clone(),
+            organization: config.pki.organization.clone(),
+            challenge_ttl: config.pki.challenge_ttl,
+        },
+    );
+    let pusher = Pusher::new(store.clone(), master, config.apns.clone());
+    let reconciler = Reconciler::new(
+        store.clone(),
+        profiles,
+        pusher,
+        ActivePolicies::default(),
+        ReconcileWake::default(),
+        config.policy.clone(),
+    );
+    Ok((store, reconciler))
+}
+
+/// Applies the policy directory named in the configuration when it differs from the set in
+/// force (GitOps: the directory is the truth). Invalid files stop the start; a destructive
+/// plan without `allow_destructive` is refused and the last applied set stays in force.
+async fn apply_policy_dir(
+    store: &Store,
+    reconciler: &Reconciler,
+    dir: &std::path::Path,
+    allow_destructive: bool,
+) -> anyhow::Result<()> {
+    let files = crate::policy::load::read_dir_files(dir).map_err(|d| policy_problems(dir, &d))?;
+    let actor = format!("startup:{}", dir.display());
+    match crate::policy::plan::apply(store, reconciler, &files, &actor, None, allow_destructive)
+        .await
+    {
+        Ok(applied) if applied.unchanged => {
+            tracing::info!(dir = %dir.display(), version = applied.version,
+                "policy: the directory is the set in force");
+        }
+        Ok(applied) => {
+            tracing::info!(dir = %dir.display(), version = applied.version,
+                commands = applied.plan.totals.commands(), "policy: applied the directory");
+        }
+        Err(crate::policy::plan::ApplyError::Invalid(d)) => return Err(policy_problems(dir, &d)),
+        Err(crate::policy::plan::ApplyError::Destructive(plan)) => {
+            tracing::error!(dir = %dir.display(), destructive = ?plan.destructive,
+                "policy: the directory's plan locks or wipes devices; not applied (set                  [policy] allow_destructive = true, or use `trustbroker policy apply                  --allow-destructive`)");
+        }
+        Err(crate::policy::plan::ApplyError::Reconcile(e)) => {
+            return Err(anyhow::anyhow!("applying {}: {e}", dir.display()));
+        }
+    }
+    Ok(())
+}
+
+fn policy_problems(
+    dir: &std::path::Path,
+    diagnostics: &[crate::policy::Diagnostic],
+) -> anyhow::Error {
+    let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+    anyhow::anyhow!(
+        "the policy directory {} has {} problem(s):\n{}",
+        dir.display(),
+        lines.len(),
+        lines.join("\n")
+    )
 }
 
 /// A listener with room for `backlog` connections not yet accepted (tokio's default, 128,

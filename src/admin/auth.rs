@@ -48,6 +48,8 @@ required_scopes! {
     CommandsWrite => Some(Scope::CommandsWrite),
     PushCertWrite => Some(Scope::PushCertWrite),
     UsersRead => Some(Scope::UsersRead),
+    PoliciesRead => Some(Scope::PoliciesRead),
+    PoliciesWrite => Some(Scope::PoliciesWrite),
 }
 
 /// Where a request came from, for audit records.

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod keys;
 pub mod mdm;
 pub mod pki;
+pub mod policies;
 pub mod scope;
 pub mod users;
 
@@ -30,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .merge(pki::router())
         .merge(mdm::router())
         .merge(users::router())
+        .merge(policies::router())
 }
 
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {

@@ -18,6 +18,10 @@ pub enum Scope {
     PushCertWrite,
     /// People who signed in at the portal, their groups and devices.
     UsersRead,
+    /// The policy set in force, plans, and devices' policy state.
+    PoliciesRead,
+    /// Applying policy sets.
+    PoliciesWrite,
 }
 
 impl Scope {
@@ -33,6 +37,8 @@ impl Scope {
         Scope::CommandsWrite,
         Scope::PushCertWrite,
         Scope::UsersRead,
+        Scope::PoliciesRead,
+        Scope::PoliciesWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +54,8 @@ impl Scope {
             Scope::CommandsWrite => "commands:write",
             Scope::PushCertWrite => "push-cert:write",
             Scope::UsersRead => "users:read",
+            Scope::PoliciesRead => "policies:read",
+            Scope::PoliciesWrite => "policies:write",
         }
     }
 

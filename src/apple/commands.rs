@@ -129,7 +129,7 @@ fn invalid(message: impl Into<String>) -> CommandError {
 }
 
 /// A command ready to queue: its `Command` dictionary and what identifies it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Command {
     pub request_type: String,
     pub body: Dictionary,

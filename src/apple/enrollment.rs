@@ -96,20 +96,52 @@ impl ProfileService {
         }
         .build();
         let xml = super::plist::to_xml(&profile);
-        let body = if signed {
-            let signer = self
-                .signer
-                .get_or_try_init(|| self.ca.profile_signer(&self.store, &self.master))
-                .await?;
-            scep::sign_attached(&xml, DigestAlgorithm::Sha256, signer)
-                .map_err(|e| anyhow::anyhow!("signing the profile: {e}"))?
-        } else {
-            xml
-        };
+        let body = if signed { self.sign(&xml).await? } else { xml };
         Ok(IssuedProfile {
             body,
             enrollment_id: issued.enrollment_id,
             expires_at: issued.expires_at,
         })
+    }
+
+    /// The enrollment profile of an existing record again, with a fresh challenge for that
+    /// record, signed: sent with InstallProfile it replaces the installed enrollment profile
+    /// (same PayloadIdentifier, same MDM settings) and the device enrolls a new identity
+    /// certificate over SCEP before the old one expires.
+    pub async fn renewal(
+        &self,
+        enrollment_id: &str,
+        challenge_ttl: std::time::Duration,
+    ) -> Result<Vec<u8>, ProfileError> {
+        let push = self
+            .store
+            .push_certificate()
+            .await?
+            .ok_or(ProfileError::NoPushCertificate)?;
+        let issued =
+            challenge::create_for_record(&self.store, enrollment_id, challenge_ttl).await?;
+        let profile = EnrollmentProfile {
+            enrollment_id,
+            challenge: &issued.challenge,
+            public_url: self.settings.public_url.trim_end_matches('/'),
+            scep_path: &self.settings.scep_path,
+            topic: &push.topic,
+            ca_der: &self.ca.ca.certificate_der,
+            organization: &self.settings.organization,
+            for_user: None,
+        }
+        .build();
+        self.sign(&super::plist::to_xml(&profile)).await
+    }
+
+    /// Signs a configuration profile (CMS SignedData, SHA-256) with the profile-signing
+    /// certificate, which devices show as verified.
+    pub async fn sign(&self, xml: &[u8]) -> Result<Vec<u8>, ProfileError> {
+        let signer = self
+            .signer
+            .get_or_try_init(|| self.ca.profile_signer(&self.store, &self.master))
+            .await?;
+        Ok(scep::sign_attached(xml, DigestAlgorithm::Sha256, signer)
+            .map_err(|e| anyhow::anyhow!("signing the profile: {e}"))?)
     }
 }

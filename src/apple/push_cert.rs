@@ -98,3 +98,49 @@ pub fn topic_of(certificate: &Certificate) -> anyhow::Result<String> {
     }
     bail!("the certificate has no UID (topic) in its subject: is it an APNs push certificate?")
 }
+
+/// How long before its expiry the push certificate is warned about: Apple's renewal must keep
+/// the same topic, and a lapsed certificate leaves every device unreachable.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// What readiness and the logs say about the push certificate's expiry.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExpiryStatus {
+    pub topic: String,
+    pub not_after: chrono::DateTime<chrono::Utc>,
+    pub days_left: i64,
+    /// Set within [`EXPIRY_WARNING_DAYS`] of expiry, or after it.
+    pub warning: Option<String>,
+}
+
+/// The push certificate's expiry, with the `trustbroker_apns_certificate_expiry_seconds`
+/// gauge set to the time left; `None` when none is imported.
+pub async fn expiry_status(store: &Store) -> anyhow::Result<Option<ExpiryStatus>> {
+    let Some(push) = store.push_certificate().await? else {
+        return Ok(None);
+    };
+    let left = push.not_after - chrono::Utc::now();
+    metrics::gauge!("trustbroker_apns_certificate_expiry_seconds").set(left.num_seconds() as f64);
+    let days_left = left.num_days();
+    let warning = if left <= chrono::Duration::zero() {
+        Some(format!(
+            "the APNs push certificate for {} expired on {}: devices cannot be woken; renew it \
+             at identity.apple.com with the same Apple ID and import it",
+            push.topic, push.not_after
+        ))
+    } else if days_left < EXPIRY_WARNING_DAYS {
+        Some(format!(
+            "the APNs push certificate for {} expires in {days_left} day(s), on {}: renew it at \
+             identity.apple.com (same Apple ID, same topic) and import it",
+            push.topic, push.not_after
+        ))
+    } else {
+        None
+    };
+    Ok(Some(ExpiryStatus {
+        topic: push.topic,
+        not_after: push.not_after,
+        days_left,
+        warning,
+    }))
+}

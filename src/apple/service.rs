@@ -75,6 +75,8 @@ pub struct MdmService {
     /// Reads of messages too large to read on an async worker, at most one per core.
     large_reads: Arc<Semaphore>,
     reenrollment: ReenrollmentPolicy,
+    /// Wakes the policy reconciler after a device became reachable or reported drift.
+    reconcile_wake: crate::policy::ReconcileWake,
 }
 
 impl MdmService {
@@ -85,7 +87,23 @@ impl MdmService {
             master_key,
             large_reads: Arc::new(Semaphore::new(cores)),
             reenrollment: ReenrollmentPolicy::default(),
+            reconcile_wake: crate::policy::ReconcileWake::default(),
         }
+    }
+
+    /// The reconciler to wake when a device can take commands or reports its profiles.
+    pub fn with_reconcile_wake(mut self, wake: crate::policy::ReconcileWake) -> Self {
+        self.reconcile_wake = wake;
+        self
+    }
+
+    /// Asks the reconciler to look at a device now.
+    async fn request_reconcile(&self, device_id: &str, reason: &str) -> Result<(), MdmError> {
+        self.store
+            .request_reconcile(None, Some(device_id), reason)
+            .await?;
+        self.reconcile_wake.wake();
+        Ok(())
     }
 
     /// Whether a device enrolled under another active enrollment may enroll again.
@@ -218,6 +236,10 @@ impl MdmService {
                         unlock_token,
                     })
                     .await?;
+                // The device channel can take commands now: policy may have some for it.
+                if channel.user().is_none() {
+                    self.request_reconcile(device_id, "TokenUpdate").await?;
+                }
                 Ok(MdmReply::Empty)
             }
             CheckIn::CheckOut(_) => {
@@ -322,6 +344,12 @@ impl MdmService {
                 match recorded {
                     Some(command) if outcome == CommandOutcome::Acknowledged => {
                         super::inventory::absorb(&self.store, device_id, &command, message).await?;
+                        // A new ProfileList may show drift; an answer to a policy's command
+                        // may let the next one through.
+                        if command.request_type == "ProfileList" {
+                            self.request_reconcile(device_id, "ProfileList reported")
+                                .await?;
+                        }
                     }
                     Some(_) => {}
                     None => {

@@ -373,6 +373,8 @@ async fn complete_sign_in(state: &AppState, identity: Identity) -> Response {
         Ok(user) => user,
         Err(e) => return internal(&e),
     };
+    // A changed membership was recorded as a reconcile request: serve it now on this node.
+    state.reconciler.wake().wake();
     let groups: Vec<&str> = identity.groups.iter().map(|g| g.id.as_str()).collect();
     portal_audit(
         state,

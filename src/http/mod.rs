@@ -54,6 +54,8 @@ pub struct AppState {
     pub sign_in_throttle: Arc<crate::enroll::throttle::SignInThrottle>,
     /// How many audit records refused admin keys may cause.
     pub audit_budget: Arc<crate::audit::UnauthenticatedBudget>,
+    /// Group-driven policy: the set in force, plan and apply, the reconciler's wake-up.
+    pub reconciler: crate::policy::reconcile::Reconciler,
 }
 
 /// The certificate a client presented in the TLS handshake with our own listener (a request

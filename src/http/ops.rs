@@ -18,7 +18,15 @@ pub async fn healthz() -> Json<serde_json::Value> {
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let backend = state.store.backend().as_str();
     match state.store.ping().await {
-        Ok(()) => Json(json!({"status": "ok", "database": backend})).into_response(),
+        Ok(()) => {
+            // An expiring push certificate is a warning, not unreadiness: the broker serves.
+            let push = crate::apple::push_cert::expiry_status(&state.store)
+                .await
+                .ok()
+                .flatten();
+            Json(json!({"status": "ok", "database": backend, "push_certificate": push}))
+                .into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
             (

@@ -58,6 +58,28 @@ pub async fn create(
     })
 }
 
+/// A fresh one-time challenge for an existing enrollment record: the certificate it brings
+/// belongs to that record, so the device it is bound to keeps speaking with it (an identity
+/// renewal).
+pub async fn create_for_record(
+    store: &Store,
+    enrollment_id: &str,
+    ttl: std::time::Duration,
+) -> StoreResult<IssuedChallenge> {
+    let now = crate::store::now();
+    let challenge = URL_SAFE_NO_PAD.encode(crate::random::bytes::<32>());
+    let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+    let expires_at = now + ttl;
+    store
+        .insert_challenge(&hash(&challenge), enrollment_id, now, expires_at)
+        .await?;
+    Ok(IssuedChallenge {
+        challenge,
+        expires_at,
+        enrollment_id: enrollment_id.to_owned(),
+    })
+}
+
 /// The stored form of a challenge.
 pub fn hash(challenge: &str) -> String {
     hex::encode(Sha256::digest(challenge.as_bytes()))

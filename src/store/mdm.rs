@@ -291,7 +291,9 @@ impl Store {
                    serial_number = COALESCE($6, serial_number), \
                    device_name = COALESCE($7, device_name), \
                    model_name = COALESCE($8, model_name), \
-                   product_name = COALESCE($9, product_name), updated_at = $10 \
+                   product_name = COALESCE($9, product_name), updated_at = $10, \
+                   profiles_reported_at = CASE WHEN $3 IS NULL THEN profiles_reported_at \
+                   ELSE $10 END \
                    WHERE udid = $1";
         on_pool!(self, |pool| sqlx::query(sql)
             .bind(udid)

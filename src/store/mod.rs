@@ -8,9 +8,11 @@
 
 mod admin_keys;
 mod audit;
+mod directory;
 mod lifecycle;
 mod mdm;
 mod pki;
+mod policy;
 mod portal;
 mod states;
 mod users;
@@ -25,6 +27,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use directory::{DirectoryDetails, DirectoryUser, MembershipDelta, StatusChange};
 pub use lifecycle::{
     AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan, RetireRequest,
     Retirement,
@@ -37,9 +40,12 @@ pub use pki::{
     CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord, Recorded, RedeemRefusal,
     RenewalRefusal, RequestedCertificate, SigningKeyRow,
 };
+pub use policy::{
+    DeviceTarget, ItemChange, ManagedItemRow, PolicyVersionRecord, ReconcileRequest, TargetScope,
+};
 pub use states::{
-    CertificateStatus, ChannelStatus, ChannelType, CommandStatus, EnrollmentStatus, PushStatus,
-    RetirementReason, UnknownState,
+    AccountStatus, CertificateStatus, ChannelStatus, ChannelType, CommandStatus, EnrollmentStatus,
+    ItemAction, ItemKind, PushStatus, RetirementReason, UnknownState,
 };
 pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 

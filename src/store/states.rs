@@ -334,3 +334,58 @@ mod tests {
         );
     }
 }
+
+states! {
+    /// What a managed item is (`managed_items.kind`).
+    ItemKind ("managed item kind") {
+        /// A configuration profile, keyed by its PayloadIdentifier.
+        Profile => "profile",
+        /// An app, keyed by its bundle identifier.
+        App => "app",
+        /// A command a policy sends once each time a device comes into its scope.
+        Join => "join",
+        /// Whether the device is in a policy's scope (no command of its own).
+        Scope => "scope",
+        /// A lock or wipe a policy does on leave, waiting for its grace period.
+        Deprovision => "deprovision",
+        /// The device's identity certificate, renewed (a fresh SCEP payload) before it expires.
+        Identity => "identity",
+    }
+}
+
+states! {
+    /// The last thing the reconciler did to a managed item (`managed_items.action`).
+    ItemAction ("managed item action") {
+        /// Installed it (InstallProfile, InstallApplication).
+        Install => "install",
+        /// Installed a new version of it.
+        Update => "update",
+        /// Sent an app's new managed configuration alone (Settings).
+        Configure => "configure",
+        /// Removed it (RemoveProfile, RemoveApplication), or stopped wanting it.
+        Remove => "remove",
+        /// Sent a policy's command on join.
+        Run => "run",
+        /// The device came into a policy's scope.
+        Enter => "enter",
+        /// The device left a policy's scope.
+        Leave => "leave",
+        /// A deprovisioning action is waiting for its grace period.
+        Schedule => "schedule",
+        /// A waiting deprovisioning action was called off (the device came back in scope).
+        Cancel => "cancel",
+        /// Sent DeviceLock.
+        Lock => "lock",
+        /// Sent EraseDevice.
+        Wipe => "wipe",
+    }
+}
+
+states! {
+    /// Whether the directory still knows a person (`users.status`).
+    AccountStatus ("account status") {
+        Active => "active",
+        Disabled => "disabled",
+        Deleted => "deleted",
+    }
+}

@@ -89,6 +89,8 @@ impl Store {
         let current = "SELECT g.id FROM user_groups m JOIN groups g ON g.id = m.group_id \
                        WHERE m.user_id = $1 AND g.provider = $2";
         let remove = "DELETE FROM user_groups WHERE user_id = $1 AND group_id = $2";
+        let request = "INSERT INTO reconcile_requests (user_id, reason, requested_at) \
+                       VALUES ($1, $2, $3)";
         let user_id: String = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             let user_id: String = sqlx::query_scalar(upsert_user)
@@ -101,6 +103,13 @@ impl Store {
                 .bind(now)
                 .fetch_one(&mut *tx)
                 .await?;
+            let held: BTreeSet<String> = sqlx::query_scalar(current)
+                .bind(&user_id)
+                .bind(&identity.provider)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
             let mut seen = BTreeSet::new();
             for group in &identity.groups {
                 let group_id: String = sqlx::query_scalar(upsert_group)
@@ -120,15 +129,20 @@ impl Store {
                     .await?;
                 seen.insert(group_id);
             }
-            let held: Vec<String> = sqlx::query_scalar(current)
-                .bind(&user_id)
-                .bind(&identity.provider)
-                .fetch_all(&mut *tx)
-                .await?;
             for gone in held.iter().filter(|g| !seen.contains(*g)) {
                 sqlx::query(remove)
                     .bind(&user_id)
                     .bind(gone)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // A membership change is what group-driven policy reacts to: the reconciler
+            // looks at this person's devices (on whichever node claims the request).
+            if held != seen {
+                sqlx::query(request)
+                    .bind(&user_id)
+                    .bind(format!("{source}: groups changed"))
+                    .bind(now)
                     .execute(&mut *tx)
                     .await?;
             }

@@ -84,6 +84,9 @@ suffix "$BASE"
 rootdn "$ROOTDN"
 rootpw $(slappasswd -s "$ROOTPW")
 directory $DIR/db
+# The broker's account may page through any number of entries (group sync of large groups);
+# an unpaged search stays at the default 500, so a sync that did not page would be cut short.
+limits dn.exact="cn=broker,ou=services,$BASE" size.prtotal=unlimited
 index objectClass eq
 index uid,mail,cn eq,sub
 index member,uniqueMember,memberUid,memberOf eq

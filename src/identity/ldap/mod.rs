@@ -1,12 +1,14 @@
 //! LDAP sign-in: find the person with the service account, check their password by binding as
 //! them, and read their attributes and groups. Owns the `[idp.NAME]` settings of `type = "ldap"`
-//! and all LDAP traffic; it knows nothing of HTTP, sessions or the store.
+//! and all LDAP traffic; it knows nothing of HTTP or sessions, and only `sync` touches the store
+//! (through its directory methods, never SQL).
 //!
 //! `conn` opens one connection (TLS, timeouts, error sorting), `pool` keeps service-bound
-//! connections, `template` builds escaped search filters.
+//! connections, `template` builds escaped search filters, `sync` is the periodic group sync.
 
 mod conn;
 mod pool;
+pub mod sync;
 mod template;
 
 use std::fmt;
@@ -144,6 +146,21 @@ pub struct LdapKeys {
     /// Service-bound connections kept open and reused for searches [default: 4; 1–64].
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Seconds between group syncs [default: 0, off; 1–604800]. Each sync reads from the
+    /// directory every group of this provider the store knows and every group a policy targets,
+    /// brings the memberships of people who signed in before up to date (deltas only; nobody
+    /// is created), and marks accounts gone from `user_base` `deleted` and those matching
+    /// `disabled_filter` `disabled` (see [`sync`]).
+    #[serde(default)]
+    pub group_sync_interval_secs: u64,
+    /// An LDAP filter matching disabled accounts, checked by the group sync [default: none, no
+    /// disabled detection]: `(pwdAccountLockedTime=*)` for OpenLDAP's ppolicy,
+    /// `(userAccountControl:1.2.840.113556.1.4.803:=2)` for Active Directory.
+    pub disabled_filter: Option<String>,
+    /// Entries per page of the group sync's paged searches (RFC 2696) [default: 500; 1–10000].
+    /// The server's own page limit applies too (Active Directory's MaxPageSize is 1000).
+    #[serde(default = "default_sync_page_size")]
+    pub sync_page_size: u32,
 }
 
 /// Where a person's groups are read from.
@@ -190,6 +207,9 @@ fn default_timeout_secs() -> u64 {
 fn default_pool_size() -> usize {
     DEFAULT_POOL_SIZE
 }
+fn default_sync_page_size() -> u32 {
+    sync::DEFAULT_PAGE_SIZE
+}
 
 enum Groups {
     MemberOf {
@@ -220,6 +240,7 @@ pub struct LdapProvider {
     attributes: Attributes,
     groups: Groups,
     pool: Pool,
+    sync: sync::SyncSettings,
 }
 
 impl fmt::Debug for LdapProvider {
@@ -683,6 +704,7 @@ fn build(name: &str, s: &LdapSettings) -> Result<LdapProvider, String> {
     if !(1..=64).contains(&s.pool_size) {
         return Err(format!("pool_size must be 1–64, not {}", s.pool_size));
     }
+    let sync = sync::SyncSettings::check(s)?;
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     let scheme = if ldaps { "ldaps" } else { "ldap" };
     Ok(LdapProvider {
@@ -703,6 +725,7 @@ fn build(name: &str, s: &LdapSettings) -> Result<LdapProvider, String> {
         attributes,
         groups,
         pool: Pool::new(s.pool_size),
+        sync,
     })
 }
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Group-driven policy at fleet scale: a policy comes into force for a group of N enrolled
+# devices (generated in the database) — time until every command is queued and every push
+# reached the APNs stand-in; a second full pass with nothing to do; one person's group change
+# until their device's commands are queued. The broker runs inside the load generator, on
+# SQLite and on PostgreSQL. Prints a Markdown table (docs/benchmarks.md keeps the latest
+# figures); the progress and the reconciler's pass logs go to stderr.
+#
+#   bash benches/policy.sh [device counts, default "10000 100000"]
+#
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
+# BENCH_PG_ADMIN=postgres://...
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+COUNTS=${1:-10000 100000}
+PG_ADMIN=${BENCH_PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
+PG_DB=trustbroker_policy_bench
+
+cargo bench --locked --bench policy_load --no-run
+
+drop_db() { psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null; }
+trap drop_db EXIT
+
+run() { # label, device count, database URL or empty
+  local args=(--devices "$2" --label "$1")
+  if [[ -n $3 ]]; then
+    drop_db
+    psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_DB" >/dev/null
+    args+=(--database-url "$3")
+  fi
+  cargo bench --locked --bench policy_load -- "${args[@]}" | tail -n +"${SKIP_HEADER:-1}"
+  SKIP_HEADER=3
+}
+
+for n in $COUNTS; do
+  run "trustbroker (SQLite)" "$n" ""
+  run "trustbroker (PostgreSQL)" "$n" "${PG_ADMIN%/*}/$PG_DB"
+done
