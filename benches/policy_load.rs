@@ -54,6 +54,10 @@ struct Args {
     /// How long to wait for the fleet's commands and pushes before reporting what arrived.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Generate channels without push tokens, so that nothing is pushed: the reconciler's
+    /// own throughput, without the pushes' database writes competing (a diagnostic).
+    #[arg(long)]
+    no_push: bool,
     /// The broker's log filter (the reconciler logs each pass at info).
     #[arg(long, default_value = "warn,trustbroker::policy=info")]
     log: String,
@@ -227,7 +231,7 @@ impl Db {
 
     /// Writes the fleet: N people in one group, each with an active enrollment record, a
     /// device and an active device channel. Returns nothing: nothing is kept.
-    async fn generate(&self, devices: usize) -> anyhow::Result<()> {
+    async fn generate(&self, devices: usize, push_tokens: bool) -> anyhow::Result<()> {
         let now = trustbroker::store::now();
         let group_id = uuid::Uuid::new_v4().to_string();
         let group = "INSERT INTO groups (id, provider, external_id, name, created_at, updated_at) \
@@ -330,7 +334,8 @@ impl Db {
                     );
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
                     for m in chunk {
-                        q = q.bind(&m.udid).bind(&m.push_token).bind(&m.push_magic);
+                        let token = push_tokens.then_some(&m.push_token);
+                        q = q.bind(&m.udid).bind(token).bind(&m.push_magic);
                     }
                     q.execute(&mut *tx).await?;
                 }
@@ -338,10 +343,20 @@ impl Db {
             });
             next = end;
         }
-        // A PostgreSQL server in use has statistics on its tables (autovacuum analyses a table
-        // after 10% of it changed); a fresh one would plan the first queries blind.
+        // The fleet's tables get statistics, as autovacuum would have given them long ago;
+        // the ledger and the queue are left as a fresh database has them (never analysed:
+        // PostgreSQL estimates from their size). Analysed while empty, they would make the
+        // planner cache plans for empty tables (see docs/benchmarks.md).
+        self.analyze("users, groups, user_groups, enrollments, mdm_devices, mdm_enrollments")
+            .await
+    }
+
+    /// ANALYZE on PostgreSQL (this machine's server runs without autovacuum); nothing on
+    /// SQLite, which the broker never analyses either.
+    async fn analyze(&self, tables: &str) -> anyhow::Result<()> {
         if let Db::Postgres(pool) = self {
-            sqlx::query("ANALYZE").execute(pool).await?;
+            let sql = format!("ANALYZE {tables}");
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
         }
         Ok(())
     }
@@ -550,7 +565,7 @@ async fn main() -> anyhow::Result<()> {
     let db = Db::open(&database).await?;
     let n = args.devices;
     let started = Instant::now();
-    db.generate(n).await?;
+    db.generate(n, !args.no_push).await?;
     let generated = started.elapsed().as_secs_f64();
     eprintln!("{n} devices generated in {generated:.1} s");
     let (rss_start, _) = memory_mib();
@@ -597,7 +612,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         pushed = apns.received();
-        if pushed_at.is_none() && pushed >= n {
+        if pushed_at.is_none() && (pushed >= n || args.no_push) {
             pushed_at = Some(started.elapsed().as_secs_f64());
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
@@ -627,15 +642,12 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let pushed_ok = db
-        .scalar("SELECT COUNT(*) FROM mdm_enrollments WHERE push_status = 'ok'")
-        .await?;
-    eprintln!(
-        "all queued in {queued_text} s, all pushed in {pushed_text} s ({pushed_ok} channels \
-         answered 200)"
-    );
+    eprintln!("all queued in {queued_text} s, all pushed in {pushed_text} s");
 
-    // 2. A full pass with nothing to do.
+    // 2. A full pass with nothing to do, once the ledger and the queue have statistics (by a
+    // periodic pass, 15 minutes later, autovacuum would have analysed them).
+    db.analyze("managed_items, managed_item_commands, mdm_commands")
+        .await?;
     let started = Instant::now();
     let pass = server
         .reconciler
@@ -645,6 +657,10 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(pass.commands == 0, "the second pass queued {pass:?}");
     eprintln!("second full pass: {second_pass:.2} s, {pass:?}");
     let (_, peak_pass) = memory_mib();
+    let pushed_ok = db
+        .scalar("SELECT COUNT(*) FROM mdm_enrollments WHERE push_status = 'ok'")
+        .await?;
+    eprintln!("{pushed_ok} device channels are marked pushed (APNs answered 200)");
 
     // 3. One person at a time joins the pilot group.
     let mut latencies = Vec::new();

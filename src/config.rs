@@ -374,6 +374,9 @@ pub struct PolicySettings {
     pub on_account_disabled: AccountDisabledAction,
     /// Days before its identity certificate expires that a device is sent a new one.
     pub identity_renewal_days: u32,
+    /// Seconds after which a device's report of its profiles and managed apps is stale and is
+    /// asked for again (ProfileList, ManagedApplicationList), to find drift.
+    pub inventory_max_age_secs: u64,
 }
 
 impl Default for PolicySettings {
@@ -385,6 +388,7 @@ impl Default for PolicySettings {
             poll_interval_ms: 1000,
             on_account_disabled: AccountDisabledAction::Remove,
             identity_renewal_days: 30,
+            inventory_max_age_secs: 86_400,
         }
     }
 }

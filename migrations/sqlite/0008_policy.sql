@@ -17,7 +17,8 @@ CREATE TABLE policy_versions (
 -- a new ledger), one row per item: `profile:<PayloadIdentifier>`, `app:<bundle id>`,
 -- `join:<policy>:<n>` (a command on join), `scope:<policy>` (the device is in the policy's
 -- scope), `leave:<policy>:<lock|wipe>` (a deprovisioning action waiting for its grace) or
--- `identity:renewal` (the device's identity certificate, renewed before it expires).
+-- `identity:renewal` (the device's identity certificate, renewed before it expires), or
+-- `inventory:<profiles|apps>` (a ProfileList or ManagedApplicationList when the last is stale).
 -- `wanted` is whether it should be there; `revision` counts the row's
 -- transitions: every change is a compare-and-set on it, so two nodes deciding the same
 -- change cannot both act.
@@ -25,7 +26,8 @@ CREATE TABLE managed_items (
     enrollment_id TEXT NOT NULL REFERENCES enrollments (id),
     udid          TEXT NOT NULL,
     item_key      TEXT NOT NULL,
-    kind          TEXT NOT NULL CHECK (kind IN ('profile', 'app', 'join', 'scope', 'deprovision', 'identity')),
+    kind          TEXT NOT NULL CHECK (kind IN ('profile', 'app', 'join', 'scope', 'deprovision', 'identity',
+                                        'inventory')),
     wanted        BOOLEAN NOT NULL,
     content_hash  TEXT NOT NULL,
     config_hash   TEXT,

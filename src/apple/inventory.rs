@@ -1,6 +1,6 @@
 //! What devices report about themselves: DeviceInformation answers update the device's facts
-//! and inventory, ProfileList answers its installed profiles (which the policy engine compares
-//! with what a device should have).
+//! and inventory, ProfileList and ManagedApplicationList answers its installed profiles and
+//! managed apps (which the policy reconciler compares with what it installed).
 
 use base64::Engine;
 use plist::Value;
@@ -53,6 +53,16 @@ pub async fn absorb(
             store
                 .update_inventory(device_id, None, Some(&profiles), &DeviceFacts::default())
                 .await?;
+        }
+        "ManagedApplicationList" => {
+            let Some(apps) = result
+                .get("ManagedApplicationList")
+                .and_then(Value::as_dictionary)
+            else {
+                return Ok(());
+            };
+            let apps = to_json(&Value::Dictionary(apps.clone())).to_string();
+            store.update_managed_apps(device_id, &apps).await?;
         }
         _ => {}
     }

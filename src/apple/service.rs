@@ -344,10 +344,12 @@ impl MdmService {
                 match recorded {
                     Some(command) if outcome == CommandOutcome::Acknowledged => {
                         super::inventory::absorb(&self.store, device_id, &command, message).await?;
-                        // A new ProfileList may show drift; an answer to a policy's command
-                        // may let the next one through.
-                        if command.request_type == "ProfileList" {
-                            self.request_reconcile(device_id, "ProfileList reported")
+                        // A new report of profiles or managed apps may show drift.
+                        if matches!(
+                            command.request_type.as_str(),
+                            "ProfileList" | "ManagedApplicationList"
+                        ) {
+                            self.request_reconcile(device_id, "inventory reported")
                                 .await?;
                         }
                     }

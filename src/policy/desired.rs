@@ -54,12 +54,78 @@ pub enum Content {
     /// A new identity certificate for the device: its enrollment profile again, with a fresh
     /// one-time challenge for its enrollment record (built when it is sent).
     Identity,
+    /// A question about what the device has (ProfileList, ManagedApplicationList).
+    Inventory(Command),
 }
+
+/// The ledger keys of the inventory queries, and what each asks about.
+const INVENTORY: [(&str, ItemKind, &str); 2] = [
+    ("inventory:profiles", ItemKind::Profile, "ProfileList"),
+    ("inventory:apps", ItemKind::App, "ManagedApplicationList"),
+];
 
 /// The ledger key of a device's identity renewal.
 pub const IDENTITY_KEY: &str = "identity:renewal";
 
 impl Desired {
+    /// Adds a ProfileList (ManagedApplicationList) query when the device's last report of its
+    /// profiles (apps) is older than `max_age`, or older than the newest install of one the
+    /// device acknowledged. The reference time is the query's content hash, so a device that
+    /// never answers is asked again only when the reference moves on (the next period, a new
+    /// install).
+    pub fn query_stale_inventory(
+        &mut self,
+        device: &DeviceTarget,
+        ledger: &BTreeMap<String, crate::store::ManagedItemRow>,
+        now: chrono::DateTime<chrono::Utc>,
+        max_age: chrono::Duration,
+    ) {
+        let period = max_age.num_seconds().max(60);
+        let period_start = now.timestamp() - now.timestamp().rem_euclid(period);
+        for (key, kind, request_type) in INVENTORY {
+            let newest_install = ledger
+                .values()
+                .filter(|r| r.kind == kind && r.wanted && self.items.contains_key(&r.item_key))
+                .filter(|r| r.command_status == Some(crate::store::CommandStatus::Acknowledged))
+                .filter_map(|r| r.command_answered_at)
+                .max();
+            let Some(newest_install) = newest_install else {
+                continue;
+            };
+            let reported = match kind {
+                ItemKind::Profile => device.profiles_reported_at,
+                _ => device.apps_reported_at,
+            };
+            let reference = newest_install.timestamp().max(period_start);
+            if reported.is_some_and(|at| at.timestamp() >= reference) {
+                continue;
+            }
+            let mut body = Dictionary::new();
+            body.insert("RequestType".into(), request_type.into());
+            if kind == ItemKind::Profile {
+                body.insert("ManagedOnly".into(), Value::Boolean(true));
+            }
+            self.items.insert(
+                key.to_owned(),
+                DesiredItem {
+                    key: key.to_owned(),
+                    kind: ItemKind::Inventory,
+                    policy: "inventory".to_owned(),
+                    group: GroupRef {
+                        provider: "broker".to_owned(),
+                        id: "inventory".to_owned(),
+                    },
+                    content_hash: reference.to_string(),
+                    config_hash: None,
+                    content: Content::Inventory(Command {
+                        request_type: request_type.to_owned(),
+                        body,
+                    }),
+                },
+            );
+        }
+    }
+
     /// Adds the renewal of the device's identity certificate when it expires within `lead`:
     /// one renewal per certificate (the serial is the content hash).
     pub fn renew_identity_within(

@@ -103,7 +103,9 @@ pub fn diff(
             // A renewal no longer due (the device has its new certificate): nothing to undo,
             // and the enrollment profile must never be removed.
             ItemKind::Identity => decisions.push(transition(row, false, ItemAction::Leave, None)),
-            ItemKind::Deprovision => {}
+            // An inventory query answered (or no longer needed) stays as it was: its content
+            // hash says which period it asked for.
+            ItemKind::Inventory | ItemKind::Deprovision => {}
         }
     }
     // Waiting locks and wipes: called off by a return to scope, carried out when due.
@@ -144,6 +146,8 @@ fn bring_in(
             return None;
         }
         (Content::Identity, _) => (ItemAction::Install, Some(Send::RenewIdentity)),
+        (Content::Inventory(_), Some(r)) if r.content_hash == item.content_hash => return None,
+        (Content::Inventory(command), _) => (ItemAction::Run, Some(Send::Run(command.clone()))),
         (Content::Profile { identifier, xml }, present) => {
             let install = Send::InstallProfile {
                 identifier: identifier.clone(),
@@ -179,6 +183,9 @@ fn bring_in(
                 None => (ItemAction::Install, Some(install)),
                 Some(r) if r.content_hash != item.content_hash || needs_resend(r) => {
                     (ItemAction::Update, Some(install))
+                }
+                Some(r) if reported.app_drifted(r, bundle_id) => {
+                    (ItemAction::Install, Some(install))
                 }
                 Some(r) if r.config_hash != item.config_hash => {
                     let configuration = configuration.clone().unwrap_or_default();
@@ -314,10 +321,13 @@ pub fn group_label(group: &super::GroupRef) -> String {
     format!("{}:{}", group.provider, group.id)
 }
 
-/// The profile identifiers a device last reported, and when.
+/// What a device last reported: its profile identifiers and managed apps, and when.
 pub(crate) struct ReportedProfiles {
     at: Option<DateTime<Utc>>,
     identifiers: BTreeSet<String>,
+    apps_at: Option<DateTime<Utc>>,
+    /// Bundle ID → status (ManagedApplicationList).
+    apps: BTreeMap<String, String>,
 }
 
 impl ReportedProfiles {
@@ -331,9 +341,45 @@ impl ReportedProfiles {
             .iter()
             .filter_map(|p| p.get("PayloadIdentifier")?.as_str().map(str::to_owned))
             .collect();
+        let apps = device
+            .apps
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .and_then(|map| map.as_object().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(bundle, entry)| {
+                let status = entry
+                    .get("Status")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                (bundle, status)
+            })
+            .collect();
         ReportedProfiles {
             at: device.profiles_reported_at,
             identifiers,
+            apps_at: device.apps_reported_at,
+            apps,
+        }
+    }
+
+    /// The device acknowledged the app's install, then reported its managed apps without it,
+    /// or with it uninstalled. (Transient statuses are reported once and then left out, so
+    /// only a report that lists some app counts.)
+    pub(crate) fn app_drifted(&self, row: &ManagedItemRow, bundle_id: &str) -> bool {
+        match (self.apps_at, row.command_answered_at) {
+            (Some(reported), Some(answered)) => {
+                row.command_status == Some(CommandStatus::Acknowledged)
+                    && reported > answered
+                    && !self.apps.is_empty()
+                    && self
+                        .apps
+                        .get(bundle_id)
+                        .is_none_or(|status| status == "ManagedButUninstalled")
+            }
+            _ => false,
         }
     }
 
@@ -426,6 +472,8 @@ mod tests {
             product_name: Some("iPhone15,2".into()),
             profiles: None,
             profiles_reported_at: None,
+            apps: None,
+            apps_reported_at: None,
             owner_login: Some("alice".into()),
             owner_email: Some(email.into()),
             owner_display_name: None,
@@ -668,6 +716,48 @@ mod tests {
         assert_eq!(
             waiting.waiting[0].variable,
             crate::policy::Variable::UserEmail
+        );
+    }
+
+    #[test]
+    fn stale_reports_are_asked_for_once_per_period_and_an_uninstalled_app_drifts() {
+        let set = set(vec![policy("eng", 8, OnLeave::default())]);
+        let mut device = device("alice@example.org");
+        let groups = [group()].into();
+        let max_age = chrono::Duration::hours(24);
+        let desired = set.desired_for(&device, &groups);
+        let ledger = carry_out(
+            BTreeMap::new(),
+            &diff(&set, &device, &desired, &BTreeMap::new(), at(0)),
+            at(0),
+        );
+        // Installed and acknowledged, never reported: both lists are asked for.
+        let mut asking = set.desired_for(&device, &groups);
+        asking.query_stale_inventory(&device, &ledger, at(10), max_age);
+        let queries = diff(&set, &device, &asking, &ledger, at(10));
+        assert_eq!(
+            actions(&queries),
+            [
+                ("inventory:apps".into(), ItemAction::Run),
+                ("inventory:profiles".into(), ItemAction::Run),
+            ]
+        );
+        let ledger = carry_out(ledger, &queries, at(10));
+        // Unanswered: not asked again within the period.
+        let mut again = set.desired_for(&device, &groups);
+        again.query_stale_inventory(&device, &ledger, at(20), max_age);
+        assert!(diff(&set, &device, &again, &ledger, at(20)).is_empty());
+        // Answered: the app was uninstalled on the device, so it is installed again.
+        device.profiles = Some(r#"[{"PayloadIdentifier": "p.eng"}]"#.into());
+        device.profiles_reported_at = Some(at(30));
+        device.apps = Some(r#"{"com.example.app": {"Status": "ManagedButUninstalled"}, "x": {"Status": "Managed"}}"#.into());
+        device.apps_reported_at = Some(at(30));
+        let mut fresh = set.desired_for(&device, &groups);
+        fresh.query_stale_inventory(&device, &ledger, at(40), max_age);
+        let drift = diff(&set, &device, &fresh, &ledger, at(40));
+        assert_eq!(
+            actions(&drift),
+            [("app:com.example.app".into(), ItemAction::Install)]
         );
     }
 }

@@ -209,8 +209,12 @@ impl Reconciler {
         }
         let (groups, ledgers) = read_page_state(store, &targets).await?;
         let now = crate::store::now();
-        let renewal_lead =
-            chrono::Duration::days(i64::from(self.inner.settings.identity_renewal_days));
+        let settings = &self.inner.settings;
+        let renewal_lead = chrono::Duration::days(i64::from(settings.identity_renewal_days));
+        // At most ten years: chrono's durations have a range, and a longer age means never.
+        let inventory_max_age = chrono::Duration::seconds(
+            i64::try_from(settings.inventory_max_age_secs.min(10 * 365 * 86_400)).unwrap_or(0),
+        );
         let mut changes = Vec::new();
         let mut wakeable = BTreeSet::new();
         let no_groups = BTreeSet::new();
@@ -222,9 +226,10 @@ impl Reconciler {
                 .as_ref()
                 .and_then(|id| groups.get(id))
                 .unwrap_or(&no_groups);
+            let ledger = ledgers.get(&target.enrollment_id).unwrap_or(&no_ledger);
             let mut desired = set.desired_for(target, owner_groups);
             desired.renew_identity_within(target, now, renewal_lead);
-            let ledger = ledgers.get(&target.enrollment_id).unwrap_or(&no_ledger);
+            desired.query_stale_inventory(target, ledger, now, inventory_max_age);
             for decision in diff::diff(set, target, &desired, ledger, now) {
                 let sends = decision.send.is_some();
                 let key = decision.key.clone();

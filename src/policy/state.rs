@@ -77,7 +77,7 @@ pub async fn device_state(
     let reported = ReportedProfiles::of(&target);
     let mut items = Vec::new();
     for item in desired.items.values() {
-        if item.kind == ItemKind::Scope {
+        if matches!(item.kind, ItemKind::Scope | ItemKind::Inventory) {
             continue;
         }
         let row = ledger.get(&item.key).filter(|r| r.wanted);
@@ -124,7 +124,9 @@ pub async fn device_state(
         });
     }
     for row in ledger.values() {
-        if matches!(row.kind, ItemKind::Scope) || desired.items.contains_key(&row.item_key) {
+        if matches!(row.kind, ItemKind::Scope | ItemKind::Inventory)
+            || desired.items.contains_key(&row.item_key)
+        {
             continue;
         }
         if row.wanted && row.kind != ItemKind::Deprovision {

@@ -312,6 +312,20 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a ManagedApplicationList answer (JSON, bundle ID → its status) and when it came.
+    pub async fn update_managed_apps(&self, udid: &str, apps: &str) -> StoreResult<()> {
+        let sql = "UPDATE mdm_devices SET apps = $2, apps_reported_at = $3, updated_at = $3 \
+                   WHERE udid = $1";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(udid)
+            .bind(apps)
+            .bind(super::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
     /// What certificate `serial` is and whom it speaks for, in the one read that every device
     /// request makes before its body is looked at: the certificate record, the device bound to
     /// its enrollment record, and that device's channels with their queue state.

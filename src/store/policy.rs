@@ -68,6 +68,9 @@ pub struct DeviceTarget {
     /// JSON: the last ProfileList.
     pub profiles: Option<String>,
     pub profiles_reported_at: Option<DateTime<Utc>>,
+    /// JSON: the last ManagedApplicationList (bundle ID → status).
+    pub apps: Option<String>,
+    pub apps_reported_at: Option<DateTime<Utc>>,
     pub owner_login: Option<String>,
     pub owner_email: Option<String>,
     pub owner_display_name: Option<String>,
@@ -136,6 +139,7 @@ macro_rules! select_targets {
         concat!(
             "SELECT d.udid, d.enrollment_id, d.owner_id, d.serial_number, d.device_name, \
              d.model, d.model_name, d.product_name, d.profiles, d.profiles_reported_at, \
+             d.apps, d.apps_reported_at, \
              u.login AS owner_login, u.email AS owner_email, \
              u.display_name AS owner_display_name, u.subject AS owner_subject, \
              u.status AS owner_status, c.status AS channel_status, \

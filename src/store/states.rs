@@ -350,6 +350,8 @@ states! {
         Deprovision => "deprovision",
         /// The device's identity certificate, renewed (a fresh SCEP payload) before it expires.
         Identity => "identity",
+        /// A ProfileList or ManagedApplicationList, asked for when the last report is stale.
+        Inventory => "inventory",
     }
 }
 

@@ -206,6 +206,23 @@ fn item<'a>(state: &'a Json, key: &str) -> &'a Json {
         .unwrap_or_else(|| panic!("no item {key} in {state:#}"))
 }
 
+/// What a device holding the policy's profile and app answers to inventory queries.
+fn answer_inventory(request_type: &str) -> Dictionary {
+    match request_type {
+        "ProfileList" => profile_list(&[PROFILE_ID]),
+        "ManagedApplicationList" => {
+            let mut status = Dictionary::new();
+            status.insert("Status".into(), "Managed".into());
+            let mut apps = Dictionary::new();
+            apps.insert(APP.into(), Value::Dictionary(status));
+            let mut d = Dictionary::new();
+            d.insert("ManagedApplicationList".into(), Value::Dictionary(apps));
+            d
+        }
+        _ => Dictionary::new(),
+    }
+}
+
 /// The ProfileList answer of a device holding the given profiles.
 fn profile_list(identifiers: &[&str]) -> Dictionary {
     let list = identifiers
@@ -304,14 +321,16 @@ async fn membership_drives_installs_removals_and_state_exactly_once() {
         );
         assert!(signed.starts_with(&[0x30]), "the profile is signed (CMS)");
 
-        // The device reports its profiles: installed, not drifted.
-        let reported = enqueue(&fleet, &device, json!({"RequestType": "ProfileList"})).await;
-        let answered = drain(&fleet.server, &device, |t| {
-            assert_eq!(t, "ProfileList");
-            profile_list(&[PROFILE_ID])
-        })
-        .await;
-        assert_eq!(answered.len(), 1, "{reported}");
+        // The next pass asks the device what it has (its reports are older than the installs),
+        // and it reports both: installed, not drifted.
+        let node = &fleet.server.server.as_ref().unwrap().reconciler;
+        let asked = node
+            .reconcile(TargetScope::All { after: None })
+            .await
+            .unwrap();
+        assert_eq!(asked.commands, 2, "{}: {asked:?}", db.name());
+        let answered = drain(&fleet.server, &device, answer_inventory).await;
+        assert_eq!(types(&answered), ["ManagedApplicationList", "ProfileList"]);
         let state = fleet.state(&device).await;
         assert_eq!(
             item(&state, &format!("profile:{PROFILE_ID}"))["status"],
@@ -330,7 +349,6 @@ async fn membership_drives_installs_removals_and_state_exactly_once() {
         );
 
         // Another pass, and a restart, queue nothing new.
-        let node = &fleet.server.server.as_ref().unwrap().reconciler;
         let again = node
             .reconcile(TargetScope::All { after: None })
             .await
@@ -424,18 +442,6 @@ async fn membership_drives_installs_removals_and_state_exactly_once() {
         assert_eq!(status, StatusCode::CREATED, "{applied:#}");
         fleet.server.stop().await;
     }
-}
-
-async fn enqueue(fleet: &Fleet, device: &Device, command: Json) -> Json {
-    let (status, body) = post(
-        &fleet.server,
-        &fleet.admin,
-        "/api/v1/commands",
-        json!({"enrollment_ids": [device.udid], "command": command, "nopush": true}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body:#}");
-    body
 }
 
 fn windows_contain(haystack: &[u8], needle: &[u8]) -> bool {
@@ -801,8 +807,13 @@ async fn an_ldap_group_change_reaches_the_device_after_one_sync() {
             app["Configuration"].as_dictionary().unwrap()["user_email"],
             Value::String("dana@example.org".into())
         );
-        enqueue(&fleet, &device, json!({"RequestType": "ProfileList"})).await;
-        drain(&fleet.server, &device, |_| profile_list(&[PROFILE_ID])).await;
+        // A pass asks what the device has; it reports both.
+        let node = &fleet.server.server.as_ref().unwrap().reconciler;
+        node.reconcile(TargetScope::All { after: None })
+            .await
+            .unwrap();
+        let answered = drain(&fleet.server, &device, answer_inventory).await;
+        assert_eq!(types(&answered), ["ManagedApplicationList", "ProfileList"]);
         let state = fleet.state(&device).await;
         assert_eq!(
             item(&state, &format!("profile:{PROFILE_ID}"))["status"],
