@@ -9,13 +9,16 @@
 #   bash benches/policy.sh [device counts, default "10000 100000"]
 #
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
-# BENCH_PG_ADMIN=postgres://...
+# BENCH_PG_ADMIN=postgres://... When the server's Unix socket is in BENCH_PG_SOCKET (default
+# /var/run/postgresql), PostgreSQL is measured over it as well: sqlx 0.9.0 leaves Nagle's
+# algorithm on for TCP, and the difference is what that costs (docs/benchmarks.md).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 COUNTS=${1:-10000 100000}
 PG_ADMIN=${BENCH_PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 PG_DB=trustbroker_policy_bench
+PG_SOCKET=${BENCH_PG_SOCKET:-/var/run/postgresql}
 
 cargo bench --locked --bench policy_load --no-run
 
@@ -36,4 +39,8 @@ run() { # label, device count, database URL or empty
 for n in $COUNTS; do
   run "trustbroker (SQLite)" "$n" ""
   run "trustbroker (PostgreSQL)" "$n" "${PG_ADMIN%/*}/$PG_DB"
+  if [[ -S $PG_SOCKET/.s.PGSQL.5432 ]]; then
+    run "trustbroker (PostgreSQL, Unix socket)" "$n" \
+      "postgres://postgres@localhost/$PG_DB?host=$PG_SOCKET"
+  fi
 done

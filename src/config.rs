@@ -344,6 +344,44 @@ pub struct FileConfig {
     /// Group-driven policy and its reconciler, `[policy]`.
     #[serde(default)]
     pub policy: PolicySettings,
+    /// App-config tokens and their validation, `[tokens]`.
+    #[serde(default)]
+    pub tokens: TokenSettings,
+}
+
+/// App-config tokens, `[tokens]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// Validations (`POST /validate/v1/tokens`) each app client may make per second, on each
+    /// node; past it, 429 with Retry-After.
+    pub validations_per_client_per_second: u32,
+    /// How many a client may make at once above that rate (the token bucket's size).
+    pub validation_burst: u32,
+}
+
+impl Default for TokenSettings {
+    fn default() -> TokenSettings {
+        TokenSettings {
+            validations_per_client_per_second: 1000,
+            validation_burst: 2000,
+        }
+    }
+}
+
+impl TokenSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=10_000_000).contains(&self.validations_per_client_per_second)
+            || !(1..=10_000_000).contains(&self.validation_burst)
+        {
+            return Err(ConfigError::Invalid(
+                "tokens.validations_per_client_per_second and tokens.validation_burst must be \
+                 between 1 and 10000000"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a person whose account the directory disabled or deleted keeps on their devices.
@@ -725,6 +763,7 @@ pub struct Config {
     pub server: ServerSettings,
     pub limits: LimitSettings,
     pub policy: PolicySettings,
+    pub tokens: TokenSettings,
 }
 
 impl Config {
@@ -893,6 +932,7 @@ impl Config {
         }
         file.server.validate()?;
         file.limits.validate()?;
+        file.tokens.validate()?;
         if !(1..=1000).contains(&file.enroll.max_unredeemed_profiles) {
             return Err(ConfigError::Invalid(
                 "enroll.max_unredeemed_profiles must be between 1 and 1000".into(),
@@ -964,6 +1004,7 @@ impl Config {
                 dir: args.policy_dir.or(file.policy.dir.clone()),
                 ..file.policy
             },
+            tokens: file.tokens,
         })
     }
 

@@ -17,6 +17,7 @@ use trustbroker::config::{Config, ConfigArgs, Database};
 use trustbroker::pki::ca::CertificateAuthority;
 use trustbroker::pki::challenge::{self, ChallengeRequest};
 use trustbroker::store::NewAuditEntry;
+use trustbroker::tokens::shared::{IntegrationRequest, TokenError, TokenRequest, TokenService};
 use trustbroker::{pki, server, tls};
 
 #[derive(Parser)]
@@ -59,6 +60,130 @@ enum Command {
     /// Group-driven policy: validate, plan and apply a policy directory.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The keys that sign per-device tokens (published at /.well-known/jwks.json).
+    #[command(subcommand)]
+    SigningKey(SigningKeyCommand),
+    /// App-config tokens (the PingID pattern): integrations and their shared tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Credentials of an app's back end that validates tokens (POST /validate/v1/tokens).
+    #[command(subcommand)]
+    AppClient(AppClientCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Integrations: an app and the managed app configuration key its token goes under.
+    #[command(subcommand)]
+    Integration(IntegrationCommand),
+    /// Generate a token (256 random bits); the value is printed alone on the last line, once.
+    Create {
+        #[command(flatten)]
+        new: NewTokenArgs,
+    },
+    /// Import a token made in the vendor's portal. The value is read from the environment
+    /// variable TRUSTBROKER_TOKEN_VALUE or from stdin, never from a flag (flags show in `ps`).
+    Import {
+        #[command(flatten)]
+        new: NewTokenArgs,
+    },
+    /// An integration's tokens (the last four characters of each, never the value).
+    List {
+        #[arg(long)]
+        integration: String,
+    },
+    /// A new token effective now; the current one stays valid for the integration's overlap.
+    Rotate {
+        #[arg(long)]
+        integration: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// Rotate to an imported value (read as for `token import`) instead of a generated one.
+        #[arg(long)]
+        import: bool,
+    },
+    /// Revoke a token at once. The only active token of an integration needs --force.
+    Revoke {
+        #[arg(long)]
+        integration: String,
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct NewTokenArgs {
+    #[arg(long)]
+    integration: String,
+    #[arg(long)]
+    label: Option<String>,
+    /// When it becomes valid (RFC 3339); now when not given.
+    #[arg(long, value_name = "TIME")]
+    not_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// When it stops being valid (RFC 3339); never when not given.
+    #[arg(long, value_name = "TIME")]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Subcommand)]
+enum IntegrationCommand {
+    Create {
+        /// Lowercase letters, digits, '-' and '_' (used in URLs and as ${token.NAME}).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// The app's bundle identifier.
+        #[arg(long)]
+        bundle_id: String,
+        /// The managed app configuration key the token goes under, e.g. PINGID_MDM_TOKEN.
+        #[arg(long)]
+        config_key: String,
+        /// Also give each device a signed per-device token.
+        #[arg(long)]
+        device_tokens: bool,
+        /// How long a rotated-out token stays valid [default: 7 days].
+        #[arg(long, value_name = "SECONDS")]
+        overlap_secs: Option<i64>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum AppClientCommand {
+    /// Create a client; its ID and secret are printed on the last two lines, once.
+    Create {
+        #[arg(long)]
+        integration: String,
+        /// [default: the integration's name]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        integration: String,
+    },
+    Revoke {
+        #[arg(long)]
+        integration: String,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SigningKeyCommand {
+    /// List the keys: next (published, not signing yet), current (signing), retired
+    /// (published while tokens it signed live).
+    List,
+    /// The next key starts signing, the current one retires, a new next key is published.
+    Rotate {
+        /// Rotate even though the next key was published less than the JWKS cache time ago
+        /// (after a key compromise: verifiers that cached the JWKS refuse new tokens until
+        /// they fetch it again).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +372,9 @@ async fn run_to_end(command: Command, config: Config) -> anyhow::Result<()> {
         Command::PushCert(cmd) => push_cert(cmd, config).await,
         Command::Idp(cmd) => idp(cmd, config).await,
         Command::Enrollment(cmd) => enrollment(cmd, config).await,
+        Command::SigningKey(cmd) => signing_key(cmd, config).await,
+        Command::Token(cmd) => token(cmd, config).await,
+        Command::AppClient(cmd) => app_client(cmd, config).await,
         Command::Policy(_) => Ok(()),
     }
 }
@@ -465,6 +593,64 @@ async fn policy(cmd: PolicyCommand, config: Config) -> anyhow::Result<ExitCode> 
         Outcome::Refused => ExitCode::from(1),
         Outcome::Invalid => ExitCode::from(2),
     })
+}
+
+async fn signing_key(cmd: SigningKeyCommand, config: Config) -> anyhow::Result<()> {
+    use trustbroker::tokens::device;
+    let store = server::open_store(&config).await?;
+    let master = server::load_master_key(&config)?;
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    match cmd {
+        SigningKeyCommand::List => {
+            let keys = device::list_signing_keys(&store).await?;
+            println!(
+                "{:<44} {:<8} {:<9} {:<21} {:<21} RETIRED",
+                "KID", "STATUS", "PUBLISHED", "CREATED", "SIGNING SINCE"
+            );
+            for key in keys {
+                println!(
+                    "{:<44} {:<8} {:<9} {:<21} {:<21} {}",
+                    key.kid,
+                    key.status.as_str(),
+                    if key.published { "yes" } else { "no" },
+                    time(Some(key.created_at)),
+                    time(key.activated_at),
+                    time(key.retired_at)
+                );
+            }
+        }
+        SigningKeyCommand::Rotate { force } => {
+            let action = trustbroker::admin::signing_keys::AUDIT_ROTATE;
+            match device::rotate_signing_keys(&store, &master, force).await {
+                Ok(rotation) => {
+                    let mut entry =
+                        cli_entry(action, Some(&rotation.current), audit::OUTCOME_SUCCESS);
+                    entry.detail =
+                        Some(serde_json::json!({"rotation": rotation, "force": force}).to_string());
+                    audit::record(&store, entry).await;
+                    println!(
+                        "rotated: {} signs now; {} retired (published while its tokens live); \
+                         {} published as the next key",
+                        rotation.current, rotation.retired, rotation.next
+                    );
+                }
+                Err(e) => {
+                    let mut entry = cli_entry(action, None, audit::OUTCOME_FAILURE);
+                    entry.detail = Some(
+                        serde_json::json!({"error": e.to_string(), "force": force}).to_string(),
+                    );
+                    audit::record(&store, entry).await;
+                    store.close().await;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
 }
 
 async fn enrollment(cmd: EnrollmentCommand, config: Config) -> anyhow::Result<()> {
@@ -704,5 +890,310 @@ async fn push_cert(cmd: PushCertCommand, config: Config) -> anyhow::Result<()> {
             None => println!("no push certificate imported"),
         },
     }
+    Ok(())
+}
+
+/// The token service on the configured database, for one command.
+async fn token_service(
+    config: &Config,
+) -> anyhow::Result<(trustbroker::store::Store, TokenService)> {
+    let store = server::open_store(config).await?;
+    let master = std::sync::Arc::new(server::load_master_key(config)?);
+    let service = TokenService::start(store.clone(), master, None, Default::default()).await?;
+    Ok((store, service))
+}
+
+/// Records a command-line token action: success with `detail`, failure with the error.
+async fn audit_token_action<T>(
+    store: &trustbroker::store::Store,
+    action: &str,
+    target: &str,
+    result: Result<T, TokenError>,
+    detail: impl FnOnce(&T) -> serde_json::Value,
+) -> anyhow::Result<T> {
+    let (outcome, detail) = match &result {
+        Ok(done) => (audit::OUTCOME_SUCCESS, detail(done)),
+        Err(e) => (
+            audit::OUTCOME_FAILURE,
+            serde_json::json!({"error": e.to_string()}),
+        ),
+    };
+    let mut entry = cli_entry(action, Some(target), outcome);
+    entry.detail = Some(detail.to_string());
+    audit::record(store, entry).await;
+    Ok(result?)
+}
+
+/// A token value to import: TRUSTBROKER_TOKEN_VALUE, else stdin (one line from a terminal).
+fn imported_value() -> anyhow::Result<String> {
+    use std::io::{IsTerminal, Read};
+    if let Ok(value) = std::env::var("TRUSTBROKER_TOKEN_VALUE")
+        && !value.trim().is_empty()
+    {
+        return Ok(value.trim().to_string());
+    }
+    let stdin = std::io::stdin();
+    let mut value = String::new();
+    if stdin.is_terminal() {
+        eprintln!("paste the token, then press Enter:");
+        stdin.read_line(&mut value)?;
+    } else {
+        // Bounded: a token is at most a few hundred characters.
+        stdin.lock().take(64 * 1024).read_to_string(&mut value)?;
+    }
+    let value = value.trim().to_string();
+    anyhow::ensure!(
+        !value.is_empty(),
+        "no token value: set TRUSTBROKER_TOKEN_VALUE or pipe it to stdin"
+    );
+    Ok(value)
+}
+
+fn print_tokens(tokens: &[trustbroker::tokens::shared::TokenView]) {
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{:<17} {:<10} {:<3} {:<6} {:<21} {:<21} {:>9} {:>5} LABEL",
+        "ID", "STATUS", "CUR", "LAST4", "NOT BEFORE", "EXPIRES", "DELIVERED", "ACKED"
+    );
+    for t in tokens {
+        println!(
+            "{:<17} {:<10} {:<3} {:<6} {:<21} {:<21} {:>9} {:>5} {}",
+            t.id,
+            t.status.as_str(),
+            if t.current { "*" } else { "" },
+            t.last4,
+            time(Some(t.not_before)),
+            time(t.expires_at),
+            t.delivered,
+            t.acknowledged,
+            t.label
+        );
+    }
+}
+
+async fn token(cmd: TokenCommand, config: Config) -> anyhow::Result<()> {
+    let (store, service) = token_service(&config).await?;
+    let actor = audit::cli_actor();
+    match cmd {
+        TokenCommand::Integration(IntegrationCommand::Create {
+            name,
+            display_name,
+            bundle_id,
+            config_key,
+            device_tokens,
+            overlap_secs,
+        }) => {
+            let request = IntegrationRequest {
+                name: name.clone(),
+                display_name,
+                bundle_id,
+                config_key,
+                device_tokens,
+                overlap_secs,
+            };
+            let result = service.create_integration(request, &actor).await;
+            let created =
+                audit_token_action(&store, "token-integration.create", &name, result, |i| {
+                    serde_json::json!({"bundle_id": i.integration.bundle_id,
+                        "config_key": i.integration.config_key})
+                })
+                .await?;
+            println!(
+                "created integration '{}': app {}, configuration key {}, overlap {} s",
+                created.integration.name,
+                created.integration.bundle_id,
+                created.integration.config_key,
+                created.integration.overlap_secs
+            );
+        }
+        TokenCommand::Integration(IntegrationCommand::List) => {
+            println!(
+                "{:<24} {:<40} {:<24} {:>6} {:>7} CURRENT",
+                "NAME", "BUNDLE ID", "CONFIG KEY", "ACTIVE", "CLIENTS"
+            );
+            for i in service.integrations().await? {
+                println!(
+                    "{:<24} {:<40} {:<24} {:>6} {:>7} {}",
+                    i.integration.name,
+                    i.integration.bundle_id,
+                    i.integration.config_key,
+                    i.active_tokens,
+                    i.active_clients,
+                    i.current_token.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        TokenCommand::Create { new } => create_token(&store, &service, new, None, &actor).await?,
+        TokenCommand::Import { new } => {
+            let value = imported_value()?;
+            create_token(&store, &service, new, Some(value), &actor).await?;
+        }
+        TokenCommand::List { integration } => print_tokens(&service.tokens(&integration).await?),
+        TokenCommand::Rotate {
+            integration,
+            label,
+            import,
+        } => {
+            let value = if import {
+                Some(imported_value()?)
+            } else {
+                None
+            };
+            let result = service.rotate(&integration, label, value, &actor).await;
+            let rotation = audit_token_action(&store, "token.rotate", &integration, result, |r| {
+                serde_json::json!({"id": r.created.token.id, "last4": r.created.token.last4,
+                    "previous": r.previous.as_ref().map(|p| &p.id)})
+            })
+            .await?;
+            if let Some(previous) = &rotation.previous {
+                println!(
+                    "token {} stays valid until {}",
+                    previous.id,
+                    previous
+                        .expires_at
+                        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "revoked".into())
+                );
+            }
+            println!(
+                "token {} (…{}) is current; devices receive it at the next reconcile",
+                rotation.created.token.id, rotation.created.token.last4
+            );
+            if let Some(value) = &rotation.created.value {
+                println!("the value is shown only once:");
+                println!("{value}");
+            }
+        }
+        TokenCommand::Revoke {
+            integration,
+            id,
+            force,
+        } => {
+            let result = service.revoke(&integration, &id, force, &actor).await;
+            let target = format!("{integration}/{id}");
+            let revoked = audit_token_action(
+                &store,
+                "token.revoke",
+                &target,
+                result,
+                |_| serde_json::json!({"force": force}),
+            )
+            .await?;
+            println!(
+                "revoked token {} (…{}) of '{integration}'",
+                revoked.id, revoked.last4
+            );
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+async fn create_token(
+    store: &trustbroker::store::Store,
+    service: &TokenService,
+    new: NewTokenArgs,
+    value: Option<String>,
+    actor: &str,
+) -> anyhow::Result<()> {
+    let action = if value.is_some() {
+        "token.import"
+    } else {
+        "token.create"
+    };
+    let request = TokenRequest {
+        label: new.label,
+        value,
+        not_before: new.not_before,
+        expires_at: new.expires_at,
+    };
+    let result = service.create_token(&new.integration, request, actor).await;
+    let created = audit_token_action(store, action, &new.integration, result, |c| {
+        serde_json::json!({"id": c.token.id, "last4": c.token.last4,
+            "not_before": c.token.not_before, "expires_at": c.token.expires_at})
+    })
+    .await?;
+    println!(
+        "{} token {} (…{}) for '{}': {}",
+        if created.value.is_some() {
+            "generated"
+        } else {
+            "imported"
+        },
+        created.token.id,
+        created.token.last4,
+        new.integration,
+        created.token.status.as_str()
+    );
+    if let Some(value) = &created.value {
+        println!("the value is shown only once:");
+        println!("{value}");
+    }
+    Ok(())
+}
+
+async fn app_client(cmd: AppClientCommand, config: Config) -> anyhow::Result<()> {
+    let (store, service) = token_service(&config).await?;
+    let actor = audit::cli_actor();
+    match cmd {
+        AppClientCommand::Create { integration, name } => {
+            let result = service.create_client(&integration, name, &actor).await;
+            let issued = audit_token_action(
+                &store,
+                "app-client.create",
+                &integration,
+                result,
+                |c| serde_json::json!({"id": c.client.id, "name": c.client.name}),
+            )
+            .await?;
+            println!(
+                "created app client '{}' for integration '{integration}'; its back end sends \
+                 these as HTTP Basic credentials to POST /validate/v1/tokens",
+                issued.client.name
+            );
+            println!("store the secret now: it is shown only once");
+            println!("client_id {}", issued.client.id);
+            println!("client_secret {}", issued.client_secret);
+        }
+        AppClientCommand::List { integration } => {
+            println!(
+                "{:<21} {:<24} {:<8} {:<21} CREATED BY",
+                "ID", "NAME", "STATUS", "CREATED"
+            );
+            for c in service.clients(&integration).await? {
+                println!(
+                    "{:<21} {:<24} {:<8} {:<21} {}",
+                    c.id,
+                    c.name,
+                    if c.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    c.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    c.created_by
+                );
+            }
+        }
+        AppClientCommand::Revoke { integration, id } => {
+            let result = service.revoke_client(&integration, &id, &actor).await;
+            let target = format!("{integration}/{id}");
+            audit_token_action(
+                &store,
+                "app-client.revoke",
+                &target,
+                result,
+                |c| serde_json::json!({"name": c.name}),
+            )
+            .await?;
+            println!(
+                "revoked app client {id} of '{integration}': refused on every node within a second"
+            );
+        }
+    }
+    store.close().await;
     Ok(())
 }

@@ -36,6 +36,7 @@ use crate::policy::reconcile::Reconciler;
 use crate::policy::{ActivePolicies, ReconcileWake};
 use crate::secrets::MasterKey;
 use crate::store::Store;
+use crate::tokens::device::DeviceTokens;
 use crate::{telemetry, tls};
 use rustls::pki_types::CertificateDer;
 
@@ -50,6 +51,10 @@ pub struct RunningServer {
     pub store: Store,
     /// This node's policy reconciler (tests drive passes through it).
     pub reconciler: Reconciler,
+    /// Shared app-config tokens (what the reconciler delivers, what apps validate against).
+    pub tokens: crate::tokens::shared::TokenService,
+    /// Per-device signed tokens (tests issue and revoke through it).
+    pub device_tokens: DeviceTokens,
     stop: watch::Sender<bool>,
     listeners: JoinSet<()>,
     /// Tasks that stop with the server (the reconciler, group syncs).
@@ -156,8 +161,25 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.pki.static_challenge.clone(),
     );
     let master = Arc::new(master);
+    let device_tokens = DeviceTokens::new(
+        store.clone(),
+        master.clone(),
+        public_url.clone(),
+        crate::tokens::device::DEFAULT_LIFETIME,
+    );
     let policies = ActivePolicies::default();
     let reconcile_wake = ReconcileWake::default();
+    let tokens = crate::tokens::shared::TokenService::start(
+        store.clone(),
+        master.clone(),
+        Some(reconcile_wake.clone()),
+        crate::tokens::shared::ValidationLimits {
+            per_second: config.tokens.validations_per_client_per_second,
+            burst: config.tokens.validation_burst,
+        },
+    )
+    .await
+    .context("app-config tokens")?;
     let mdm = MdmService::new(store.clone(), master.clone())
         .with_reenrollment(config.mdm_reenrollment)
         .with_reconcile_wake(reconcile_wake.clone());
@@ -180,7 +202,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         policies.clone(),
         reconcile_wake.clone(),
         config.policy.clone(),
-    );
+    )
+    .with_tokens(tokens.clone(), device_tokens.clone());
     if let Some(dir) = &config.policy.dir {
         apply_policy_dir(&store, &reconciler, dir, config.policy.allow_destructive).await?;
     }
@@ -211,10 +234,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         sign_in_throttle: Arc::default(),
         audit_budget,
         reconciler: reconciler.clone(),
+        tokens: tokens.clone(),
+        device_tokens: device_tokens.clone(),
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);
     let mut background = vec![reconciler.clone().spawn(stopped.clone())];
+    background.push(tokens.clone().spawn(stopped.clone()));
+    background.push(device_tokens.spawn_purge(stopped.clone()));
     background.extend(crate::identity::ldap::sync::spawn_all(
         group_syncs,
         &store,
@@ -257,6 +284,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tls_generated: tls.generated,
         store,
         reconciler,
+        device_tokens,
+        tokens,
         stop,
         listeners,
         background,

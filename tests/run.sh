@@ -44,6 +44,8 @@ apt_install pkg-config libssl-dev openssl curl ca-certificates iproute2 \
 for peer in scep ldap oidc saml; do bash "$PEERS/$peer.sh" install; done
 # Headless Chromium and puppeteer-core, for the test that clicks through the portal.
 TRUSTBROKER_TEST_BROWSER_FLOW=$(bash "$PEERS/browser.sh" install)
+# jose, an independent JWT library, verifies the broker's per-device tokens.
+TRUSTBROKER_TEST_JWT_VERIFY=$(bash "$PEERS/jwt.sh" install)
 
 step "starting PostgreSQL"
 TRUSTBROKER_TEST_PG=$(bash "$PEERS/postgres.sh")
@@ -79,6 +81,7 @@ export TRUSTBROKER_TEST_OIDC_ISSUER=http://127.0.0.1:4444
 export TRUSTBROKER_TEST_SAML_METADATA_URL=http://127.0.0.1:8443/saml2/idp/metadata.php
 export TRUSTBROKER_TEST_SAML_CERT=$PEERS_DIR/saml/cert/idp.crt
 export TRUSTBROKER_TEST_BROWSER_FLOW
+export TRUSTBROKER_TEST_JWT_VERIFY
 if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
   env | grep '^TRUSTBROKER_TEST_' | sort
   exit 0

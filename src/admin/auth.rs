@@ -50,6 +50,9 @@ required_scopes! {
     UsersRead => Some(Scope::UsersRead),
     PoliciesRead => Some(Scope::PoliciesRead),
     PoliciesWrite => Some(Scope::PoliciesWrite),
+    TokensRead => Some(Scope::TokensRead),
+    TokensWrite => Some(Scope::TokensWrite),
+    TokensReveal => Some(Scope::TokensReveal),
 }
 
 /// Where a request came from, for audit records.

@@ -7,6 +7,8 @@ pub mod mdm;
 pub mod pki;
 pub mod policies;
 pub mod scope;
+pub mod signing_keys;
+pub mod tokens;
 pub mod users;
 
 use axum::extract::{Path, Query, State};
@@ -32,6 +34,8 @@ pub fn router() -> Router<AppState> {
         .merge(mdm::router())
         .merge(users::router())
         .merge(policies::router())
+        .merge(signing_keys::router())
+        .merge(tokens::router())
 }
 
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {

@@ -22,6 +22,12 @@ pub enum Scope {
     PoliciesRead,
     /// Applying policy sets.
     PoliciesWrite,
+    /// Token integrations, tokens (their last four characters) and app clients.
+    TokensRead,
+    /// Creating, importing, rotating and revoking tokens; integrations and app clients.
+    TokensWrite,
+    /// Reading a token's full value after its creation (audited).
+    TokensReveal,
 }
 
 impl Scope {
@@ -39,6 +45,9 @@ impl Scope {
         Scope::UsersRead,
         Scope::PoliciesRead,
         Scope::PoliciesWrite,
+        Scope::TokensRead,
+        Scope::TokensWrite,
+        Scope::TokensReveal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +65,9 @@ impl Scope {
             Scope::UsersRead => "users:read",
             Scope::PoliciesRead => "policies:read",
             Scope::PoliciesWrite => "policies:write",
+            Scope::TokensRead => "tokens:read",
+            Scope::TokensWrite => "tokens:write",
+            Scope::TokensReveal => "tokens:reveal",
         }
     }
 

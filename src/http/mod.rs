@@ -2,11 +2,13 @@
 //! Handlers stay thin (parse, call a service, map the result); no SQL or protocol code here.
 
 pub mod error;
+pub mod jwks;
 pub mod limit;
 pub mod mdm;
 pub mod observe;
 pub mod ops;
 pub mod scep;
+pub mod validate;
 
 use std::sync::Arc;
 
@@ -56,6 +58,10 @@ pub struct AppState {
     pub audit_budget: Arc<crate::audit::UnauthenticatedBudget>,
     /// Group-driven policy: the set in force, plan and apply, the reconciler's wake-up.
     pub reconciler: crate::policy::reconcile::Reconciler,
+    /// Shared app-config tokens: integrations, tokens, app clients, validation.
+    pub tokens: crate::tokens::shared::TokenService,
+    /// Per-device signed tokens: issuing, the JWKS, introspection.
+    pub device_tokens: crate::tokens::device::DeviceTokens,
 }
 
 /// The certificate a client presented in the TLS handshake with our own listener (a request
@@ -85,6 +91,8 @@ pub fn router(state: AppState) -> Router {
             put(mdm::connect).layer(capped(&caps.mdm)),
         )
         .nest("/api/v1", crate::admin::router())
+        .merge(validate::router())
+        .merge(jwks::router())
         .merge(crate::enroll::router(&caps))
         .fallback(error::not_found)
         .with_state(state)

@@ -46,6 +46,10 @@ pub enum Content {
         itunes_store_id: Option<u64>,
         manifest_url: Option<String>,
         configuration: Option<Arc<Dictionary>>,
+        /// The integrations whose shared token the configuration carries.
+        shared_tokens: Vec<String>,
+        /// The integrations whose per-device token the configuration carries.
+        device_tokens: Vec<String>,
     },
     /// A command sent when the device comes into the policy's scope.
     Join(Command),
@@ -159,6 +163,14 @@ impl Desired {
     }
 }
 
+/// App-config tokens for one device: each integration's current shared token, and the
+/// device's own signed tokens.
+#[derive(Clone, Debug, Default)]
+pub struct TokenValues {
+    pub shared: BTreeMap<String, String>,
+    pub device: BTreeMap<String, String>,
+}
+
 /// An item that cannot be resolved yet: the device or person lacks a variable's value.
 #[derive(Clone, Debug)]
 pub struct Waiting {
@@ -240,12 +252,36 @@ impl CompiledSet {
             .find(|p| p.name == name)
     }
 
+    /// The integrations some app configuration of the set carries a device token of.
+    pub fn device_token_integrations(&self) -> BTreeSet<String> {
+        self.policies()
+            .flat_map(|p| p.apps.iter())
+            .flat_map(|a| a.variables.iter())
+            .filter_map(|v| match v {
+                Variable::DeviceToken(integration) => Some(integration.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn policies(&self) -> impl Iterator<Item = &Policy> {
         self.policies.iter().map(|c| &c.policy)
     }
 
     /// The desired state of `device`, whose owner is in `groups`.
     pub fn desired_for(&self, device: &DeviceTarget, groups: &BTreeSet<GroupRef>) -> Desired {
+        self.desired_with_tokens(device, groups, &TokenValues::default())
+    }
+
+    /// The desired state of `device`, with the app-config tokens its configurations may use.
+    /// An item using a token that `tokens` lacks waits (see [`Desired::waiting`]): the caller
+    /// may issue the device tokens named there and ask again.
+    pub fn desired_with_tokens(
+        &self,
+        device: &DeviceTarget,
+        groups: &BTreeSet<GroupRef>,
+        tokens: &TokenValues,
+    ) -> Desired {
         let mut desired = Desired::default();
         // A person the directory disabled or deleted gets nothing: what policies installed is
         // removed (never more: a wipe needs a policy's own on_leave).
@@ -256,7 +292,9 @@ impl CompiledSet {
             return desired;
         }
         let platform = platform_of(device);
-        let values = values_for(device);
+        let mut values = values_for(device);
+        values.tokens = tokens.shared.clone();
+        values.device_tokens = tokens.device.clone();
         for compiled in &self.policies {
             let policy = &compiled.policy;
             let Some(group) = groups.iter().find(|g| compiled.groups.contains(*g)) else {
@@ -337,6 +375,22 @@ impl CompiledSet {
                             itunes_store_id: app.itunes_store_id,
                             manifest_url: app.manifest_url.clone(),
                             configuration: resolved.configuration,
+                            shared_tokens: app
+                                .variables
+                                .iter()
+                                .filter_map(|v| match v {
+                                    Variable::Token(integration) => Some(integration.clone()),
+                                    _ => None,
+                                })
+                                .collect(),
+                            device_tokens: app
+                                .variables
+                                .iter()
+                                .filter_map(|v| match v {
+                                    Variable::DeviceToken(integration) => Some(integration.clone()),
+                                    _ => None,
+                                })
+                                .collect(),
                         },
                     }),
                     Err(variable) => desired.waiting.push(Waiting {
@@ -429,5 +483,7 @@ pub fn values_for(device: &DeviceTarget) -> VariableValues {
         device_name: device.device_name.clone(),
         device_model: device.model_name.clone().or_else(|| device.model.clone()),
         enrollment_id: Some(device.enrollment_id.clone()),
+        tokens: Default::default(),
+        device_tokens: Default::default(),
     }
 }

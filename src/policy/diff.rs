@@ -170,6 +170,7 @@ fn bring_in(
                 itunes_store_id,
                 manifest_url,
                 configuration,
+                ..
             },
             present,
         ) => {

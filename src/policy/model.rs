@@ -107,7 +107,7 @@ impl OnLeave {
 }
 
 /// A `${...}` a template may use, resolved per device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Variable {
     UserId,
     UserLogin,
@@ -119,9 +119,14 @@ pub enum Variable {
     DeviceName,
     DeviceModel,
     EnrollmentId,
+    /// `${token.<integration>}`: the integration's current shared app-config token.
+    Token(String),
+    /// `${device_token.<integration>}`: a token the broker signs for this device.
+    DeviceToken(String),
 }
 
 impl Variable {
+    /// The variables with a fixed name (the token ones are named per integration).
     pub const ALL: &'static [Variable] = &[
         Variable::UserId,
         Variable::UserLogin,
@@ -136,7 +141,15 @@ impl Variable {
     ];
 
     /// The name inside `${...}`.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> String {
+        match self {
+            Variable::Token(integration) => format!("token.{integration}"),
+            Variable::DeviceToken(integration) => format!("device_token.{integration}"),
+            fixed => fixed.fixed_name().to_owned(),
+        }
+    }
+
+    fn fixed_name(&self) -> &'static str {
         match self {
             Variable::UserId => "user.id",
             Variable::UserLogin => "user.login",
@@ -148,16 +161,46 @@ impl Variable {
             Variable::DeviceName => "device.name",
             Variable::DeviceModel => "device.model",
             Variable::EnrollmentId => "enrollment.id",
+            Variable::Token(_) => "token.<integration>",
+            Variable::DeviceToken(_) => "device_token.<integration>",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Variable> {
-        Variable::ALL.iter().copied().find(|v| v.name() == name)
+        if let Some(integration) = name.strip_prefix("token.") {
+            return valid_integration(integration).then(|| Variable::Token(integration.into()));
+        }
+        if let Some(integration) = name.strip_prefix("device_token.") {
+            return valid_integration(integration)
+                .then(|| Variable::DeviceToken(integration.into()));
+        }
+        Variable::ALL
+            .iter()
+            .find(|v| v.fixed_name() == name)
+            .cloned()
+    }
+
+    /// The names of every variable, for messages (`token.<integration>` as a pattern).
+    pub fn known_names() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Variable::ALL.iter().map(Variable::fixed_name).collect();
+        names.push("token.<integration>");
+        names.push("device_token.<integration>");
+        names
     }
 }
 
+/// An integration's name, as token integrations allow it: 1–64 of a-z 0-9 - _.
+pub fn valid_integration(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// The values of the variables for one device. A value the device or person does not have
-/// (no email, serial number not reported yet) is `None`: an item that needs it waits.
+/// (no email, serial number not reported yet, no active token) is `None`: an item that needs
+/// it waits.
 #[derive(Clone, Debug, Default)]
 pub struct VariableValues {
     pub user_id: Option<String>,
@@ -170,10 +213,14 @@ pub struct VariableValues {
     pub device_name: Option<String>,
     pub device_model: Option<String>,
     pub enrollment_id: Option<String>,
+    /// Integration → its current shared token.
+    pub tokens: std::collections::BTreeMap<String, String>,
+    /// Integration → this device's signed token.
+    pub device_tokens: std::collections::BTreeMap<String, String>,
 }
 
 impl VariableValues {
-    pub fn get(&self, variable: Variable) -> Option<&str> {
+    pub fn get(&self, variable: &Variable) -> Option<&str> {
         match variable {
             Variable::UserId => self.user_id.as_deref(),
             Variable::UserLogin => self.user_login.as_deref(),
@@ -185,6 +232,10 @@ impl VariableValues {
             Variable::DeviceName => self.device_name.as_deref(),
             Variable::DeviceModel => self.device_model.as_deref(),
             Variable::EnrollmentId => self.enrollment_id.as_deref(),
+            Variable::Token(integration) => self.tokens.get(integration).map(String::as_str),
+            Variable::DeviceToken(integration) => {
+                self.device_tokens.get(integration).map(String::as_str)
+            }
         }
     }
 }

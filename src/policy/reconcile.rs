@@ -15,8 +15,9 @@ use base64::Engine;
 use plist::{Dictionary, Value};
 use tokio::sync::watch;
 
-use super::desired::CompiledSet;
+use super::desired::{CompiledSet, Content, Desired, TokenValues};
 use super::diff::{self, Decision, Send};
+use super::model::Variable;
 use super::{Active, ActivePolicies, GroupRef, PolicySet, ReconcileWake};
 use crate::apple::apns::Pusher;
 use crate::apple::commands::Command;
@@ -27,6 +28,8 @@ use crate::store::{
     AccountStatus, ChannelStatus, DeviceTarget, ItemChange, ItemKind, ManagedItemRow,
     NewAuditEntry, NewCommand, Store, StoreError, TargetScope,
 };
+use crate::tokens::device::{DeviceTokenRequest, DeviceTokens};
+use crate::tokens::shared::TokenService;
 
 /// Devices read, decided and written together: one transaction each, and the memory bound of
 /// a pass (no fleet is ever held whole).
@@ -37,6 +40,10 @@ const CLAIM: i64 = 200;
 
 /// How long a renewal's challenge stays redeemable: a device may be offline for days.
 const RENEWAL_CHALLENGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long before its expiry a device's signed token is replaced by a new one (tokens live a
+/// week by default; a full pass runs every 15 minutes).
+const DEVICE_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(2 * 24 * 3600);
 
 /// Signed profiles kept for reuse within and across passes (by content hash).
 const SIGNED_CACHE: usize = 256;
@@ -90,6 +97,9 @@ struct Inner {
     settings: PolicySettings,
     compiled: Mutex<(i64, Arc<CompiledSet>)>,
     signed: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    /// App-config tokens that configurations carry (`${token.…}`, `${device_token.…}`).
+    tokens: Option<TokenService>,
+    device_tokens: Option<DeviceTokens>,
 }
 
 impl Reconciler {
@@ -111,8 +121,20 @@ impl Reconciler {
                 settings,
                 compiled: Mutex::new((-1, Arc::new(CompiledSet::default()))),
                 signed: Mutex::new(HashMap::new()),
+                tokens: None,
+                device_tokens: None,
             }),
         }
+    }
+
+    /// The token services whose values app configurations carry. Call before the reconciler
+    /// is cloned or spawned.
+    pub fn with_tokens(mut self, tokens: TokenService, device_tokens: DeviceTokens) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.tokens = Some(tokens);
+            inner.device_tokens = Some(device_tokens);
+        }
+        self
     }
 
     pub fn active(&self) -> &ActivePolicies {
@@ -215,7 +237,14 @@ impl Reconciler {
         let inventory_max_age = chrono::Duration::seconds(
             i64::try_from(settings.inventory_max_age_secs.min(10 * 365 * 86_400)).unwrap_or(0),
         );
+        let shared_tokens = self.shared_tokens().await;
+        let shared_values: BTreeMap<String, String> = shared_tokens
+            .iter()
+            .map(|(integration, token)| (integration.clone(), token.value.clone()))
+            .collect();
         let mut changes = Vec::new();
+        // Per change made with a command: the integrations whose shared token it carries.
+        let mut carries: HashMap<(String, String), Vec<String>> = HashMap::new();
         let mut wakeable = BTreeSet::new();
         let no_groups = BTreeSet::new();
         let no_ledger = BTreeMap::new();
@@ -227,10 +256,21 @@ impl Reconciler {
                 .and_then(|id| groups.get(id))
                 .unwrap_or(&no_groups);
             let ledger = ledgers.get(&target.enrollment_id).unwrap_or(&no_ledger);
-            let mut desired = set.desired_for(target, owner_groups);
+            let mut desired = self
+                .desired_with_tokens(set, target, owner_groups, &shared_values)
+                .await;
             desired.renew_identity_within(target, now, renewal_lead);
             desired.query_stale_inventory(target, ledger, now, inventory_max_age);
-            for decision in diff::diff(set, target, &desired, ledger, now) {
+            let decisions = diff::diff(set, target, &desired, ledger, now);
+            self.revoke_unneeded_device_tokens(set, target, &desired, &decisions)
+                .await;
+            for decision in decisions {
+                if decision.send.is_some()
+                    && let Some(DesiredItemTokens(integrations)) =
+                        carried_tokens(&desired, &decision.key)
+                {
+                    carries.insert((target.udid.clone(), decision.key.clone()), integrations);
+                }
                 let sends = decision.send.is_some();
                 let key = decision.key.clone();
                 // One item that cannot be built (no push certificate for a renewal, say)
@@ -261,10 +301,16 @@ impl Reconciler {
                 continue;
             }
             report.changes += 1;
-            if change.command.is_some() {
+            if let Some(command) = &change.command {
                 report.commands += 1;
                 if wakeable.contains(&change.udid) {
                     woken.insert(change.udid.clone());
+                }
+                if let Some(integrations) =
+                    carries.get(&(change.udid.clone(), change.item_key.clone()))
+                {
+                    self.record_deliveries(&shared_tokens, integrations, change, &command.uuid)
+                        .await;
                 }
             }
             self.audit_deprovisioning(change).await;
@@ -275,6 +321,154 @@ impl Reconciler {
             self.inner.pusher.wake(woken.into_iter().collect());
         }
         Ok(report)
+    }
+
+    /// Each integration's current shared token (none without the token service, or when it
+    /// cannot be read: items that need one wait for the next pass).
+    async fn shared_tokens(&self) -> HashMap<String, crate::tokens::shared::CurrentToken> {
+        let Some(tokens) = &self.inner.tokens else {
+            return HashMap::new();
+        };
+        match tokens.fresh_current_values().await {
+            Ok(values) => values,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy: app-config tokens unreadable; using the cache");
+                tokens.current_values()
+            }
+        }
+    }
+
+    /// A device's desired state with its app-config tokens: the shared ones, and the device's
+    /// own signed token for each integration a configuration in scope asks for (issued or
+    /// reused: the same string comes back while it is fresh, so passes do not churn it).
+    async fn desired_with_tokens(
+        &self,
+        set: &CompiledSet,
+        target: &DeviceTarget,
+        groups: &BTreeSet<GroupRef>,
+        shared: &BTreeMap<String, String>,
+    ) -> Desired {
+        let mut tokens = TokenValues {
+            shared: shared.clone(),
+            device: BTreeMap::new(),
+        };
+        let desired = set.desired_with_tokens(target, groups, &tokens);
+        let wanted: BTreeSet<&str> = desired
+            .waiting
+            .iter()
+            .filter_map(|w| match &w.variable {
+                Variable::DeviceToken(integration) => Some(integration.as_str()),
+                _ => None,
+            })
+            .collect();
+        let Some(device_tokens) = self
+            .inner
+            .device_tokens
+            .as_ref()
+            .filter(|_| !wanted.is_empty())
+        else {
+            return desired;
+        };
+        let groups_in_scope: Vec<String> =
+            desired.in_scope.values().map(diff::group_label).collect();
+        for integration in wanted {
+            let request = DeviceTokenRequest {
+                integration,
+                enrollment_id: &target.enrollment_id,
+                udid: &target.udid,
+                owner_id: target.owner_id.as_deref(),
+                owner_email: target.owner_email.as_deref(),
+                groups: &groups_in_scope,
+                lifetime: None,
+            };
+            match device_tokens
+                .current_or_issue(request, DEVICE_TOKEN_REFRESH_BEFORE)
+                .await
+            {
+                Ok(issued) => {
+                    tokens.device.insert(integration.to_owned(), issued.jwt);
+                }
+                Err(e) => tracing::warn!(device = %target.udid, integration, error = %e,
+                    "policy: no device token; the item waits"),
+            }
+        }
+        set.desired_with_tokens(target, groups, &tokens)
+    }
+
+    /// When an app leaves a device (or its owner leaves every scope), the device's signed
+    /// tokens for integrations its configurations no longer carry are revoked at once, so
+    /// introspection answers inactive even before the device removes the app.
+    async fn revoke_unneeded_device_tokens(
+        &self,
+        set: &CompiledSet,
+        target: &DeviceTarget,
+        desired: &Desired,
+        decisions: &[diff::Decision],
+    ) {
+        let Some(device_tokens) = &self.inner.device_tokens else {
+            return;
+        };
+        let app_left = decisions
+            .iter()
+            .any(|d| d.kind == ItemKind::App && !d.wanted);
+        if !app_left {
+            return;
+        }
+        let still: BTreeSet<String> = desired
+            .items
+            .values()
+            .filter_map(|item| match &item.content {
+                Content::App { device_tokens, .. } => Some(device_tokens.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for integration in set.device_token_integrations() {
+            if still.contains(&integration) {
+                continue;
+            }
+            if let Err(e) = device_tokens
+                .revoke_for(
+                    &target.enrollment_id,
+                    Some(&integration),
+                    "the device left the policies that deliver it",
+                )
+                .await
+            {
+                tracing::warn!(device = %target.udid, %integration, error = %e,
+                    "policy: could not revoke a device token");
+            }
+        }
+    }
+
+    /// Records which shared tokens a command's configuration carries, for the per-token
+    /// delivered and acknowledged counts.
+    async fn record_deliveries(
+        &self,
+        current: &HashMap<String, crate::tokens::shared::CurrentToken>,
+        integrations: &[String],
+        change: &ItemChange,
+        command_uuid: &str,
+    ) {
+        for integration in integrations {
+            let Some(token) = current.get(integration) else {
+                continue;
+            };
+            if let Err(e) = self
+                .inner
+                .store
+                .record_token_delivery(
+                    &token.token_id,
+                    &change.enrollment_id,
+                    &change.udid,
+                    &change.item_key,
+                    command_uuid,
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "policy: could not record a token delivery");
+            }
+        }
     }
 
     /// A disabled or deleted person's devices are left alone when so configured.
@@ -576,6 +770,18 @@ pub(crate) async fn read_page_state(
             .insert(row.item_key.clone(), row);
     }
     Ok((groups, ledgers))
+}
+
+/// The shared-token integrations an app item's configuration carries.
+struct DesiredItemTokens(Vec<String>);
+
+fn carried_tokens(desired: &Desired, key: &str) -> Option<DesiredItemTokens> {
+    match &desired.items.get(key)?.content {
+        Content::App { shared_tokens, .. } if !shared_tokens.is_empty() => {
+            Some(DesiredItemTokens(shared_tokens.clone()))
+        }
+        _ => None,
+    }
 }
 
 fn record_pass(report: &PassReport, took: Duration, kind: &'static str) {

@@ -11,8 +11,8 @@ use super::desired::CompiledSet;
 use super::diff::{ReportedProfiles, group_label};
 use super::{GroupRef, PolicySet};
 use crate::store::{
-    ChannelStatus, CommandStatus, DeviceTarget, ItemAction, ItemKind, ManagedItemRow, Store,
-    StoreResult, TargetScope,
+    ChannelStatus, CommandStatus, DeviceTarget, HeldToken, ItemAction, ItemKind, ManagedItemRow,
+    Store, StoreResult, TargetScope,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -27,6 +27,10 @@ pub struct ItemState {
     pub command_uuid: Option<String>,
     pub due_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Apps: the shared app-config tokens sent in the app's configuration, newest first, and
+    /// whether the device acknowledged each; the first acknowledged one is what it holds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<HeldToken>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -101,6 +105,7 @@ pub async fn device_state(
             command_uuid: row.and_then(|r| r.command_uuid.clone()),
             due_at: None,
             updated_at: row.map(|r| r.updated_at),
+            tokens: Vec::new(),
         });
     }
     for waiting in &desired.waiting {
@@ -121,6 +126,7 @@ pub async fn device_state(
             command_uuid: None,
             due_at: None,
             updated_at: None,
+            tokens: Vec::new(),
         });
     }
     for row in ledger.values() {
@@ -149,6 +155,14 @@ pub async fn device_state(
             _ => ("removed", None),
         };
         items.push(row_state(row, status, detail));
+    }
+    let held = store.held_tokens(&target.enrollment_id).await?;
+    for item in items.iter_mut().filter(|i| i.kind == ItemKind::App) {
+        item.tokens = held
+            .iter()
+            .filter(|t| t.item_key == item.item)
+            .cloned()
+            .collect();
     }
     items.sort_by(|a, b| a.item.cmp(&b.item));
     Ok(Some(DeviceState {
@@ -227,5 +241,6 @@ fn row_state(
         command_uuid: row.command_uuid.clone(),
         due_at: row.due_at,
         updated_at: Some(row.updated_at),
+        tokens: Vec::new(),
     }
 }

@@ -58,9 +58,9 @@ fn scan<'a>(text: &'a str, mut each: impl FnMut(Piece<'a>)) -> Result<(), String
 }
 
 fn known_list() -> String {
-    let names: Vec<String> = Variable::ALL
+    let names: Vec<String> = Variable::known_names()
         .iter()
-        .map(|v| format!("${{{}}}", v.name()))
+        .map(|name| format!("${{{name}}}"))
         .collect();
     format!("known variables: {}", names.join(", "))
 }
@@ -140,7 +140,7 @@ pub fn resolve_str<'a>(text: &'a str, values: &VariableValues) -> Result<Cow<'a,
     let mut missing = None;
     let scanned = scan(text, |piece| match piece {
         Piece::Literal(literal) => out.push_str(literal),
-        Piece::Variable(v) => match values.get(v) {
+        Piece::Variable(v) => match values.get(&v) {
             Some(value) => out.push_str(value),
             None => {
                 missing.get_or_insert(v);

@@ -189,6 +189,16 @@ macro_rules! retire_in_tx {
             .bind($now)
             .execute(&mut *$tx)
             .await?;
+            // Its per-device tokens (tokens::device) fail introspection from this commit on.
+            sqlx::query(
+                "UPDATE device_tokens SET status = 'revoked', revoked_at = $2, \
+                 revoked_reason = $3 WHERE enrollment_id = $1 AND status = 'active'",
+            )
+            .bind($record)
+            .bind($now)
+            .bind(reason.as_str())
+            .execute(&mut *$tx)
+            .await?;
             let mut cancelled = 0;
             if let Some(udid) = udid {
                 cancelled = sqlx::query(concat!(

@@ -8,6 +8,7 @@
 
 mod admin_keys;
 mod audit;
+mod device_tokens;
 mod directory;
 mod lifecycle;
 mod mdm;
@@ -15,6 +16,7 @@ mod pki;
 mod policy;
 mod portal;
 mod states;
+mod tokens;
 mod users;
 
 use std::path::Path;
@@ -27,6 +29,11 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use device_tokens::{
+    DEVICE_TOKEN_ACTIVE, DEVICE_TOKEN_REVOKED, DeviceTokenInsert, DeviceTokenRow,
+    DeviceTokenStanding, NewTokenSigningKey, SigningKeyStatus, TokenSigningKeyRow,
+    UnknownSigningKeyStatus,
+};
 pub use directory::{DirectoryDetails, DirectoryUser, MembershipDelta, StatusChange};
 pub use lifecycle::{
     AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan, RetireRequest,
@@ -41,11 +48,17 @@ pub use pki::{
     RenewalRefusal, RequestedCertificate, SigningKeyRow,
 };
 pub use policy::{
-    DeviceTarget, ItemChange, ManagedItemRow, PolicyVersionRecord, ReconcileRequest, TargetScope,
+    DeviceTarget, HeldToken, ItemChange, ManagedItemRow, PolicyVersionRecord, ReconcileRequest,
+    TargetScope,
 };
+pub use states::TokenSource;
 pub use states::{
     AccountStatus, CertificateStatus, ChannelStatus, ChannelType, CommandStatus, EnrollmentStatus,
     ItemAction, ItemKind, PushStatus, RetirementReason, UnknownState,
+};
+pub use tokens::{
+    AppClientRecord, DeviceStanding, IntegrationChanges, IntegrationRecord, NewAppClient,
+    NewIntegration, NewToken, Revocation, TokenDeliveryCounts, TokenIndexRows, TokenRecord,
 };
 pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 

@@ -165,7 +165,34 @@ fn placeholders(first: usize, count: usize) -> String {
         .join(", ")
 }
 
+/// A shared app-config token a device was sent, in a configuration of one of its items.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct HeldToken {
+    pub item_key: String,
+    pub integration: String,
+    pub token_id: String,
+    pub last4: String,
+    pub command_uuid: String,
+    pub delivered_at: DateTime<Utc>,
+    /// Whether the device acknowledged the command that carried it.
+    pub acknowledged: bool,
+}
+
 impl Store {
+    /// The shared tokens delivered to an enrollment record's device, newest first.
+    pub async fn held_tokens(&self, enrollment_id: &str) -> StoreResult<Vec<HeldToken>> {
+        let sql = "SELECT d.item_key, t.integration, d.token_id, t.last4, d.command_uuid, \
+                   d.delivered_at, (c.status IS NOT NULL AND c.status = $2) AS acknowledged \
+                   FROM token_deliveries d JOIN shared_tokens t ON t.id = d.token_id \
+                   LEFT JOIN mdm_commands c ON c.uuid = d.command_uuid \
+                   WHERE d.enrollment_id = $1 ORDER BY d.delivered_at DESC, d.token_id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(enrollment_id)
+            .bind(CommandStatus::Acknowledged)
+            .fetch_all(pool)
+            .await?))
+    }
+
     /// Records an applied policy set as the next version, and asks every node's reconciler
     /// for a full pass, in one transaction.
     pub async fn record_policy_version(

@@ -391,3 +391,13 @@ states! {
         Deleted => "deleted",
     }
 }
+
+states! {
+    /// Where a shared app-config token's value came from (`shared_tokens.source`).
+    TokenSource ("token source") {
+        /// Made by the broker (256 random bits).
+        Generated => "generated",
+        /// Typed in from the vendor's own portal.
+        Imported => "imported",
+    }
+}

@@ -852,3 +852,218 @@ async fn an_ldap_group_change_reaches_the_device_after_one_sync() {
         fleet.server.stop().await;
     }
 }
+
+/// A policy delivers an integration's shared token in the app's managed configuration; a
+/// rotation re-delivers the new one (Settings, the app being installed), the per-token counts
+/// show what devices acknowledged, and the device's state says which token it holds.
+#[tokio::test]
+async fn a_token_rotation_is_delivered_to_the_app_and_counted() {
+    let server = TestServer::start().await;
+    let admin = server.admin_key("policy-admin", &["admin"]).await;
+    let group = "cn=pingid-users,ou=groups,dc=example,dc=org".to_owned();
+    let fleet = Fleet {
+        server,
+        admin,
+        group,
+    };
+    let (status, body) = post(
+        &fleet.server,
+        &fleet.admin,
+        "/api/v1/token-integrations",
+        json!({"name": "pingid", "bundle_id": APP, "config_key": "PINGID_MDM_TOKEN"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body:#}");
+    let (status, first) = post(
+        &fleet.server,
+        &fleet.admin,
+        "/api/v1/token-integrations/pingid/tokens",
+        json!({"label": "first"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{first:#}");
+    let first_value = first["value"].as_str().unwrap().to_owned();
+    let alice = fleet.sign_in("alice", &[&fleet.group]).await;
+    let device = fleet.device_for(&alice).await;
+    let policy = format!(
+        r#"name: pingid
+targets:
+  groups:
+    - {{ provider: {PROVIDER}, id: "{}" }}
+apps:
+  - bundle_id: {APP}
+    itunes_store_id: 1076521545
+    configuration:
+      PINGID_MDM_TOKEN: "${{token.pingid}}"
+      user_email: "${{user.email}}"
+"#,
+        fleet.group
+    );
+    let (status, applied) = fleet.apply(&[("pingid.yaml", policy)], false).await;
+    assert_eq!(status, StatusCode::CREATED, "{applied:#}");
+    let offered = drain(&fleet.server, &device, |_| Dictionary::new()).await;
+    assert_eq!(types(&offered), ["InstallApplication"]);
+    let configuration = offered[0].1["Configuration"]
+        .as_dictionary()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        configuration["PINGID_MDM_TOKEN"],
+        Value::String(first_value.clone())
+    );
+
+    // Rotate: the new token goes out as the app's new configuration.
+    let (status, rotated) = post(
+        &fleet.server,
+        &fleet.admin,
+        "/api/v1/token-integrations/pingid/tokens/rotate",
+        json!({"label": "second"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{rotated:#}");
+    let second_value = rotated["created"]["value"].as_str().unwrap().to_owned();
+    let second_id = rotated["created"]["id"].as_str().unwrap().to_owned();
+    // (The same pass asks what apps the device has: it has not said since the install.)
+    let offered: Vec<(String, Dictionary)> = drain(&fleet.server, &device, answer_inventory)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t != "ManagedApplicationList")
+        .collect();
+    assert_eq!(
+        types(&offered),
+        ["Settings"],
+        "a configuration change, not a reinstall"
+    );
+    let setting = offered[0].1["Settings"].as_array().unwrap()[0]
+        .as_dictionary()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        setting["Item"],
+        Value::String("ApplicationConfiguration".into())
+    );
+    assert_eq!(setting["Identifier"], Value::String(APP.into()));
+    assert_eq!(
+        setting["Configuration"].as_dictionary().unwrap()["PINGID_MDM_TOKEN"],
+        Value::String(second_value)
+    );
+    // Counts per token: the device acknowledged both configurations.
+    let tokens = fleet
+        .server
+        .get_json(
+            "/api/v1/token-integrations/pingid/tokens",
+            Some(&fleet.admin),
+        )
+        .await;
+    for token in tokens["tokens"].as_array().unwrap() {
+        assert_eq!(token["delivered"], 1, "{tokens:#}");
+        assert_eq!(token["acknowledged"], 1, "{tokens:#}");
+    }
+    // The state says which token the device holds: the newest acknowledged.
+    let state = fleet.state(&device).await;
+    let held = &item(&state, &format!("app:{APP}"))["tokens"];
+    assert_eq!(held[0]["token_id"], second_id.as_str(), "{state:#}");
+    assert_eq!(held[0]["acknowledged"], true, "{state:#}");
+    // Another pass sends nothing: the configuration is the one delivered.
+    let node = &fleet.server.server.as_ref().unwrap().reconciler;
+    let again = node
+        .reconcile(TargetScope::All { after: None })
+        .await
+        .unwrap();
+    assert_eq!(again.commands, 0, "{again:?}");
+    fleet.server.stop().await;
+}
+
+/// `${device_token.<integration>}`: the reconciler issues the device its own signed token and
+/// delivers it in the app's configuration; another pass reuses it (nothing is re-sent); when
+/// the owner leaves the group the app is removed and the token is inactive at introspection
+/// at once.
+#[tokio::test]
+async fn a_device_token_is_delivered_reused_and_revoked_on_leave() {
+    let server = TestServer::start().await;
+    let admin = server.admin_key("policy-admin", &["admin"]).await;
+    let fleet = Fleet {
+        server,
+        admin,
+        group: "cn=device-token-users,ou=groups,dc=example,dc=org".to_owned(),
+    };
+    let (status, body) = post(
+        &fleet.server,
+        &fleet.admin,
+        "/api/v1/token-integrations",
+        json!({"name": "pingid", "bundle_id": APP, "config_key": "PINGID_MDM_TOKEN",
+               "device_tokens": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body:#}");
+    let (status, client) = post(
+        &fleet.server,
+        &fleet.admin,
+        "/api/v1/token-integrations/pingid/clients",
+        json!({"name": "pingid-backend"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{client:#}");
+    let (client_id, secret) = (
+        client["id"].as_str().unwrap().to_owned(),
+        client["client_secret"].as_str().unwrap().to_owned(),
+    );
+    let alice = fleet.sign_in("alice", &[&fleet.group]).await;
+    let device = fleet.device_for(&alice).await;
+    let policy = format!(
+        r#"name: pingid-device
+targets:
+  groups:
+    - {{ provider: {PROVIDER}, id: "{}" }}
+apps:
+  - bundle_id: {APP}
+    itunes_store_id: 1076521545
+    configuration:
+      DEVICE_TOKEN: "${{device_token.pingid}}"
+"#,
+        fleet.group
+    );
+    let (status, applied) = fleet.apply(&[("pingid.yaml", policy)], false).await;
+    assert_eq!(status, StatusCode::CREATED, "{applied:#}");
+    let offered = drain(&fleet.server, &device, answer_inventory).await;
+    assert_eq!(types(&offered), ["InstallApplication"]);
+    let jwt = offered[0].1["Configuration"].as_dictionary().unwrap()["DEVICE_TOKEN"]
+        .as_string()
+        .unwrap()
+        .to_owned();
+    let introspect = |token: String| {
+        let (server, id, secret) = (&fleet.server, client_id.clone(), secret.clone());
+        async move {
+            let response = server
+                .client
+                .post(server.url("/validate/v1/introspect"))
+                .basic_auth(id, Some(secret))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("token={token}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.json::<Json>().await.unwrap()
+        }
+    };
+    let answer = introspect(jwt.clone()).await;
+    assert_eq!(answer["active"], true, "{answer:#}");
+    assert_eq!(answer["sub"], device.udid.as_str(), "{answer:#}");
+    // Passes reuse the token: nothing is sent again.
+    let node = &fleet.server.server.as_ref().unwrap().reconciler;
+    let again = node
+        .reconcile(TargetScope::All { after: None })
+        .await
+        .unwrap();
+    assert_eq!(again.commands, 1, "only the stale app inventory: {again:?}");
+    let offered = drain(&fleet.server, &device, answer_inventory).await;
+    assert_eq!(types(&offered), ["ManagedApplicationList"]);
+    // Leaving the group: removed, and the token is inactive at once.
+    fleet.sign_in("alice", &[]).await;
+    let offered = drain(&fleet.server, &device, answer_inventory).await;
+    assert_eq!(types(&offered), ["RemoveApplication"]);
+    let answer = introspect(jwt).await;
+    assert_eq!(answer["active"], false, "{answer:#}");
+    fleet.server.stop().await;
+}

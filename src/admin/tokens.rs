@@ -1,0 +1,418 @@
+//! Admin API for app-config tokens: integrations (`/token-integrations`), their shared tokens
+//! (create or import, rotate, revoke, reveal) and app clients. Every change and every reveal
+//! is audited; values appear only in the answer that creates them and in a reveal.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::auth::{self, Admin};
+use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::store::IntegrationChanges;
+use crate::tokens::shared::{IntegrationRequest, TokenError, TokenRequest};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/token-integrations",
+            get(list_integrations).post(create_integration),
+        )
+        .route(
+            "/token-integrations/{name}",
+            get(show_integration).patch(update_integration),
+        )
+        .route(
+            "/token-integrations/{name}/tokens",
+            get(list_tokens).post(create_token),
+        )
+        .route("/token-integrations/{name}/tokens/rotate", post(rotate))
+        .route("/token-integrations/{name}/tokens/{id}", get(show_token))
+        .route("/token-integrations/{name}/tokens/{id}/reveal", get(reveal))
+        .route(
+            "/token-integrations/{name}/tokens/{id}/revoke",
+            post(revoke),
+        )
+        .route(
+            "/token-integrations/{name}/clients",
+            get(list_clients).post(create_client),
+        )
+        .route(
+            "/token-integrations/{name}/clients/{id}/revoke",
+            post(revoke_client),
+        )
+}
+
+impl From<TokenError> for ApiError {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::Invalid(message) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+            }
+            TokenError::NotFound(message) => ApiError::not_found(message),
+            TokenError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            TokenError::LastActiveToken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "last_active_token", err.to_string())
+            }
+            TokenError::Seal(e) => ApiError::internal(&e),
+            TokenError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Audits an action's outcome (success with `detail`, failure with the error) and maps it.
+async fn audited<S: auth::Required, T>(
+    admin: &Admin<S>,
+    state: &AppState,
+    action: &str,
+    target: &str,
+    result: Result<T, TokenError>,
+    detail: impl FnOnce(&T) -> Value,
+) -> Result<T, ApiError> {
+    match result {
+        Ok(done) => {
+            let detail = detail(&done);
+            admin
+                .audit(state, action, Some(target), OUTCOME_SUCCESS, Some(detail))
+                .await;
+            Ok(done)
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            let detail = json!({"error": err.message});
+            admin
+                .audit(state, action, Some(target), OUTCOME_FAILURE, Some(detail))
+                .await;
+            Err(err)
+        }
+    }
+}
+
+/// A JSON answer that carries a secret: never cached.
+fn secret_answer(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A JSON body that may be left out (an empty body reads as `{}`).
+fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            format!("the body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(value).map_err(|e| ApiError::internal(&e))
+}
+
+// ---- integrations ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateIntegration {
+    name: String,
+    display_name: Option<String>,
+    bundle_id: String,
+    config_key: String,
+    #[serde(default)]
+    device_tokens: bool,
+    overlap_secs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateIntegration {
+    display_name: Option<String>,
+    bundle_id: Option<String>,
+    config_key: Option<String>,
+    device_tokens: Option<bool>,
+    overlap_secs: Option<i64>,
+}
+
+async fn list_integrations(
+    _admin: Admin<auth::TokensRead>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let integrations = state.tokens.integrations().await?;
+    Ok(Json(json!({"integrations": integrations})))
+}
+
+async fn show_integration(
+    _admin: Admin<auth::TokensRead>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(to_json(&state.tokens.integration(&name).await?)?))
+}
+
+async fn create_integration(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Json(body): Json<CreateIntegration>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let name = body.name.clone();
+    let request = IntegrationRequest {
+        name: body.name,
+        display_name: body.display_name,
+        bundle_id: body.bundle_id,
+        config_key: body.config_key,
+        device_tokens: body.device_tokens,
+        overlap_secs: body.overlap_secs,
+    };
+    let actor = admin.principal.actor();
+    let result = state.tokens.create_integration(request, &actor).await;
+    let created = audited(
+        &admin,
+        &state,
+        "token-integration.create",
+        &name,
+        result,
+        |i| {
+            json!({"bundle_id": i.integration.bundle_id, "config_key": i.integration.config_key,
+                   "device_tokens": i.integration.device_tokens})
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(to_json(&created)?)))
+}
+
+async fn update_integration(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: UpdateIntegration = optional_body(&body)?;
+    let detail = json!({
+        "display_name": body.display_name, "bundle_id": body.bundle_id,
+        "config_key": body.config_key, "device_tokens": body.device_tokens,
+        "overlap_secs": body.overlap_secs,
+    });
+    let changes = IntegrationChanges {
+        display_name: body.display_name,
+        bundle_id: body.bundle_id,
+        config_key: body.config_key,
+        device_tokens: body.device_tokens,
+        overlap_secs: body.overlap_secs,
+    };
+    let result = state.tokens.update_integration(&name, changes).await;
+    let updated = audited(
+        &admin,
+        &state,
+        "token-integration.update",
+        &name,
+        result,
+        |_| detail,
+    )
+    .await?;
+    Ok(Json(to_json(&updated)?))
+}
+
+// ---- tokens ----
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    label: Option<String>,
+    /// An imported value; without it, the broker generates one.
+    value: Option<String>,
+    not_before: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    label: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn list_tokens(
+    _admin: Admin<auth::TokensRead>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tokens = state.tokens.tokens(&name).await?;
+    Ok(Json(json!({"integration": name, "tokens": tokens})))
+}
+
+async fn show_token(
+    _admin: Admin<auth::TokensRead>,
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(to_json(&state.tokens.token(&name, &id).await?)?))
+}
+
+async fn create_token(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: CreateToken = optional_body(&body)?;
+    let action = if body.value.is_some() {
+        "token.import"
+    } else {
+        "token.create"
+    };
+    let request = TokenRequest {
+        label: body.label,
+        value: body.value,
+        not_before: body.not_before,
+        expires_at: body.expires_at,
+    };
+    let actor = admin.principal.actor();
+    let result = state.tokens.create_token(&name, request, &actor).await;
+    let created = audited(&admin, &state, action, &name, result, |c| {
+        json!({"id": c.token.id, "label": c.token.label, "last4": c.token.last4,
+               "not_before": c.token.not_before, "expires_at": c.token.expires_at})
+    })
+    .await?;
+    Ok(secret_answer(StatusCode::CREATED, to_json(&created)?))
+}
+
+async fn rotate(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: RotateBody = optional_body(&body)?;
+    let actor = admin.principal.actor();
+    let result = state
+        .tokens
+        .rotate(&name, body.label, body.value, &actor)
+        .await;
+    let rotation = audited(&admin, &state, "token.rotate", &name, result, |r| {
+        json!({"id": r.created.token.id, "source": r.created.token.source,
+               "last4": r.created.token.last4,
+               "previous": r.previous.as_ref().map(|p| json!({"id": p.id, "expires_at": p.expires_at}))})
+    })
+    .await?;
+    Ok(secret_answer(StatusCode::CREATED, to_json(&rotation)?))
+}
+
+async fn revoke(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: RevokeBody = optional_body(&body)?;
+    let actor = admin.principal.actor();
+    let result = state.tokens.revoke(&name, &id, body.force, &actor).await;
+    let target = format!("{name}/{id}");
+    let revoked = audited(
+        &admin,
+        &state,
+        "token.revoke",
+        &target,
+        result,
+        |_| json!({"force": body.force}),
+    )
+    .await?;
+    Ok(Json(to_json(&revoked)?))
+}
+
+async fn reveal(
+    admin: Admin<auth::TokensReveal>,
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let result = state.tokens.reveal(&name, &id).await;
+    let target = format!("{name}/{id}");
+    let value = audited(&admin, &state, "token.reveal", &target, result, |_| {
+        json!({})
+    })
+    .await?;
+    Ok(secret_answer(
+        StatusCode::OK,
+        json!({"id": id, "integration": name, "value": value}),
+    ))
+}
+
+// ---- app clients ----
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateClient {
+    name: Option<String>,
+}
+
+async fn list_clients(
+    _admin: Admin<auth::TokensRead>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let clients = state.tokens.clients(&name).await?;
+    Ok(Json(json!({"integration": name, "clients": clients})))
+}
+
+async fn create_client(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: CreateClient = optional_body(&body)?;
+    let actor = admin.principal.actor();
+    let result = state.tokens.create_client(&name, body.name, &actor).await;
+    let issued = audited(
+        &admin,
+        &state,
+        "app-client.create",
+        &name,
+        result,
+        |c| json!({"id": c.client.id, "name": c.client.name}),
+    )
+    .await?;
+    Ok(secret_answer(StatusCode::CREATED, to_json(&issued)?))
+}
+
+async fn revoke_client(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let actor = admin.principal.actor();
+    let result = state.tokens.revoke_client(&name, &id, &actor).await;
+    let target = format!("{name}/{id}");
+    let revoked = audited(
+        &admin,
+        &state,
+        "app-client.revoke",
+        &target,
+        result,
+        |c| json!({"name": c.name}),
+    )
+    .await?;
+    Ok(Json(to_json(&revoked)?))
+}
