@@ -20,7 +20,10 @@ PG_ADMIN=${BENCH_PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 PG_DB=trustbroker_policy_bench
 PG_SOCKET=${BENCH_PG_SOCKET:-/var/run/postgresql}
 
-cargo bench --locked --bench policy_load --no-run
+# Built once: every row measures the same build, even if the tree changes meanwhile.
+BIN=$(cargo bench --locked --bench policy_load --no-run 2>&1 | tee /dev/stderr |
+  sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
+[[ -x $BIN ]] || { echo "policy_load did not build" >&2; exit 1; }
 
 drop_db() { psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null; }
 trap drop_db EXIT
@@ -32,7 +35,7 @@ run() { # label, device count, database URL or empty
     psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_DB" >/dev/null
     args+=(--database-url "$3")
   fi
-  cargo bench --locked --bench policy_load -- "${args[@]}" | tail -n +"${SKIP_HEADER:-1}"
+  "$BIN" "${args[@]}" | tail -n +"${SKIP_HEADER:-1}"
   SKIP_HEADER=3
 }
 

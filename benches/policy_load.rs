@@ -698,6 +698,8 @@ async fn main() -> anyhow::Result<()> {
         latencies.last().copied().unwrap_or(f64::NAN),
         latencies.len()
     );
+    let all: Vec<String> = latencies.iter().map(|ms| format!("{ms:.0}")).collect();
+    eprintln!("one person, every sample (ms): {}", all.join(" "));
     let (rss_end, peak_end) = memory_mib();
     eprintln!(
         "RSS: {rss_start:.0} MiB after generation; peak {peak_fleet:.0} MiB (fleet), \

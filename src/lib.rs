@@ -29,6 +29,7 @@ pub mod identity;
 pub mod pki;
 pub mod policy;
 pub mod random;
+pub mod scim;
 pub mod secrets;
 pub mod server;
 pub mod store;

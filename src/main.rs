@@ -69,6 +69,25 @@ enum Command {
     /// Credentials of an app's back end that validates tokens (POST /validate/v1/tokens).
     #[command(subcommand)]
     AppClient(AppClientCommand),
+    /// SCIM 2.0 clients: an identity provider's credential for /scim/v2.
+    #[command(subcommand)]
+    ScimClient(ScimClientCommand),
+}
+
+#[derive(Subcommand)]
+enum ScimClientCommand {
+    /// Create a client of a configured provider; the token is printed alone on the last line.
+    Create {
+        /// The `[idp.NAME]` whose people and groups the client provisions.
+        #[arg(long)]
+        provider: String,
+        #[arg(long, default_value = "scim")]
+        name: String,
+    },
+    /// List clients (never their secrets).
+    List,
+    /// Revoke the active client with this id.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -375,6 +394,7 @@ async fn run_to_end(command: Command, config: Config) -> anyhow::Result<()> {
         Command::SigningKey(cmd) => signing_key(cmd, config).await,
         Command::Token(cmd) => token(cmd, config).await,
         Command::AppClient(cmd) => app_client(cmd, config).await,
+        Command::ScimClient(cmd) => scim_client(cmd, config).await,
         Command::Policy(_) => Ok(()),
     }
 }
@@ -720,6 +740,83 @@ async fn enrollment(cmd: EnrollmentCommand, config: Config) -> anyhow::Result<()
                     span.retired_reason.map_or("-", |r| r.as_str())
                 );
             }
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+async fn scim_client(cmd: ScimClientCommand, config: Config) -> anyhow::Result<()> {
+    use trustbroker::scim::auth;
+    let store = server::open_store(&config).await?;
+    match cmd {
+        ScimClientCommand::Create { provider, name } => {
+            // A client of a provider no one configured would provision people no sign-in finds.
+            if !config
+                .identity_providers
+                .iter()
+                .any(|(n, _)| *n == provider)
+            {
+                anyhow::bail!("no identity provider '{provider}' is configured ([idp.{provider}])");
+            }
+            let result = auth::create(&store, &provider, &name, &audit::cli_actor()).await;
+            let outcome = if result.is_ok() {
+                audit::OUTCOME_SUCCESS
+            } else {
+                audit::OUTCOME_FAILURE
+            };
+            let mut entry = cli_entry("scim-client.create", Some(&name), outcome);
+            if let Ok(issued) = &result {
+                entry.detail =
+                    Some(serde_json::json!({"id": issued.id, "provider": provider}).to_string());
+            }
+            audit::record(&store, entry).await;
+            let issued = result.context("creating the SCIM client")?;
+            println!(
+                "created SCIM client '{}' (id {}) for provider '{}'",
+                issued.name, issued.id, issued.provider
+            );
+            println!("store it now: it is shown only once");
+            println!("{}", issued.token);
+        }
+        ScimClientCommand::List => {
+            println!(
+                "{:<12} {:<20} {:<20} {:<8} {:<25} LAST USED",
+                "ID", "PROVIDER", "NAME", "STATUS", "CREATED"
+            );
+            for client in store.list_scim_clients().await? {
+                let status = if client.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<12} {:<20} {:<20} {:<8} {:<25} {}",
+                    client.id,
+                    client.provider,
+                    client.name,
+                    status,
+                    client.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    client
+                        .last_used_at
+                        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+        }
+        ScimClientCommand::Revoke { id } => {
+            let result = auth::revoke(&store, &id).await;
+            let outcome = if result.is_ok() {
+                audit::OUTCOME_SUCCESS
+            } else {
+                audit::OUTCOME_FAILURE
+            };
+            audit::record(&store, cli_entry("scim-client.revoke", Some(&id), outcome)).await;
+            let revoked = result.context("revoking the SCIM client")?;
+            println!(
+                "revoked SCIM client '{}' (id {}) of provider '{}'",
+                revoked.name, revoked.id, revoked.provider
+            );
         }
     }
     store.close().await;

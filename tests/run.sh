@@ -46,6 +46,8 @@ for peer in scep ldap oidc saml; do bash "$PEERS/$peer.sh" install; done
 TRUSTBROKER_TEST_BROWSER_FLOW=$(bash "$PEERS/browser.sh" install)
 # jose, an independent JWT library, verifies the broker's per-device tokens.
 TRUSTBROKER_TEST_JWT_VERIFY=$(bash "$PEERS/jwt.sh" install)
+# scim2-client, an independent SCIM 2.0 client library, drives /scim/v2.
+TRUSTBROKER_TEST_SCIM_CLIENT=$(bash "$PEERS/scim.sh" install)
 
 step "starting PostgreSQL"
 TRUSTBROKER_TEST_PG=$(bash "$PEERS/postgres.sh")
@@ -82,6 +84,7 @@ export TRUSTBROKER_TEST_SAML_METADATA_URL=http://127.0.0.1:8443/saml2/idp/metada
 export TRUSTBROKER_TEST_SAML_CERT=$PEERS_DIR/saml/cert/idp.crt
 export TRUSTBROKER_TEST_BROWSER_FLOW
 export TRUSTBROKER_TEST_JWT_VERIFY
+export TRUSTBROKER_TEST_SCIM_CLIENT
 if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
   env | grep '^TRUSTBROKER_TEST_' | sort
   exit 0

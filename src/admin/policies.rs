@@ -287,9 +287,21 @@ async fn device_state(
     state.reconciler.refresh().await.map_err(reconcile_error)?;
     let active = state.reconciler.active().get();
     let lead = chrono::Duration::days(i64::from(state.config.policy.identity_renewal_days));
-    let device =
-        crate::policy::state::device_state(&state.store, &active.set, active.version, &udid, lead)
-            .await?
-            .ok_or_else(|| ApiError::not_found("no managed device with that enrollment ID"))?;
+    let shared: std::collections::BTreeMap<String, String> = state
+        .tokens
+        .current_values()
+        .into_iter()
+        .map(|(integration, token)| (integration, token.value))
+        .collect();
+    let device = crate::policy::state::device_state(
+        &state.store,
+        &active.set,
+        active.version,
+        &udid,
+        lead,
+        &shared,
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("no managed device with that enrollment ID"))?;
     Ok(Json(json!(device)))
 }

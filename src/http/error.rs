@@ -136,7 +136,11 @@ pub async fn json_error_bodies(response: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         // The enrollment portal answers people with HTML pages of its own.
-        .is_some_and(|ct| ct.starts_with("application/json") || ct.starts_with("text/html"));
+        .is_some_and(|ct| {
+            ct.starts_with("application/json")
+                || ct.starts_with("text/html")
+                || ct.starts_with("application/scim+json")
+        });
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }

@@ -91,7 +91,8 @@ pub fn router(state: AppState) -> Router {
             put(mdm::connect).layer(capped(&caps.mdm)),
         )
         .nest("/api/v1", crate::admin::router())
-        .merge(validate::router())
+        .nest("/scim/v2", crate::scim::router())
+        .merge(validate::router(&state))
         .merge(jwks::router())
         .merge(crate::enroll::router(&caps))
         .fallback(error::not_found)

@@ -8,6 +8,7 @@
 //! are 401, a client over its rate 429; both are audited within the unauthenticated budget.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::to_bytes;
@@ -23,9 +24,9 @@ use serde_json::json;
 use super::AppState;
 use super::error::ApiError;
 use super::observe::REQUEST_ID_HEADER;
-use crate::audit;
-use crate::store::NewAuditEntry;
-use crate::tokens::shared::{AuthenticatedClient, TokenOutcome, ValidationError};
+use crate::audit::{self, UnauthenticatedBudget};
+use crate::store::{NewAuditEntry, Store};
+use crate::tokens::shared::{AuthenticatedClient, TokenOutcome, TokenService, ValidationError};
 
 pub const TOKENS_PATH: &str = "/validate/v1/tokens";
 /// A token, a device ID and JSON punctuation fit many times over.
@@ -33,8 +34,33 @@ const MAX_BODY: usize = 4096;
 /// Longest Authorization header worth decoding (an ID and a 43-character secret in base64).
 const MAX_CREDENTIALS: usize = 512;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route(TOKENS_PATH, post(validate_token))
+/// The route holds its own small state: axum clones a handler's state for every request, and
+/// cloning the whole `AppState` (a dozen reference counts, shared by every core) cost a sixth
+/// of the CPU at 40,000 validations per second (docs/benchmarks.md).
+pub fn router(state: &AppState) -> Router<AppState> {
+    let own = ValidateState(Arc::new(Needs {
+        tokens: state.tokens.clone(),
+        store: state.store.clone(),
+        audit_budget: state.audit_budget.clone(),
+    }));
+    Router::new().route_service(TOKENS_PATH, post(validate_token).with_state(own))
+}
+
+/// What validation needs of the application state, behind one reference count.
+#[derive(Clone)]
+pub struct ValidateState(Arc<Needs>);
+
+pub struct Needs {
+    tokens: TokenService,
+    store: Store,
+    audit_budget: Arc<UnauthenticatedBudget>,
+}
+
+impl std::ops::Deref for ValidateState {
+    type Target = Needs;
+    fn deref(&self) -> &Needs {
+        &self.0
+    }
 }
 
 #[derive(Deserialize)]
@@ -44,7 +70,7 @@ struct ValidateBody {
     device: Option<String>,
 }
 
-async fn validate_token(State(state): State<AppState>, request: Request) -> Response {
+async fn validate_token(State(state): State<ValidateState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let origin = Origin {
         request_id: parts
@@ -143,7 +169,12 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 /// The answer to a refused validation, audited (bounded like any unauthenticated record).
-fn refused(state: &AppState, origin: &Origin, client_id: &str, err: ValidationError) -> Response {
+fn refused(
+    state: &ValidateState,
+    origin: &Origin,
+    client_id: &str,
+    err: ValidationError,
+) -> Response {
     match err {
         ValidationError::BadClient(reason) => {
             tracing::info!(reason = reason.as_str(), "app client refused");
@@ -195,7 +226,7 @@ fn refused(state: &AppState, origin: &Origin, client_id: &str, err: ValidationEr
 /// An inactive answer is a failure worth a record (someone holds a bad token), within the
 /// budget: a client replaying bad tokens cannot flood the log.
 fn audit_inactive(
-    state: &AppState,
+    state: &ValidateState,
     origin: &Origin,
     client: &AuthenticatedClient,
     outcome: TokenOutcome,
@@ -210,7 +241,7 @@ fn audit_inactive(
 }
 
 /// Writes the record off the request path: the answer does not wait for the database.
-fn record_bounded(state: &AppState, entry: NewAuditEntry) {
+fn record_bounded(state: &ValidateState, entry: NewAuditEntry) {
     let store = state.store.clone();
     let budget = state.audit_budget.clone();
     tokio::spawn(async move {

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::desired::CompiledSet;
+use super::desired::{CompiledSet, TokenValues};
 use super::diff::{ReportedProfiles, group_label};
+use super::model::Variable;
 use super::{GroupRef, PolicySet};
 use crate::store::{
     ChannelStatus, CommandStatus, DeviceTarget, HeldToken, ItemAction, ItemKind, ManagedItemRow,
@@ -51,6 +52,7 @@ pub async fn device_state(
     version: i64,
     udid: &str,
     renewal_lead: chrono::Duration,
+    shared_tokens: &BTreeMap<String, String>,
 ) -> StoreResult<Option<DeviceState>> {
     let Some(target) = store
         .reconcile_targets(TargetScope::Device(udid), 1)
@@ -70,7 +72,11 @@ pub async fn device_state(
         None => BTreeSet::new(),
     };
     let compiled = CompiledSet::new(set);
-    let mut desired = compiled.desired_for(&target, &groups);
+    let tokens = TokenValues {
+        shared: shared_tokens.clone(),
+        device: BTreeMap::new(),
+    };
+    let mut desired = compiled.desired_with_tokens(&target, &groups, &tokens);
     desired.renew_identity_within(&target, crate::store::now(), renewal_lead);
     let ledger: BTreeMap<String, ManagedItemRow> = store
         .managed_items(std::slice::from_ref(&target.enrollment_id))
@@ -109,6 +115,15 @@ pub async fn device_state(
         });
     }
     for waiting in &desired.waiting {
+        // A device's own token is issued when an item is sent, not to show the state: an
+        // item waiting only for one is as its ledger row says.
+        if matches!(waiting.variable, Variable::DeviceToken(_))
+            && let Some(row) = ledger.get(&waiting.key).filter(|r| r.wanted)
+        {
+            let (status, detail) = present_status(row, &reported);
+            items.push(row_state(row, status, detail));
+            continue;
+        }
         items.push(ItemState {
             item: waiting.key.clone(),
             kind: if waiting.key.starts_with("app:") {
@@ -132,6 +147,7 @@ pub async fn device_state(
     for row in ledger.values() {
         if matches!(row.kind, ItemKind::Scope | ItemKind::Inventory)
             || desired.items.contains_key(&row.item_key)
+            || desired.waiting.iter().any(|w| w.key == row.item_key)
         {
             continue;
         }

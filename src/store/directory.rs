@@ -9,7 +9,7 @@ use super::{AccountStatus, Store, StoreResult, on_pool};
 
 /// Values bound per statement when a list is split: far below SQLite's (32766) and
 /// PostgreSQL's (65535) bind-parameter limits, and small enough to keep each statement quick.
-const CHUNK: usize = 500;
+pub(super) const CHUNK: usize = 500;
 
 /// A person of one provider as the store knows them: what a directory sync compares with.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -48,7 +48,7 @@ pub struct DirectoryDetails {
 }
 
 /// `$first, $first+1, …` for `count` values.
-fn placeholders(first: usize, count: usize) -> String {
+pub(super) fn placeholders(first: usize, count: usize) -> String {
     (first..first + count)
         .map(|n| format!("${n}"))
         .collect::<Vec<_>>()
@@ -57,7 +57,7 @@ fn placeholders(first: usize, count: usize) -> String {
 
 /// `(${first}, $1, $2, $3, $3), (${first+1}, …)`: one user_groups row per user ID, the group
 /// ($1), source ($2) and time ($3) shared.
-fn membership_rows(count: usize) -> String {
+pub(super) fn membership_rows(count: usize) -> String {
     (4..4 + count)
         .map(|n| format!("(${n}, $1, $2, $3, $3)"))
         .collect::<Vec<_>>()
@@ -66,7 +66,7 @@ fn membership_rows(count: usize) -> String {
 
 /// `(${first}, NULL, $1, $2), …`: one reconcile request per user ID, reason ($1) and time ($2)
 /// shared.
-fn request_rows(count: usize) -> String {
+pub(super) fn request_rows(count: usize) -> String {
     (3..3 + count)
         .map(|n| format!("(${n}, NULL, $1, $2)"))
         .collect::<Vec<_>>()

@@ -15,6 +15,7 @@ mod mdm;
 mod pki;
 mod policy;
 mod portal;
+mod scim;
 mod states;
 mod tokens;
 mod users;
@@ -50,6 +51,10 @@ pub use pki::{
 pub use policy::{
     DeviceTarget, HeldToken, ItemChange, ManagedItemRow, PolicyVersionRecord, ReconcileRequest,
     TargetScope,
+};
+pub use scim::{
+    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimGroupRow, ScimUserRow, ScimUserWrite,
+    Versioned,
 };
 pub use states::TokenSource;
 pub use states::{

@@ -185,7 +185,7 @@ impl Store {
                    d.delivered_at, (c.status IS NOT NULL AND c.status = $2) AS acknowledged \
                    FROM token_deliveries d JOIN shared_tokens t ON t.id = d.token_id \
                    LEFT JOIN mdm_commands c ON c.uuid = d.command_uuid \
-                   WHERE d.enrollment_id = $1 ORDER BY d.delivered_at DESC, d.token_id";
+                   WHERE d.enrollment_id = $1 ORDER BY d.delivered_at DESC, c.seq DESC";
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(enrollment_id)
             .bind(CommandStatus::Acknowledged)

@@ -23,5 +23,6 @@ mod profiles;
 mod saml;
 mod scep;
 mod schema;
+mod scim;
 mod store;
 mod tokens;

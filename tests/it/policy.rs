@@ -23,7 +23,7 @@ const PROFILE_ID: &str = "org.trustbroker.policy.engineering.passcode";
 const APP: &str = "com.pingidentity.pingid";
 
 /// The policy file of these tests, targeting `group`, with a passcode of `min_length`.
-fn engineering(group: &str, min_length: u32, on_leave: &str) -> String {
+pub(crate) fn engineering(group: &str, min_length: u32, on_leave: &str) -> String {
     format!(
         r#"name: engineering
 description: passcode and PingID for engineers
@@ -43,7 +43,7 @@ apps:
     )
 }
 
-fn files(policies: &[(&str, String)]) -> Json {
+pub(crate) fn files(policies: &[(&str, String)]) -> Json {
     let map: BTreeMap<&str, String> = policies
         .iter()
         .map(|(path, text)| {
@@ -160,13 +160,14 @@ async fn sign_in(store: &Store, login: &str, groups: &[&str]) -> UserRecord {
 }
 
 /// Answers every command the device is offered (Acknowledged, or as `answer` says) until it
-/// is offered nothing, waiting up to 10 s for the first one; returns the commands in order.
-async fn drain(
+/// is offered nothing, waiting up to 30 s for the first one; returns the commands in order.
+pub(crate) async fn drain(
     server: &TestServer,
     device: &Device,
     mut answer: impl FnMut(&str) -> Dictionary,
 ) -> Vec<(String, Dictionary)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Generous: the whole suite shares two cores; only a broken reconciler takes this long.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut next = loop {
         match device.idle(server).await {
             Some(command) => break Some(command),
@@ -191,7 +192,7 @@ async fn drain(
     seen
 }
 
-fn types(commands: &[(String, Dictionary)]) -> Vec<&str> {
+pub(crate) fn types(commands: &[(String, Dictionary)]) -> Vec<&str> {
     let mut types: Vec<&str> = commands.iter().map(|(t, _)| t.as_str()).collect();
     types.sort();
     types

@@ -997,10 +997,13 @@ async fn revocation_holds_on_a_second_node_within_a_second() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        validate_at(&second, &client, json!({"token": new_value})).await["active"],
-        true
-    );
+    while validate_at(&second, &client, json!({"token": new_value})).await["active"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "the second node never saw the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Both nodes share the lookup key: the values open and hash the same everywhere.
     assert_eq!(
         second.server.as_ref().unwrap().tokens.current_values()["pingid"].value,
@@ -1038,6 +1041,29 @@ async fn revocation_holds_on_a_second_node_within_a_second() {
     first.server.stop().await;
 }
 
+/// Runs the binary with `--data-dir data` off the test's thread: the server under test shares
+/// that thread (a current-thread runtime), and a transaction it has open must be able to
+/// finish while the command waits for the database.
+async fn run_cli_beside(
+    data: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (bool, String, String) {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(["--data-dir".to_string(), data.to_string()]);
+    let envs: Vec<(String, String)> = envs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_cli(&args, &envs)
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn the_command_line_manages_integrations_tokens_and_clients() {
     let server = TestServer::start().await;
@@ -1051,10 +1077,8 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
         .unwrap()
         .to_path_buf();
     let data = data_dir.to_str().unwrap();
-    let cli = |args: &[&str], envs: &[(&str, &str)]| {
-        let mut all = args.to_vec();
-        all.extend(["--data-dir", data]);
-        let (ok, out, err) = run_cli(&all, envs);
+    let cli = async |args: &[&str], envs: &[(&str, &str)]| {
+        let (ok, out, err) = run_cli_beside(data, args, envs).await;
         assert!(ok, "{args:?}: {err}");
         out
     };
@@ -1071,29 +1095,28 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
             "PINGID_MDM_TOKEN",
         ],
         &[],
-    );
-    let listed = cli(&["token", "integration", "list"], &[]);
+    )
+    .await;
+    let listed = cli(&["token", "integration", "list"], &[]).await;
     assert!(listed.contains("PINGID_MDM_TOKEN"), "{listed}");
     let value = "vendor-portal-token-0001";
-    let out = cli(
-        &[
-            "token",
-            "import",
-            "--integration",
-            "pingid",
-            "--label",
-            "portal",
-        ],
-        &[("TRUSTBROKER_TOKEN_VALUE", value)],
-    );
+    let import = [
+        "token",
+        "import",
+        "--integration",
+        "pingid",
+        "--label",
+        "portal",
+    ];
+    let out = cli(&import, &[("TRUSTBROKER_TOKEN_VALUE", value)]).await;
     assert!(
         !out.contains(value),
         "an import never prints the value: {out}"
     );
-    let out = cli(&["token", "create", "--integration", "pingid"], &[]);
+    let out = cli(&["token", "create", "--integration", "pingid"], &[]).await;
     let generated = out.lines().last().unwrap().trim().to_owned();
     assert_eq!(generated.len(), 43, "{out}");
-    let out = cli(&["app-client", "create", "--integration", "pingid"], &[]);
+    let out = cli(&["app-client", "create", "--integration", "pingid"], &[]).await;
     let field = |name: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -1105,7 +1128,7 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
         id: field("client_id "),
         secret: field("client_secret "),
     };
-    let listed = cli(&["token", "list", "--integration", "pingid"], &[]);
+    let listed = cli(&["token", "list", "--integration", "pingid"], &[]).await;
     assert!(
         listed.contains("0001") && !listed.contains(value),
         "{listed}"
@@ -1124,48 +1147,28 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
     }
     // Revoking the last active token is refused without --force; then rotated and revoked.
     let ids: Vec<String> = cli(&["token", "list", "--integration", "pingid"], &[])
+        .await
         .lines()
         .skip(1)
         .map(|l| l.split_whitespace().next().unwrap().to_owned())
         .collect();
     assert_eq!(ids.len(), 2);
-    let (ok, _, err) = run_cli(
-        &[
-            "token",
-            "revoke",
-            "--integration",
-            "pingid",
-            &ids[1],
-            "--data-dir",
-            data,
-        ],
-        &[],
-    );
+    let revoke = |id: &str| ["token", "revoke", "--integration", "pingid", id].map(str::to_owned);
+    let older = revoke(&ids[1]);
+    let (ok, _, err) = run_cli_beside(data, &older.each_ref().map(String::as_str), &[]).await;
     assert!(ok, "another token is active: {err}");
-    let (ok, _, err) = run_cli(
-        &[
-            "token",
-            "revoke",
-            "--integration",
-            "pingid",
-            &ids[0],
-            "--data-dir",
-            data,
-        ],
-        &[],
-    );
+    let last = revoke(&ids[0]);
+    let (ok, _, err) = run_cli_beside(data, &last.each_ref().map(String::as_str), &[]).await;
     assert!(!ok && err.contains("force"), "{err}");
-    cli(&["token", "rotate", "--integration", "pingid"], &[]);
-    cli(
-        &[
-            "app-client",
-            "revoke",
-            "--integration",
-            "pingid",
-            &client.id,
-        ],
-        &[],
-    );
+    cli(&["token", "rotate", "--integration", "pingid"], &[]).await;
+    let revoke_client = [
+        "app-client",
+        "revoke",
+        "--integration",
+        "pingid",
+        &client.id,
+    ];
+    cli(&revoke_client, &[]).await;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let (status, _) = validate_raw(&server, Some(&client), json!({"token": value})).await;
@@ -1175,11 +1178,9 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
         assert!(Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let auditor = server.admin_key("auditor", &["audit:read"]).await;
     let audit = server
-        .get_json(
-            "/api/v1/audit?limit=50",
-            Some(&server.admin_key("auditor", &["audit:read"]).await),
-        )
+        .get_json("/api/v1/audit?limit=50", Some(&auditor))
         .await;
     let cli_actions = audit["entries"]
         .as_array()

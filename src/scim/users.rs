@@ -1,0 +1,203 @@
+//! `/scim/v2/Users`: the people of the client's provider.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value as Json, json};
+
+use super::auth::ScimClient;
+use super::error::ScimError;
+use super::{ListQuery, MAX_SCAN, ScimResponse, base, check_version, if_match, parse_body};
+use super::{patch, resources};
+use crate::http::AppState;
+use crate::store::{ScimUserRow, Versioned};
+
+/// Attempts at a read-modify-write before a concurrent writer is reported as a conflict.
+const ATTEMPTS: usize = 3;
+
+async fn find(state: &AppState, client: &ScimClient, id: &str) -> Result<ScimUserRow, ScimError> {
+    // Another provider's people are not there at all for this client.
+    state
+        .store
+        .scim_user(&client.provider, id)
+        .await?
+        .ok_or_else(|| ScimError::not_found("user"))
+}
+
+pub(super) async fn list(
+    client: ScimClient,
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<ScimResponse, ScimError> {
+    let filter = query.filter()?;
+    let by_name = filter.as_ref().and_then(|f| f.equality_on("userName"));
+    let by_external = filter.as_ref().and_then(|f| f.equality_on("externalId"));
+    let rows = state
+        .store
+        .scim_users(&client.provider, by_name, by_external, MAX_SCAN)
+        .await?;
+    let base = base(&state);
+    let matched: Vec<Json> = rows
+        .iter()
+        .map(|row| resources::render_user(row, &base))
+        .filter(|user| filter.as_ref().is_none_or(|f| f.matches(user)))
+        .collect();
+    let (skip, count) = query.page();
+    Ok(ScimResponse::ok(super::list_response(
+        matched, skip, count, &query,
+    )))
+}
+
+pub(super) async fn get(
+    client: ScimClient,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<ScimResponse, ScimError> {
+    let row = find(&state, &client, &id).await?;
+    let (attributes, excluded) = query.attributes();
+    let user = resources::project(
+        resources::render_user(&row, &base(&state)),
+        &attributes,
+        &excluded,
+    );
+    Ok(ScimResponse::resource(StatusCode::OK, user))
+}
+
+pub(super) async fn create(
+    client: ScimClient,
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<ScimResponse, ScimError> {
+    let resource = resources::clean_user(&parse_body(&body)?)?;
+    let write = resources::user_write(&resource)?;
+    let user_id = state
+        .store
+        .create_scim_user(&client.provider, &write)
+        .await?;
+    state.reconciler.wake().wake();
+    client
+        .audit(
+            &state,
+            "scim.user.create",
+            Some(&user_id),
+            json!({"userName": write.user_name, "externalId": write.external_id, "active": write.active}),
+        )
+        .await;
+    let row = find(&state, &client, &user_id).await?;
+    Ok(ScimResponse::resource(
+        StatusCode::CREATED,
+        resources::render_user(&row, &base(&state)),
+    ))
+}
+
+/// Reads the user, makes the new resource from it with `change`, and writes it if no one
+/// wrote in between (a retry otherwise, or 412 when the client named the version).
+async fn modify(
+    client: &ScimClient,
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    action: &str,
+    change: impl Fn(&Json) -> Result<Json, ScimError>,
+) -> Result<ScimResponse, ScimError> {
+    let wanted = if_match(headers)?;
+    for _ in 0..ATTEMPTS {
+        let row = find(state, client, id).await?;
+        check_version(&wanted, row.version)?;
+        let current: Json = serde_json::from_str(&row.resource).unwrap_or_else(|_| json!({}));
+        let resource = resources::clean_user(&change(&current)?)?;
+        let write = resources::user_write(&resource)?;
+        match state
+            .store
+            .update_scim_user(&client.provider, id, row.version, &write)
+            .await?
+        {
+            Versioned::Written(_) => {
+                state.reconciler.wake().wake();
+                client
+                    .audit(
+                        state,
+                        action,
+                        Some(id),
+                        json!({"userName": write.user_name, "active": write.active,
+                               "was_active": row.active}),
+                    )
+                    .await;
+                let row = find(state, client, id).await?;
+                return Ok(ScimResponse::resource(
+                    StatusCode::OK,
+                    resources::render_user(&row, &base(state)),
+                ));
+            }
+            Versioned::Stale if wanted.is_some() => return Err(ScimError::precondition_failed()),
+            Versioned::Stale => continue,
+        }
+    }
+    Err(ScimError::new(
+        StatusCode::CONFLICT,
+        None,
+        "the user is being changed concurrently; try again",
+    ))
+}
+
+pub(super) async fn replace(
+    client: ScimClient,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<ScimResponse, ScimError> {
+    let body = parse_body(&body)?;
+    modify(&client, &state, &id, &headers, "scim.user.replace", |_| {
+        Ok(body.clone())
+    })
+    .await
+}
+
+pub(super) async fn patch(
+    client: ScimClient,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<ScimResponse, ScimError> {
+    let operations = patch::parse_request(&parse_body(&body)?)?;
+    modify(
+        &client,
+        &state,
+        &id,
+        &headers,
+        "scim.user.patch",
+        |current| {
+            let mut resource = current.clone();
+            patch::apply_to_user(&mut resource, &operations)?;
+            Ok(resource)
+        },
+    )
+    .await
+}
+
+pub(super) async fn delete(
+    client: ScimClient,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<ScimResponse, ScimError> {
+    let wanted = if_match(&headers)?;
+    let row = find(&state, &client, &id).await?;
+    check_version(&wanted, row.version)?;
+    if !state.store.delete_scim_user(&client.provider, &id).await? {
+        return Err(ScimError::not_found("user"));
+    }
+    state.reconciler.wake().wake();
+    client
+        .audit(
+            &state,
+            "scim.user.delete",
+            Some(&id),
+            json!({"userName": row.user_name}),
+        )
+        .await;
+    Ok(ScimResponse::no_content())
+}

@@ -1,0 +1,665 @@
+//! SCIM 2.0 provisioning: the clients (one provider's credential each), and the SCIM view of
+//! the people and groups they push. A SCIM user is the `users` row of its provider (SCIM id =
+//! `users.id`), a SCIM group is the `groups` row (SCIM id = `groups.id`), so sign-ins, the
+//! directory sync and SCIM write the same people and groups. Like the directory sync, every
+//! change the reconciler must act on (status, membership) records its reconcile request in the
+//! same transaction.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+
+use super::directory::{CHUNK, membership_rows, placeholders, request_rows};
+use super::{AccountStatus, Store, StoreError, StoreResult, on_pool};
+
+/// The `source` of memberships written by SCIM.
+pub const SCIM_SOURCE: &str = "scim";
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ScimClientRecord {
+    pub id: String,
+    pub provider: String,
+    pub name: String,
+    pub secret_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A person as SCIM knows them.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ScimUserRow {
+    pub user_id: String,
+    pub user_name: String,
+    pub external_id: Option<String>,
+    pub active: bool,
+    /// JSON: the attributes the IdP pushed (known ones only).
+    pub resource: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a SCIM write makes of a person.
+#[derive(Clone, Debug)]
+pub struct ScimUserWrite {
+    /// `users.subject`: how sign-ins of the provider find the same person.
+    pub subject: String,
+    pub user_name: String,
+    pub external_id: Option<String>,
+    pub active: bool,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ScimGroupRow {
+    pub group_id: String,
+    pub external_id: Option<String>,
+    pub display_name: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// How a group write changes the members (user IDs).
+#[derive(Clone, Debug)]
+pub enum MemberChange {
+    /// Add these and remove those; the rest stay.
+    Delta {
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    /// The members are exactly these.
+    Replace(Vec<String>),
+}
+
+/// The outcome of a conditional write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Versioned<T> {
+    Written(T),
+    /// The resource changed since it was read (or was removed): nothing was written.
+    Stale,
+}
+
+const SELECT_CLIENTS: &str = "SELECT id, provider, name, secret_hash, created_at, created_by, \
+                              last_used_at, revoked_at FROM scim_clients ";
+const SELECT_USERS: &str = "SELECT s.user_id, s.user_name, s.external_id, s.active, s.resource, \
+                            s.version, s.created_at, s.updated_at FROM scim_users s ";
+const SELECT_GROUPS: &str = "SELECT s.group_id, s.external_id, s.display_name, s.version, \
+                             s.created_at, s.updated_at FROM scim_groups s ";
+
+fn status_of(active: bool) -> AccountStatus {
+    if active {
+        AccountStatus::Active
+    } else {
+        AccountStatus::Disabled
+    }
+}
+
+fn status_reason(to: AccountStatus) -> &'static str {
+    match to {
+        AccountStatus::Active => "scim: account active",
+        AccountStatus::Disabled => "scim: account deactivated",
+        AccountStatus::Deleted => "scim: account deleted",
+    }
+}
+
+/// Sets the person's status (and records a reconcile request) when it differs, inside the
+/// caller's transaction.
+macro_rules! set_status {
+    ($tx:expr, $user_id:expr, $to:expr, $now:expr) => {{
+        let changed = sqlx::query(
+            "UPDATE users SET status = $1, status_changed_at = $2 WHERE id = $3 AND status <> $1",
+        )
+        .bind($to)
+        .bind($now)
+        .bind($user_id)
+        .execute(&mut *$tx)
+        .await?
+        .rows_affected();
+        if changed > 0 {
+            sqlx::query(
+                "INSERT INTO reconcile_requests (user_id, udid, reason, requested_at) \
+                 VALUES ($1, NULL, $2, $3)",
+            )
+            .bind($user_id)
+            .bind(status_reason($to))
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
+        }
+    }};
+}
+
+/// Inserts and deletes memberships of `$group` (delta lists of user IDs), with a reconcile
+/// request per person who joined or left; evaluates to the number of people affected.
+macro_rules! write_members {
+    ($tx:expr, $group:expr, $add:expr, $remove:expr, $now:expr) => {{
+        let mut joined: Vec<String> = Vec::new();
+        let mut left: Vec<String> = Vec::new();
+        for chunk in $add.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO user_groups (user_id, group_id, source, first_seen_at, \
+                 last_seen_at) VALUES {} ON CONFLICT (user_id, group_id) DO NOTHING \
+                 RETURNING user_id",
+                membership_rows(chunk.len())
+            );
+            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind($group)
+                .bind(SCIM_SOURCE)
+                .bind($now);
+            for user_id in chunk {
+                query = query.bind(user_id);
+            }
+            let inserted: Vec<String> = query.fetch_all(&mut *$tx).await?;
+            joined.extend(inserted);
+        }
+        for chunk in $remove.chunks(CHUNK) {
+            let sql = format!(
+                "DELETE FROM user_groups WHERE group_id = $1 AND user_id IN ({}) \
+                 RETURNING user_id",
+                placeholders(2, chunk.len())
+            );
+            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind($group);
+            for user_id in chunk {
+                query = query.bind(user_id);
+            }
+            let deleted: Vec<String> = query.fetch_all(&mut *$tx).await?;
+            left.extend(deleted);
+        }
+        let joined_reason = format!("scim: joined {}", $group);
+        let left_reason = format!("scim: left {}", $group);
+        for (user_ids, reason) in [(&joined, &joined_reason), (&left, &left_reason)] {
+            for chunk in user_ids.chunks(CHUNK) {
+                let sql = format!(
+                    "INSERT INTO reconcile_requests (user_id, udid, reason, requested_at) \
+                     VALUES {}",
+                    request_rows(chunk.len())
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(reason)
+                    .bind($now);
+                for user_id in chunk {
+                    query = query.bind(user_id);
+                }
+                query.execute(&mut *$tx).await?;
+            }
+        }
+        joined.len() + left.len()
+    }};
+}
+
+impl Store {
+    pub async fn insert_scim_client(&self, client: &ScimClientRecord) -> StoreResult<()> {
+        let sql = "INSERT INTO scim_clients (id, provider, name, secret_hash, created_at, \
+                   created_by) VALUES ($1, $2, $3, $4, $5, $6)";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(&client.id)
+            .bind(&client.provider)
+            .bind(&client.name)
+            .bind(&client.secret_hash)
+            .bind(client.created_at)
+            .bind(&client.created_by)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn scim_client(&self, id: &str) -> StoreResult<Option<ScimClientRecord>> {
+        let sql = format!("{SELECT_CLIENTS} WHERE id = $1");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
+            sql
+        ))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// Every client, active first.
+    pub async fn list_scim_clients(&self) -> StoreResult<Vec<ScimClientRecord>> {
+        let sql =
+            format!("{SELECT_CLIENTS} ORDER BY (revoked_at IS NOT NULL), provider, created_at");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
+            sql
+        ))
+        .fetch_all(pool)
+        .await?))
+    }
+
+    /// Revokes the active client `id`; `NotFound` when there is none.
+    pub async fn revoke_scim_client(&self, id: &str) -> StoreResult<ScimClientRecord> {
+        let sql = "UPDATE scim_clients SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL";
+        let done = on_pool!(self, |pool| sqlx::query(sql)
+            .bind(super::now())
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if done == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.scim_client(id).await?.ok_or(StoreError::NotFound)
+    }
+
+    pub async fn touch_scim_client(&self, id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let sql = "UPDATE scim_clients SET last_used_at = $1 WHERE id = $2";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(at)
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    pub async fn scim_user(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> StoreResult<Option<ScimUserRow>> {
+        let sql = format!("{SELECT_USERS} WHERE s.provider = $1 AND s.user_id = $2");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
+            sql
+        ))
+        .bind(provider)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// The SCIM users of `provider` in creation order, at most `limit`; narrowed to one
+    /// userName (any case) or one externalId when given (the filters IdPs send before a create).
+    pub async fn scim_users(
+        &self,
+        provider: &str,
+        user_name: Option<&str>,
+        external_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<ScimUserRow>> {
+        let sql = format!(
+            "{SELECT_USERS} WHERE s.provider = $1 AND ($2 IS NULL OR s.user_name_key = $2) \
+             AND ($3 IS NULL OR s.external_id = $3) ORDER BY s.created_at, s.user_id LIMIT $4"
+        );
+        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
+            sql
+        ))
+        .bind(provider)
+        .bind(user_name.map(str::to_lowercase))
+        .bind(external_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?))
+    }
+
+    /// Creates the SCIM user: the person of (`provider`, subject) is created or, if they signed
+    /// in before, adopted. `Conflict` when the userName is taken or the person already has a
+    /// SCIM resource. Returns the user ID.
+    pub async fn create_scim_user(
+        &self,
+        provider: &str,
+        user: &ScimUserWrite,
+    ) -> StoreResult<String> {
+        let now = super::now();
+        let upsert = "INSERT INTO users (id, provider, subject, login, email, display_name, \
+                      created_at, last_sign_in_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+                      ON CONFLICT (provider, subject) DO UPDATE SET login = excluded.login, \
+                      email = COALESCE(excluded.email, users.email), \
+                      display_name = COALESCE(excluded.display_name, users.display_name) \
+                      RETURNING id";
+        let taken = "SELECT COUNT(*) FROM scim_users WHERE user_id = $1";
+        let insert = "INSERT INTO scim_users (user_id, provider, user_name, user_name_key, \
+                      external_id, active, resource, version, created_at, updated_at) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8)";
+        let result = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let user_id: String = sqlx::query_scalar(upsert)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(provider)
+                .bind(&user.subject)
+                .bind(&user.user_name)
+                .bind(&user.email)
+                .bind(&user.display_name)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+            let existing: i64 = sqlx::query_scalar(taken)
+                .bind(&user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if existing > 0 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            sqlx::query(insert)
+                .bind(&user_id)
+                .bind(provider)
+                .bind(&user.user_name)
+                .bind(user.user_name.to_lowercase())
+                .bind(&user.external_id)
+                .bind(user.active)
+                .bind(&user.resource)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            // A person provisioned again after a delete, or created inactive.
+            set_status!(tx, &user_id, status_of(user.active), now);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(Some(user_id))
+        }
+        .await);
+        match result {
+            Ok(Some(user_id)) => Ok(user_id),
+            Ok(None) => Err(StoreError::Conflict(
+                "a user with this externalId is already provisioned".into(),
+            )),
+            Err(e) => Err(StoreError::conflict_on_unique(
+                e,
+                format!("the userName '{}' is already taken", user.user_name),
+            )),
+        }
+    }
+
+    /// Replaces the SCIM user `user_id` if it is still at `version`: the resource, the
+    /// person's details and subject, and their status (a change records a reconcile request).
+    /// Returns the new version.
+    pub async fn update_scim_user(
+        &self,
+        provider: &str,
+        user_id: &str,
+        version: i64,
+        user: &ScimUserWrite,
+    ) -> StoreResult<Versioned<i64>> {
+        let now = super::now();
+        let update = "UPDATE scim_users SET user_name = $1, user_name_key = $2, external_id = $3, \
+                      active = $4, resource = $5, version = version + 1, updated_at = $6 \
+                      WHERE provider = $7 AND user_id = $8 AND version = $9 RETURNING version";
+        let details = "UPDATE users SET subject = $1, login = $2, \
+                       email = COALESCE($3, email), display_name = COALESCE($4, display_name) \
+                       WHERE id = $5";
+        let result = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let written: Option<i64> = sqlx::query_scalar(update)
+                .bind(&user.user_name)
+                .bind(user.user_name.to_lowercase())
+                .bind(&user.external_id)
+                .bind(user.active)
+                .bind(&user.resource)
+                .bind(now)
+                .bind(provider)
+                .bind(user_id)
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(written) = written else {
+                tx.rollback().await?;
+                return Ok(Versioned::Stale);
+            };
+            sqlx::query(details)
+                .bind(&user.subject)
+                .bind(&user.user_name)
+                .bind(&user.email)
+                .bind(&user.display_name)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            set_status!(tx, user_id, status_of(user.active), now);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(Versioned::Written(written))
+        }
+        .await);
+        result.map_err(|e| {
+            StoreError::conflict_on_unique(
+                e,
+                format!(
+                    "the userName '{}' or the externalId is already taken",
+                    user.user_name
+                ),
+            )
+        })
+    }
+
+    /// Deletes the SCIM user: the person is marked deleted (the reconciler deprovisions their
+    /// devices) and the SCIM resource goes; the `users` row, devices and audit history stay.
+    /// False when there was no such SCIM user.
+    pub async fn delete_scim_user(&self, provider: &str, user_id: &str) -> StoreResult<bool> {
+        let now = super::now();
+        let delete = "DELETE FROM scim_users WHERE provider = $1 AND user_id = $2";
+        Ok(on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let gone = sqlx::query(delete)
+                .bind(provider)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if gone == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            set_status!(tx, user_id, AccountStatus::Deleted, now);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(true)
+        }
+        .await)?)
+    }
+
+    /// Of `user_ids`, those that are SCIM users of `provider`.
+    pub async fn known_scim_users(
+        &self,
+        provider: &str,
+        user_ids: &[String],
+    ) -> StoreResult<BTreeSet<String>> {
+        let mut known = BTreeSet::new();
+        for chunk in user_ids.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT user_id FROM scim_users WHERE provider = $1 AND user_id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let found: Vec<String> = on_pool!(self, |pool| {
+                let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())).bind(provider);
+                for id in chunk {
+                    query = query.bind(id);
+                }
+                query.fetch_all(pool).await?
+            });
+            known.extend(found);
+        }
+        Ok(known)
+    }
+
+    pub async fn scim_group(
+        &self,
+        provider: &str,
+        group_id: &str,
+    ) -> StoreResult<Option<ScimGroupRow>> {
+        let sql = format!("{SELECT_GROUPS} WHERE s.provider = $1 AND s.group_id = $2");
+        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
+            sql
+        ))
+        .bind(provider)
+        .bind(group_id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// The SCIM groups of `provider` in creation order, at most `limit`.
+    pub async fn scim_groups(&self, provider: &str, limit: i64) -> StoreResult<Vec<ScimGroupRow>> {
+        let sql = format!(
+            "{SELECT_GROUPS} WHERE s.provider = $1 ORDER BY s.created_at, s.group_id LIMIT $2"
+        );
+        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
+            sql
+        ))
+        .bind(provider)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?))
+    }
+
+    /// The members of a group (user ID and display name) that are not deleted, in ID order.
+    pub async fn scim_group_members(
+        &self,
+        group_id: &str,
+    ) -> StoreResult<Vec<(String, Option<String>)>> {
+        let sql = "SELECT u.id, COALESCE(u.display_name, u.login) FROM user_groups m \
+                   JOIN users u ON u.id = m.user_id \
+                   WHERE m.group_id = $1 AND u.status <> 'deleted' ORDER BY u.id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(group_id)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Creates the SCIM group of `provider` with these members: `groups.external_id` is the
+    /// SCIM externalId (the stable ID policies target) or else the new group's own ID. A group
+    /// the provider's sign-ins already brought is adopted. `Conflict` when it already has a
+    /// SCIM resource. Returns the group ID.
+    pub async fn create_scim_group(
+        &self,
+        provider: &str,
+        external_id: Option<&str>,
+        display_name: &str,
+        members: &[String],
+    ) -> StoreResult<String> {
+        let now = super::now();
+        let new_id = uuid::Uuid::new_v4().to_string();
+        let upsert = "INSERT INTO groups (id, provider, external_id, name, created_at, \
+                      updated_at) VALUES ($1, $2, $3, $4, $5, $5) \
+                      ON CONFLICT (provider, external_id) DO UPDATE SET name = excluded.name, \
+                      updated_at = excluded.updated_at RETURNING id";
+        let taken = "SELECT COUNT(*) FROM scim_groups WHERE group_id = $1";
+        let insert = "INSERT INTO scim_groups (group_id, provider, external_id, display_name, \
+                      version, created_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $5)";
+        let created = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let group_id: String = sqlx::query_scalar(upsert)
+                .bind(&new_id)
+                .bind(provider)
+                .bind(external_id.unwrap_or(&new_id))
+                .bind(display_name)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+            let existing: i64 = sqlx::query_scalar(taken)
+                .bind(&group_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if existing > 0 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            sqlx::query(insert)
+                .bind(&group_id)
+                .bind(provider)
+                .bind(external_id)
+                .bind(display_name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let none: Vec<String> = Vec::new();
+            let _joined = write_members!(tx, &group_id, members, none, now);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(Some(group_id))
+        }
+        .await)?;
+        created.ok_or_else(|| {
+            StoreError::Conflict("a group with this externalId is already provisioned".into())
+        })
+    }
+
+    /// Updates the SCIM group `group_id` if it is still at `version`: its name (and
+    /// `groups.name`), and its members as `change` says, writing only the difference with a
+    /// reconcile request per person who joined or left. Returns the new version and the number
+    /// of people affected.
+    pub async fn update_scim_group(
+        &self,
+        provider: &str,
+        group_id: &str,
+        version: i64,
+        display_name: &str,
+        change: &MemberChange,
+    ) -> StoreResult<Versioned<(i64, usize)>> {
+        let now = super::now();
+        let update = "UPDATE scim_groups SET display_name = $1, version = version + 1, \
+                      updated_at = $2 WHERE provider = $3 AND group_id = $4 AND version = $5 \
+                      RETURNING version";
+        let rename = "UPDATE groups SET name = $1, updated_at = $2 WHERE id = $3 AND name <> $1";
+        let current = "SELECT user_id FROM user_groups WHERE group_id = $1";
+        Ok(on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let written: Option<i64> = sqlx::query_scalar(update)
+                .bind(display_name)
+                .bind(now)
+                .bind(provider)
+                .bind(group_id)
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(written) = written else {
+                tx.rollback().await?;
+                return Ok(Versioned::Stale);
+            };
+            sqlx::query(rename)
+                .bind(display_name)
+                .bind(now)
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await?;
+            let (add, remove): (Vec<String>, Vec<String>) = match change {
+                MemberChange::Delta { add, remove } => (add.clone(), remove.clone()),
+                MemberChange::Replace(wanted) => {
+                    let held: BTreeSet<String> = sqlx::query_scalar(current)
+                        .bind(group_id)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    let wanted: BTreeSet<String> = wanted.iter().cloned().collect();
+                    (
+                        wanted.difference(&held).cloned().collect(),
+                        held.difference(&wanted).cloned().collect(),
+                    )
+                }
+            };
+            let affected = write_members!(tx, group_id, add, remove, now);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(Versioned::Written((written, affected)))
+        }
+        .await)?)
+    }
+
+    /// Deletes the SCIM group: every member leaves (each with a reconcile request) and the
+    /// SCIM resource goes; the `groups` row stays, as policies may name it. False when there
+    /// was no such SCIM group.
+    pub async fn delete_scim_group(&self, provider: &str, group_id: &str) -> StoreResult<bool> {
+        let now = super::now();
+        let delete = "DELETE FROM scim_groups WHERE provider = $1 AND group_id = $2";
+        let current = "SELECT user_id FROM user_groups WHERE group_id = $1";
+        Ok(on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            let gone = sqlx::query(delete)
+                .bind(provider)
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if gone == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            let held: Vec<String> = sqlx::query_scalar(current)
+                .bind(group_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            let none: Vec<String> = Vec::new();
+            let _left = write_members!(tx, group_id, none, held, now);
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(true)
+        }
+        .await)?)
+    }
+}

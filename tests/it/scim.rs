@@ -1,0 +1,848 @@
+//! SCIM 2.0 provisioning end to end: Okta's and Entra ID's published request sequences over
+//! raw HTTP, an independent SCIM client library (scim2-client, installed by
+//! tests/peers/scim.sh), membership and deactivation reaching an enrolled device as queued
+//! commands, and hostile input refused with a SCIM error and no change.
+
+use std::time::{Duration, Instant};
+
+use plist::Dictionary;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value as Json, json};
+use trustbroker::identity::{Group, Identity};
+use trustbroker::pki::challenge::{self, ChallengeRequest};
+use trustbroker::store::{AccountStatus, UserRecord};
+
+use crate::device::Device;
+use crate::harness::{TestDb, TestServer, peer_env};
+use crate::policy::{drain, engineering, files, types};
+
+const PROVIDER: &str = "corp";
+const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+
+struct Scim<'a> {
+    server: &'a TestServer,
+    token: String,
+}
+
+impl Scim<'_> {
+    async fn send(&self, method: Method, path: &str, body: Option<Json>) -> (StatusCode, Json) {
+        self.send_with(method, path, body, &[]).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Json>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Json) {
+        let mut request = self
+            .server
+            .client
+            .request(method, self.server.url(&format!("/scim/v2{path}")))
+            .bearer_auth(&self.token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/scim+json")
+                .body(body.to_string());
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        if status.is_client_error() || status.is_server_error() {
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(content_type, "application/scim+json", "{status} {path}");
+        }
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Json::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        if status.is_client_error() {
+            assert_eq!(
+                body["schemas"][0], "urn:ietf:params:scim:api:messages:2.0:Error",
+                "{body}"
+            );
+            assert_eq!(body["status"], status.as_u16().to_string(), "{body}");
+        }
+        (status, body)
+    }
+}
+
+async fn scim_client(server: &TestServer, provider: &str) -> String {
+    trustbroker::scim::auth::create(server.store(), provider, "idp", "test")
+        .await
+        .unwrap()
+        .token
+}
+
+/// A device enrolled for `user` and checked in.
+async fn device_for(server: &TestServer, user: &UserRecord) -> Device {
+    let issued = challenge::create(
+        server.store(),
+        Duration::from_secs(600),
+        ChallengeRequest {
+            requested_by: "test".into(),
+            for_user: user.login.clone(),
+            for_device: None,
+            user_id: Some(user.id.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let device = Device::enroll(server, &issued.challenge).await;
+    device.check_in(server).await;
+    device
+}
+
+async fn apply(server: &TestServer, admin: &str, group: &str) {
+    let response = server
+        .client
+        .post(server.url("/api/v1/policies/apply"))
+        .bearer_auth(admin)
+        .json(
+            &json!({"files": files(&[("engineering.yaml", engineering(group, 8, ""))]),
+                      "allow_destructive": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
+
+fn okta_user() -> Json {
+    // Okta's SCIM 2.0 reference: "Create the user".
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": "test.user@okta.local",
+        "name": {"givenName": "Test", "familyName": "User"},
+        "emails": [{"primary": true, "value": "test.user@okta.local", "type": "work"}],
+        "displayName": "Test User",
+        "locale": "en-US",
+        "externalId": "00ujl29u0le5T6Aj10h7",
+        "groups": [],
+        "password": "1mz050nq",
+        "active": true
+    })
+}
+
+#[tokio::test]
+async fn okta_provisioning_reaches_the_device_and_deactivation_removes_what_policy_installed() {
+    for db in TestDb::all().await {
+        let server = TestServer::start_on(&db).await;
+        let admin = server.admin_key("scim-admin", &["admin"]).await;
+        let scim = Scim {
+            server: &server,
+            token: scim_client(&server, PROVIDER).await,
+        };
+
+        // Get by filter, then create (Okta's import and push).
+        let filter =
+            "/Users?filter=userName%20eq%20%22test.user%40okta.local%22&startIndex=1&count=100";
+        let (status, found) = scim.send(Method::GET, filter, None).await;
+        assert_eq!(status, StatusCode::OK, "{found}");
+        assert_eq!(found["totalResults"], 0);
+        assert_eq!(found["Resources"], json!([]));
+        let (status, user) = scim.send(Method::POST, "/Users", Some(okta_user())).await;
+        assert_eq!(status, StatusCode::CREATED, "{}: {user}", db.name());
+        let user_id = user["id"].as_str().unwrap().to_string();
+        assert_eq!(user["userName"], "test.user@okta.local");
+        assert_eq!(user["meta"]["version"], "W/\"1\"");
+        assert!(user.get("password").is_none(), "never stored nor returned");
+        let (status, dup) = scim.send(Method::POST, "/Users", Some(okta_user())).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(dup["scimType"], "uniqueness");
+        let (_, found) = scim.send(Method::GET, filter, None).await;
+        assert_eq!(found["totalResults"], 1);
+        assert_eq!(found["Resources"][0]["id"], user_id.as_str());
+
+        // A sign-in of the same provider with the externalId as subject is the same person.
+        let signed_in = server
+            .store()
+            .record_sign_in(
+                &Identity {
+                    provider: PROVIDER.into(),
+                    subject: "00ujl29u0le5T6Aj10h7".into(),
+                    login: Some("test.user@okta.local".into()),
+                    email: Some("test.user@okta.local".into()),
+                    display_name: Some("Test User".into()),
+                    groups: Vec::<Group>::new(),
+                },
+                "sign-in",
+            )
+            .await
+            .unwrap();
+        assert_eq!(signed_in.id, user_id, "{}", db.name());
+        let device = device_for(&server, &signed_in).await;
+
+        // Okta creates the group without an externalId: its SCIM id is the stable ID policies
+        // target.
+        let (status, group) = scim
+            .send(
+                Method::POST,
+                "/Groups",
+                Some(
+                    json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                            "displayName": "Test SCIMv2", "members": []}),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{group}");
+        let group_id = group["id"].as_str().unwrap().to_string();
+        apply(&server, &admin, &group_id).await;
+        assert_eq!(device.idle(&server).await, None, "not a member yet");
+
+        // Okta pushes the membership: the device is offered the policy within seconds.
+        let started = Instant::now();
+        let (status, body) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Groups/{group_id}"),
+                Some(json!({"schemas": [PATCH_SCHEMA], "Operations": [{"op": "add", "path": "members",
+                    "value": [{"value": user_id, "display": "test.user@okta.local"}]}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let offered = drain(&server, &device, |_| Dictionary::new()).await;
+        assert_eq!(
+            types(&offered),
+            ["InstallApplication", "InstallProfile"],
+            "{}",
+            db.name()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Okta renames with the id alongside: the same group, nothing to send.
+        let (status, _) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Groups/{group_id}"),
+                Some(
+                    json!({"schemas": [PATCH_SCHEMA], "Operations": [{"op": "replace",
+                    "value": {"id": group_id, "displayName": "Test SCIMv2 renamed"}}]}),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, read) = scim
+            .send(Method::GET, &format!("/Groups/{group_id}"), None)
+            .await;
+        assert_eq!(read["displayName"], "Test SCIMv2 renamed");
+        assert_eq!(read["members"][0]["value"], user_id.as_str());
+        assert_eq!(read["meta"]["version"], "W/\"3\"");
+
+        // Deactivate (Okta): the person is disabled and what policy installed is removed.
+        let (status, patched) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Users/{user_id}"),
+                Some(json!({"schemas": [PATCH_SCHEMA],
+                            "Operations": [{"op": "replace", "value": {"active": false}}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{patched}");
+        assert_eq!(patched["active"], false);
+        let status_now = server.store().directory_users(PROVIDER).await.unwrap();
+        assert_eq!(status_now[0].status, AccountStatus::Disabled);
+        let removed = drain(&server, &device, |_| Dictionary::new()).await;
+        assert!(
+            types(&removed).contains(&"RemoveProfile"),
+            "{}: {:?}",
+            db.name(),
+            types(&removed)
+        );
+
+        // Delete: the person is marked deleted; the row and the device stay.
+        let (status, _) = scim
+            .send(Method::DELETE, &format!("/Users/{user_id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = scim
+            .send(Method::GET, &format!("/Users/{user_id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(server.store().user(&user_id).await.unwrap().is_some());
+        assert_eq!(server.store().devices_of(&user_id).await.unwrap().len(), 1);
+        let audit = server
+            .get_json("/api/v1/audit?action=scim.user.delete", Some(&admin))
+            .await;
+        assert_eq!(audit["entries"].as_array().unwrap().len(), 1, "{audit}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn entra_patch_shapes_membership_batches_and_etags() {
+    for db in TestDb::all().await {
+        let server = TestServer::start_on(&db).await;
+        let scim = Scim {
+            server: &server,
+            token: scim_client(&server, PROVIDER).await,
+        };
+        // Entra ID's "Create User" request (its SCIM validator's sample).
+        let (status, user) = scim
+            .send(
+                Method::POST,
+                "/Users",
+                Some(json!({
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                                "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+                    "externalId": "0a21f0f2-8d2a-4f8e-bf98-7363c4aed4ef",
+                    "userName": "Test_User_ab6490ee-1e48-479e-a20b-2d77186b5dd1",
+                    "active": true,
+                    "emails": [{"primary": true, "type": "work",
+                                "value": "Test_User_fd0ea19b-0777-472c-9f96-4f70d2226f2e@testuser.com"}],
+                    "meta": {"resourceType": "User"},
+                    "name": {"formatted": "givenName familyName", "familyName": "familyName",
+                             "givenName": "givenName"},
+                    "roles": []
+                })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{}: {user}", db.name());
+        let user_id = user["id"].as_str().unwrap().to_string();
+        let (_, found) = scim
+            .send(
+                Method::GET,
+                "/Users?filter=userName+eq+%22Test_User_ab6490ee-1e48-479e-a20b-2d77186b5dd1%22",
+                None,
+            )
+            .await;
+        assert_eq!(found["totalResults"], 1);
+
+        // Entra's PATCH: capitalised ops, a filtered path, a sub-attribute, "False".
+        let (status, patched) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Users/{user_id}"),
+                Some(json!({"schemas": [PATCH_SCHEMA], "Operations": [
+                    {"op": "Replace", "path": "emails[type eq \"work\"].value",
+                     "value": "updatedEmail@microsoft.com"},
+                    {"op": "Replace", "path": "name.familyName", "value": "updatedFamilyName"},
+                    {"op": "Add", "path": "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department",
+                     "value": "Engineering"},
+                    {"op": "Replace", "path": "active", "value": "False"}
+                ]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{patched}");
+        assert_eq!(patched["emails"][0]["value"], "updatedEmail@microsoft.com");
+        assert_eq!(patched["name"]["familyName"], "updatedFamilyName");
+        assert_eq!(patched["active"], false);
+        assert_eq!(
+            patched["urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"]["department"],
+            "Engineering"
+        );
+        let person = server.store().user(&user_id).await.unwrap().unwrap();
+        assert_eq!(person.email.as_deref(), Some("updatedEmail@microsoft.com"));
+        let (_, attrs) = scim
+            .send(
+                Method::GET,
+                &format!("/Users/{user_id}?attributes=userName,emails.value"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            attrs["emails"],
+            json!([{"value": "updatedEmail@microsoft.com"}])
+        );
+        assert!(
+            attrs.get("name").is_none() && attrs.get("id").is_some(),
+            "{attrs}"
+        );
+
+        // If-Match: a stale version is refused, the current one accepted.
+        let version = patched["meta"]["version"].as_str().unwrap().to_string();
+        let replacement = json!({"userName": "Test_User_ab6490ee-1e48-479e-a20b-2d77186b5dd1",
+                                 "externalId": "0a21f0f2-8d2a-4f8e-bf98-7363c4aed4ef", "active": true});
+        let (status, _) = scim
+            .send_with(
+                Method::PUT,
+                &format!("/Users/{user_id}"),
+                Some(replacement.clone()),
+                &[("if-match", "W/\"1\"")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+        let (status, put) = scim
+            .send_with(
+                Method::PUT,
+                &format!("/Users/{user_id}"),
+                Some(replacement),
+                &[("if-match", &version)],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{put}");
+        assert_eq!(put["active"], true);
+
+        // Members: thousands in one batch, Entra's add and both remove shapes.
+        let mut others = Vec::new();
+        for i in 0..30 {
+            let (_, u) = scim
+                .send(
+                    Method::POST,
+                    "/Users",
+                    Some(json!({"userName": format!("member{i}@x"),
+                                                          "externalId": format!("m{i}")})),
+                )
+                .await;
+            others.push(u["id"].as_str().unwrap().to_string());
+        }
+        let (status, group) = scim
+            .send(
+                Method::POST,
+                "/Groups",
+                Some(
+                    json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                            "externalId": "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159",
+                            "displayName": "displayName", "meta": {"resourceType": "Group"}}),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{group}");
+        let group_id = group["id"].as_str().unwrap().to_string();
+        let value: Vec<Json> = others.iter().map(|id| json!({"value": id})).collect();
+        let (status, _) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Groups/{group_id}"),
+                Some(json!({"schemas": [PATCH_SCHEMA], "Operations": [
+                    {"name": "addMember", "op": "Add", "path": "members", "value": value},
+                    {"name": "addMember", "op": "Add", "path": "members",
+                     "value": [{"displayName": "new member", "value": user_id}]}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let memberships = server.store().memberships(&user_id).await.unwrap();
+        assert_eq!(memberships.len(), 1);
+        assert_eq!(
+            memberships[0].external_id,
+            "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159"
+        );
+        assert_eq!(memberships[0].source, "scim");
+        let (_, lean) = scim
+            .send(
+                Method::GET,
+                &format!("/Groups/{group_id}?excludedAttributes=members"),
+                None,
+            )
+            .await;
+        assert!(lean.get("members").is_none(), "{lean}");
+        let (_, full) = scim
+            .send(Method::GET, &format!("/Groups/{group_id}"), None)
+            .await;
+        assert_eq!(full["members"].as_array().unwrap().len(), 31);
+        let (_, listed) = scim
+            .send(
+                Method::GET,
+                "/Groups?filter=displayName%20eq%20%22displayName%22&excludedAttributes=members",
+                None,
+            )
+            .await;
+        assert_eq!(listed["totalResults"], 1);
+        assert!(listed["Resources"][0].get("members").is_none());
+        // Remove: Entra's value list, and the members[value eq "…"] path.
+        let (status, _) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Groups/{group_id}"),
+                Some(json!({"schemas": [PATCH_SCHEMA], "Operations": [
+                    {"name": "removeMember", "op": "Remove", "path": "members",
+                     "value": [{"value": user_id}]},
+                    {"op": "Remove", "path": format!("members[value eq \"{}\"]", others[0])}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(
+            server
+                .store()
+                .memberships(&user_id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let (_, full) = scim
+            .send(Method::GET, &format!("/Groups/{group_id}"), None)
+            .await;
+        assert_eq!(full["members"].as_array().unwrap().len(), 29);
+        // Delete the group: everyone leaves; the groups row (a policy target) stays.
+        let (status, _) = scim
+            .send(Method::DELETE, &format!("/Groups/{group_id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(
+            server
+                .store()
+                .memberships(&others[1])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn hostile_input_is_refused_with_scim_errors_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let scim = Scim {
+        server: &server,
+        token: scim_client(&server, PROVIDER).await,
+    };
+    let other = Scim {
+        server: &server,
+        token: scim_client(&server, "other-idp").await,
+    };
+    let (_, user) = scim
+        .send(
+            Method::POST,
+            "/Users",
+            Some(json!({"userName": "victim@x", "externalId": "v1",
+                                                  "favouriteColour": "blue"})),
+        )
+        .await;
+    let user_id = user["id"].as_str().unwrap().to_string();
+    assert!(
+        user.get("favouriteColour").is_none(),
+        "unknown attributes are ignored"
+    );
+    let (_, group) = scim
+        .send(
+            Method::POST,
+            "/Groups",
+            Some(json!({"displayName": "g", "externalId": "g1",
+                                                   "members": [{"value": user_id}]})),
+        )
+        .await;
+    let group_id = group["id"].as_str().unwrap().to_string();
+    let unchanged = |resource: &Json| resource["meta"]["version"] == "W/\"1\"";
+
+    // Without a token, with a wrong one, with a revoked one: 401.
+    for token in ["", "tbs_000000000000_nope", "Basic abc"] {
+        let bad = Scim {
+            server: &server,
+            token: token.to_string(),
+        };
+        let (status, _) = bad.send(Method::GET, "/Users", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token}");
+    }
+    // An admin key is no SCIM token.
+    let admin = server.admin_key("not-scim", &["admin"]).await;
+    let (status, _) = Scim {
+        server: &server,
+        token: admin,
+    }
+    .send(Method::GET, "/Users", None)
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Another provider's client sees nothing and changes nothing.
+    let (_, listed) = other.send(Method::GET, "/Users", None).await;
+    assert_eq!(listed["totalResults"], 0);
+    for (method, path, body) in [
+        (Method::GET, format!("/Users/{user_id}"), None),
+        (
+            Method::PATCH,
+            format!("/Users/{user_id}"),
+            Some(json!({"Operations": [{"op": "replace", "value": {"active": false}}]})),
+        ),
+        (
+            Method::PUT,
+            format!("/Users/{user_id}"),
+            Some(json!({"userName": "taken@x"})),
+        ),
+        (Method::DELETE, format!("/Users/{user_id}"), None),
+        (
+            Method::PATCH,
+            format!("/Groups/{group_id}"),
+            Some(
+                json!({"Operations": [{"op": "replace", "path": "displayName", "value": "pwned"}]}),
+            ),
+        ),
+        (Method::DELETE, format!("/Groups/{group_id}"), None),
+    ] {
+        let (status, _) = other.send(method.clone(), &path, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+    // Nor can it add our user to its own group.
+    let (status, err) = other
+        .send(
+            Method::POST,
+            "/Groups",
+            Some(json!({"displayName": "x", "members": [{"value": user_id}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["scimType"], "invalidValue");
+
+    // Filters: injection attempts are parse errors or match nothing.
+    for filter in [
+        "userName%20eq%20%22x%22%20or%201%3D1",
+        "userName%20eq%20%22x%22%3B%20DROP%20TABLE%20users",
+        "userName%20eq",
+    ] {
+        let (status, err) = scim
+            .send(Method::GET, &format!("/Users?filter={filter}"), None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{filter}");
+        assert_eq!(err["scimType"], "invalidFilter");
+    }
+    let (_, none) = scim
+        .send(
+            Method::GET,
+            "/Users?filter=userName%20eq%20%22x%5C%22)%20or%20(1%3D1%22",
+            None,
+        )
+        .await;
+    assert_eq!(none["totalResults"], 0);
+    let long = "a".repeat(2000);
+    let (status, _) = scim
+        .send(
+            Method::GET,
+            &format!("/Users?filter=userName%20eq%20%22{long}%22"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // PATCH: an invalid path, a bad value, too many members, too big a body.
+    for (body, want, scim_type) in [
+        (
+            json!({"Operations": [{"op": "replace", "path": "favouriteColour", "value": "x"}]}),
+            StatusCode::BAD_REQUEST,
+            "invalidPath",
+        ),
+        (
+            json!({"Operations": [{"op": "replace", "path": "emails[type eq", "value": "x"}]}),
+            StatusCode::BAD_REQUEST,
+            "invalidPath",
+        ),
+        (
+            json!({"Operations": [{"op": "replace", "path": "active", "value": "perhaps"}]}),
+            StatusCode::BAD_REQUEST,
+            "invalidValue",
+        ),
+        (
+            json!({"Operations": [{"op": "replace", "path": "userName", "value": ""}]}),
+            StatusCode::BAD_REQUEST,
+            "invalidValue",
+        ),
+    ] {
+        let (status, err) = scim
+            .send(Method::PATCH, &format!("/Users/{user_id}"), Some(body))
+            .await;
+        assert_eq!(
+            (status, err["scimType"].as_str().unwrap()),
+            (want, scim_type),
+            "{err}"
+        );
+    }
+    let many: Vec<Json> = (0..10_001)
+        .map(|i| json!({"value": format!("{i:08}")}))
+        .collect();
+    let (status, err) = scim
+        .send(
+            Method::PATCH,
+            &format!("/Groups/{group_id}"),
+            Some(json!({"Operations": [{"op": "add", "path": "members", "value": many}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    let huge = json!({"userName": "x", "title": "a".repeat(1_100_000)});
+    let (status, _) = scim.send(Method::POST, "/Users", Some(huge)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, err) = scim
+        .send(Method::PATCH, &format!("/Groups/{group_id}"),
+              Some(json!({"Operations": [{"op": "add", "path": "members", "value": [{"value": "nobody"}]}]})))
+        .await;
+    assert_eq!(
+        (status, err["scimType"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalidValue"))
+    );
+    let (status, err) = scim
+        .send(
+            Method::PATCH,
+            &format!("/Groups/{group_id}"),
+            Some(
+                json!({"Operations": [{"op": "replace", "path": "externalId", "value": "moved"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status, err["scimType"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("mutability"))
+    );
+    let (status, err) = scim
+        .send(Method::POST, "/Users", Some(json!("not an object")))
+        .await;
+    assert_eq!(
+        (status, err["scimType"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalidSyntax"))
+    );
+
+    // Nothing changed.
+    let (_, user) = scim
+        .send(Method::GET, &format!("/Users/{user_id}"), None)
+        .await;
+    assert!(unchanged(&user), "{user}");
+    assert_eq!(user["active"], true);
+    let (_, group) = scim
+        .send(Method::GET, &format!("/Groups/{group_id}"), None)
+        .await;
+    assert!(unchanged(&group), "{group}");
+    assert_eq!(group["displayName"], "g");
+    assert_eq!(group["members"].as_array().unwrap().len(), 1);
+
+    // Revoked: refused from then on.
+    let id = scim.token.split('_').nth(1).unwrap();
+    trustbroker::scim::auth::revoke(server.store(), id)
+        .await
+        .unwrap();
+    let (status, _) = scim.send(Method::GET, "/Users", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn discovery_endpoints_describe_the_service() {
+    let server = TestServer::start().await;
+    let scim = Scim {
+        server: &server,
+        token: scim_client(&server, PROVIDER).await,
+    };
+    let (status, config) = scim.send(Method::GET, "/ServiceProviderConfig", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(config["patch"]["supported"], true);
+    assert_eq!(config["etag"]["supported"], true);
+    let (_, types) = scim.send(Method::GET, "/ResourceTypes", None).await;
+    assert_eq!(types["totalResults"], 2);
+    let (_, schemas) = scim.send(Method::GET, "/Schemas", None).await;
+    assert_eq!(schemas["totalResults"], 3);
+    let (status, _) = scim.send(Method::GET, "/Nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_independent_scim_client_library_provisions_and_deactivates() {
+    let Some(driver) = peer_env("TRUSTBROKER_TEST_SCIM_CLIENT") else {
+        return;
+    };
+    let server = TestServer::start().await;
+    let token = scim_client(&server, PROVIDER).await;
+    let cert = server.server.as_ref().unwrap().tls_cert_path.clone();
+    let python = std::path::Path::new(&driver).with_file_name("venv/bin/python");
+    let output = tokio::process::Command::new(python)
+        .arg(&driver)
+        .arg(&server.base)
+        .arg(&token)
+        .arg(&cert)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "driver failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ids: Json = serde_json::from_slice(&output.stdout).unwrap();
+    let user_id = ids["user_id"].as_str().unwrap();
+    let person = server.store().user(user_id).await.unwrap().unwrap();
+    assert_eq!(person.subject, "py-subject-1");
+    let users = server.store().directory_users(PROVIDER).await.unwrap();
+    assert_eq!(users[0].status, AccountStatus::Disabled);
+    let memberships = server.store().memberships(user_id).await.unwrap();
+    assert_eq!(memberships[0].external_id, "py-group-ext");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn scim_clients_from_the_command_line_are_audited_and_revocable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("trustbroker.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{}\"\n[idp.okta]\ntype = \"oidc\"\nissuer = \"https://okta.example\"\nclient_id = \"c\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let (ok, _, err) = crate::harness::run_cli(
+        &[
+            "--config",
+            config,
+            "scim-client",
+            "create",
+            "--provider",
+            "nobody",
+        ],
+        &[],
+    );
+    assert!(
+        !ok && err.contains("no identity provider 'nobody'"),
+        "{err}"
+    );
+    let (ok, out, err) = crate::harness::run_cli(
+        &[
+            "--config",
+            config,
+            "scim-client",
+            "create",
+            "--provider",
+            "okta",
+            "--name",
+            "okta-scim",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let token = out.lines().last().unwrap().trim().to_string();
+    assert!(token.starts_with("tbs_"), "{out}");
+    let id = token.split('_').nth(1).unwrap().to_string();
+    let (ok, out, _) = crate::harness::run_cli(&["--config", config, "scim-client", "list"], &[]);
+    assert!(
+        ok && out.contains(&id) && out.contains("okta-scim") && out.contains("active"),
+        "{out}"
+    );
+    assert!(!out.contains(&token), "never the secret");
+    let (ok, out, err) =
+        crate::harness::run_cli(&["--config", config, "scim-client", "revoke", &id], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let (ok, _, _) =
+        crate::harness::run_cli(&["--config", config, "scim-client", "revoke", &id], &[]);
+    assert!(!ok, "revoked once only");
+    let store = trustbroker::store::Store::open_sqlite(&dir.path().join("trustbroker.db"), 1)
+        .await
+        .unwrap();
+    let actions: Vec<String> = store
+        .list_audit(&trustbroker::store::AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| format!("{} {}", e.action, e.outcome))
+        .collect();
+    for want in [
+        "scim-client.create success",
+        "scim-client.revoke success",
+        "scim-client.revoke failure",
+    ] {
+        assert!(actions.iter().any(|a| a == want), "{want}: {actions:?}");
+    }
+}
