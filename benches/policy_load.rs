@@ -687,6 +687,11 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let in_order: Vec<String> = latencies.iter().map(|ms| format!("{ms:.0}")).collect();
+    eprintln!(
+        "one person, every sample in order (ms): {}",
+        in_order.join(" ")
+    );
     latencies.sort_by(f64::total_cmp);
     sign_ins.sort_by(f64::total_cmp);
     eprintln!(
@@ -698,8 +703,6 @@ async fn main() -> anyhow::Result<()> {
         latencies.last().copied().unwrap_or(f64::NAN),
         latencies.len()
     );
-    let all: Vec<String> = latencies.iter().map(|ms| format!("{ms:.0}")).collect();
-    eprintln!("one person, every sample (ms): {}", all.join(" "));
     let (rss_end, peak_end) = memory_mib();
     eprintln!(
         "RSS: {rss_start:.0} MiB after generation; peak {peak_fleet:.0} MiB (fleet), \

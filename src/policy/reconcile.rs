@@ -650,6 +650,10 @@ impl Reconciler {
                 return Ok(served);
             }
             served += requests.len();
+            // The set in force is read after the claim: an apply records its version and its
+            // request in one transaction, so a request claimed here (or on another node) before
+            // this node's poller saw the version must still be served with that version.
+            self.refresh().await?;
             let mut full = false;
             let mut users = BTreeSet::new();
             let mut devices = BTreeSet::new();
