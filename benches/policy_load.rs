@@ -516,7 +516,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
+    anyhow::ensure!(
+        (1..=5_000_000).contains(&args.devices),
+        "--devices must be between 1 and 5,000,000"
+    );
+    // Each person is timed once: a second sign-in with the same groups changes nothing.
+    anyhow::ensure!(
+        args.people <= args.devices,
+        "--people must not exceed --devices"
+    );
     trustbroker::telemetry::init_logging(trustbroker::config::LogFormat::Human, &args.log);
     println!(
         "| server | devices | generate s | apply (plan) s | all queued s | devices/s | \
