@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
@@ -26,7 +26,9 @@ use super::error::ApiError;
 use super::observe::REQUEST_ID_HEADER;
 use crate::audit::{self, UnauthenticatedBudget};
 use crate::store::{NewAuditEntry, Store};
-use crate::tokens::shared::{AuthenticatedClient, TokenOutcome, TokenService, ValidationError};
+use crate::tokens::shared::{
+    AuthenticatedClient, DeviceAnswer, TokenOutcome, TokenService, ValidationError,
+};
 
 pub const TOKENS_PATH: &str = "/validate/v1/tokens";
 /// A token, a device ID and JSON punctuation fit many times over.
@@ -72,16 +74,13 @@ struct ValidateBody {
 
 async fn validate_token(State(state): State<ValidateState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    // Kept raw: turned into text only for an audit record (refusals), not on every request.
     let origin = Origin {
-        request_id: parts
-            .headers
-            .get(&REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(|id| audit::truncated(id, 128)),
-        source: parts
+        request_id: parts.headers.get(&REQUEST_ID_HEADER).cloned(),
+        peer: parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string()),
+            .map(|ConnectInfo(addr)| *addr),
     };
     let Some((client_id, secret)) = basic_credentials(&parts.headers) else {
         // Nothing was attempted in anyone's name: not audited.
@@ -119,24 +118,38 @@ async fn validate_token(State(state): State<ValidateState>, request: Request) ->
         .await
     {
         Ok(validation) if validation.outcome == TokenOutcome::Active => {
-            let mut answer = json!({"active": true, "integration": client.integration});
-            if let (Some(device), Some(object)) = (validation.device, answer.as_object_mut()) {
-                object.insert("device".into(), json!(device));
-            }
+            let answer = Active {
+                active: true,
+                integration: &client.integration,
+                device: validation.device,
+            };
             no_store(axum::Json(answer).into_response())
         }
         Ok(validation) => {
             audit_inactive(&state, &origin, &client, validation.outcome);
-            no_store(axum::Json(json!({"active": false})).into_response())
+            no_store(axum::Json(Inactive { active: false }).into_response())
         }
         Err(err) => refused(&state, &origin, &client_id, err),
     }
 }
 
+#[derive(Serialize)]
+struct Active<'a> {
+    active: bool,
+    integration: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<DeviceAnswer>,
+}
+
+#[derive(Serialize)]
+struct Inactive {
+    active: bool,
+}
+
 /// Where a request came from, for audit records.
 struct Origin {
-    request_id: Option<String>,
-    source: Option<String>,
+    request_id: Option<HeaderValue>,
+    peer: Option<SocketAddr>,
 }
 
 impl Origin {
@@ -146,8 +159,12 @@ impl Origin {
             action: "token.validate".into(),
             outcome: outcome.into(),
             detail: Some(detail.to_string()),
-            request_id: self.request_id.clone(),
-            source: self.source.clone(),
+            request_id: self
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(|id| audit::truncated(id, 128)),
+            source: self.peer.map(|addr| addr.ip().to_string()),
             ..Default::default()
         }
     }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -259,6 +259,14 @@ pub enum TokenOutcome {
 }
 
 impl TokenOutcome {
+    pub const ALL: [TokenOutcome; 5] = [
+        TokenOutcome::Active,
+        TokenOutcome::Unknown,
+        TokenOutcome::Scheduled,
+        TokenOutcome::Expired,
+        TokenOutcome::Malformed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TokenOutcome::Active => "active",
@@ -754,16 +762,18 @@ impl TokenService {
             validate_device_id(device)?;
         }
         let index = self.fresh_index().await?;
-        let outcome = if well_formed(token) {
-            let hash = keyed_hash(&self.inner.lookup, token);
-            index
-                .integrations
-                .get(&client.integration)
-                .map_or(TokenOutcome::Unknown, |i| i.check(&hash, Utc::now()))
-        } else {
-            TokenOutcome::Malformed
+        let integration = index.integrations.get(&client.integration);
+        let outcome = match integration {
+            _ if !well_formed(token) => TokenOutcome::Malformed,
+            Some(integration) => {
+                integration.check(&keyed_hash(&self.inner.lookup, token), Utc::now())
+            }
+            None => TokenOutcome::Unknown,
         };
-        count_validation(&client.integration, outcome.as_str());
+        match integration {
+            Some(integration) => integration.count(outcome),
+            None => count_validation(&client.integration, outcome.as_str()),
+        }
         let device = match (outcome, device) {
             (TokenOutcome::Active, Some(device)) => Some(
                 self.inner
@@ -942,6 +952,10 @@ struct Index {
 
 struct IntegrationIndex {
     record: IntegrationRecord,
+    /// `trustbroker_token_validations_total` for this integration, per [`TokenOutcome`]:
+    /// made at first use (the metrics recorder exists by then), so that counting a
+    /// validation neither allocates its labels nor looks them up.
+    counters: [OnceLock<metrics::Counter>; TokenOutcome::ALL.len()],
     /// Live tokens (not revoked, not expired when loaded) by keyed hash.
     by_hash: HashMap<[u8; 32], Window>,
     /// The same tokens with their values, newest first, for delivery.
@@ -975,6 +989,7 @@ impl Index {
             .map(|record| {
                 let index = IntegrationIndex {
                     record,
+                    counters: Default::default(),
                     by_hash: HashMap::new(),
                     newest_first: Vec::new(),
                 };
@@ -1068,6 +1083,22 @@ impl Index {
 }
 
 impl IntegrationIndex {
+    fn count(&self, outcome: TokenOutcome) {
+        let slot = TokenOutcome::ALL.iter().position(|o| *o == outcome);
+        match slot.and_then(|i| self.counters.get(i)) {
+            Some(counter) => counter
+                .get_or_init(|| {
+                    metrics::counter!(
+                        "trustbroker_token_validations_total",
+                        "integration" => self.record.name.clone(),
+                        "outcome" => outcome.as_str()
+                    )
+                })
+                .increment(1),
+            None => count_validation(&self.record.name, outcome.as_str()),
+        }
+    }
+
     /// The keyed hash was found by a hash-map lookup: its timing depends on a value an
     /// attacker cannot compute without the lookup key, so it tells nothing about the token.
     fn check(&self, hash: &[u8; 32], at: DateTime<Utc>) -> TokenOutcome {
