@@ -37,6 +37,10 @@ struct Args {
     /// Name a device in each request (UDID of no enrolled device: one indexed read).
     #[arg(long)]
     device: bool,
+    /// Send `GET /healthz` instead (the same server, middleware and connections; a handler that
+    /// does nothing): the stack's own ceiling, to compare validation with.
+    #[arg(long)]
+    baseline: bool,
     /// The broker's log filter (info is what a deployment runs).
     #[arg(long, default_value = "info")]
     log: String,
@@ -155,6 +159,15 @@ async fn start(data_dir: &tempfile::TempDir, args: &Args) -> anyhow::Result<Setu
         .into_bytes()
     };
     let valid_token = values.last().context("a token")?;
+    if args.baseline {
+        let health = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+        return Ok(Setup {
+            valid: health.clone(),
+            invalid: health,
+            server,
+            addr,
+        });
+    }
     Ok(Setup {
         valid: request(valid_token),
         invalid: request(&format!("{}x", &valid_token[1..])),
@@ -182,13 +195,22 @@ async fn run_level(setup: &Setup, args: &Args, connections: usize) -> anyhow::Re
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    let load = Arc::new(Load {
+        addr: setup.addr,
+        valid: setup.valid.clone(),
+        invalid: setup.invalid.clone(),
+        invalid_percent: if args.baseline {
+            0
+        } else {
+            args.invalid_percent
+        },
+        baseline: args.baseline,
+        measuring: measuring.clone(),
+        stop: stop.clone(),
+    });
     for n in 0..connections {
-        let (addr, valid, invalid) = (setup.addr, setup.valid.clone(), setup.invalid.clone());
-        let (measuring, stop) = (measuring.clone(), stop.clone());
-        let invalid_percent = args.invalid_percent;
-        tasks.push(tokio::spawn(async move {
-            connection(addr, valid, invalid, invalid_percent, n, measuring, stop).await
-        }));
+        let load = load.clone();
+        tasks.push(tokio::spawn(async move { connection(&load, n).await }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     measuring.store(true, Ordering::Release);
@@ -227,17 +249,30 @@ async fn run_level(setup: &Setup, args: &Args, connections: usize) -> anyhow::Re
     })
 }
 
-/// One keep-alive connection sending requests back to back; latencies in microseconds of
-/// the measured window, and how many answers were `active: false`.
-async fn connection(
+/// What every connection of a level sends, and the switches they watch.
+struct Load {
     addr: std::net::SocketAddr,
     valid: Vec<u8>,
     invalid: Vec<u8>,
     invalid_percent: u32,
-    n: usize,
+    baseline: bool,
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<(Vec<u32>, usize)> {
+}
+
+/// One keep-alive connection sending requests back to back; latencies in microseconds of
+/// the measured window, and how many answers were `active: false`.
+async fn connection(load: &Load, n: usize) -> anyhow::Result<(Vec<u32>, usize)> {
+    let Load {
+        addr,
+        valid,
+        invalid,
+        invalid_percent,
+        baseline,
+        measuring,
+        stop,
+    } = load;
+    let (invalid_percent, baseline) = (*invalid_percent, *baseline);
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let mut buffer = vec![0u8; 4096];
@@ -247,10 +282,10 @@ async fn connection(
     while !stop.load(Ordering::Acquire) {
         sent += 1;
         let bad = invalid_percent > 0 && sent % 100 < u64::from(invalid_percent);
-        let request = if bad { &invalid } else { &valid };
+        let request = if bad { invalid } else { valid };
         let started = Instant::now();
         stream.write_all(request).await?;
-        let active = read_response(&mut stream, &mut buffer).await?;
+        let active = read_response(&mut stream, &mut buffer).await? || baseline;
         let took = started.elapsed();
         anyhow::ensure!(active != bad, "unexpected answer (active: {active})");
         if measuring.load(Ordering::Acquire) {
