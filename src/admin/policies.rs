@@ -295,7 +295,7 @@ async fn device_state(
         .collect();
     let device = crate::policy::state::device_state(
         &state.store,
-        &active.set,
+        &state.reconciler.compiled(),
         active.version,
         &udid,
         lead,

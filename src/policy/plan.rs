@@ -133,7 +133,7 @@ pub async fn plan(
 ) -> Result<Plan, ReconcileError> {
     reconciler.refresh().await?;
     let active = reconciler.active().get();
-    let current = CompiledSet::new(&active.set);
+    let current = reconciler.compiled();
     let next = CompiledSet::new(candidate);
     let mut per_policy: BTreeMap<String, PolicyPlan> = BTreeMap::new();
     for policy in candidate.policies.iter() {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::desired::{CompiledSet, Content, Desired, TokenValues};
 use super::diff::{self, Decision, Send};
 use super::model::Variable;
-use super::{Active, ActivePolicies, GroupRef, PolicySet, ReconcileWake};
+use super::{Active, ActivePolicies, GroupRef, ReconcileWake};
 use crate::apple::apns::Pusher;
 use crate::apple::commands::Command;
 use crate::apple::enrollment::ProfileService;
@@ -179,7 +179,7 @@ impl Reconciler {
     }
 
     /// The policy set in force, compiled (once per version).
-    fn compiled(&self) -> Arc<CompiledSet> {
+    pub(crate) fn compiled(&self) -> Arc<CompiledSet> {
         let active = self.inner.active.get();
         let mut slot = match self.inner.compiled.lock() {
             Ok(slot) => slot,
@@ -881,9 +881,4 @@ pub fn encode_files(files: &BTreeMap<String, Vec<u8>>) -> String {
         })
         .collect();
     serde_json::to_string(&map).unwrap_or_default()
-}
-
-/// A set that is empty (no policies): what is in force before the first apply.
-pub fn empty_set() -> PolicySet {
-    PolicySet::default()
 }

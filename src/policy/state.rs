@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::GroupRef;
 use super::desired::{CompiledSet, TokenValues};
 use super::diff::{ReportedProfiles, group_label};
 use super::model::Variable;
-use super::{GroupRef, PolicySet};
 use crate::store::{
     ChannelStatus, CommandStatus, DeviceTarget, HeldToken, ItemAction, ItemKind, ManagedItemRow,
     Store, StoreResult, TargetScope,
@@ -48,7 +48,7 @@ pub struct DeviceState {
 /// has that UDID.
 pub async fn device_state(
     store: &Store,
-    set: &PolicySet,
+    compiled: &CompiledSet,
     version: i64,
     udid: &str,
     renewal_lead: chrono::Duration,
@@ -71,7 +71,6 @@ pub async fn device_state(
             .collect(),
         None => BTreeSet::new(),
     };
-    let compiled = CompiledSet::new(set);
     let tokens = TokenValues {
         shared: shared_tokens.clone(),
         device: BTreeMap::new(),
