@@ -42,6 +42,9 @@ pub struct ListenerGate {
 
 impl ListenerGate {
     pub fn new(listener: &'static str, max: usize) -> ListenerGate {
+        // Exported from the start at zero, so rate() and alerts see the first refusal.
+        metrics::counter!("trustbroker_connections_refused_total", "listener" => listener)
+            .increment(0);
         ListenerGate {
             listener,
             max,

@@ -37,8 +37,18 @@ struct Cli {
 enum Command {
     /// Run the server (HTTPS, plus plain HTTP with --http-listen).
     Serve,
-    /// Bring the database schema up to date and exit.
-    Migrate,
+    /// Bring the database schema up to date and exit; with --check, only say where it stands.
+    Migrate {
+        /// Change nothing: print whether the database is behind, equal to or ahead of this
+        /// binary's migrations (exit 0 equal, 10 behind, 11 ahead, 12 diverged).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Write a consistent copy of the serving SQLite database to FILE (PostgreSQL: pg_dump).
+    Backup {
+        /// Where to write the copy; must not exist yet.
+        file: std::path::PathBuf,
+    },
     /// Manage admin API keys.
     #[command(subcommand)]
     AdminKey(AdminKeyCommand),
@@ -370,14 +380,55 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         // Policy runs end in more than success or failure (refused, invalid files).
         Command::Policy(cmd) => policy(cmd, config).await,
+        Command::Migrate { check: true } => migrate_check(config).await,
         other => run_to_end(other, config).await.map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// `migrate --check`: where the schema stands, as text and as the exit code.
+async fn migrate_check(config: Config) -> anyhow::Result<ExitCode> {
+    if let trustbroker::config::Database::Sqlite { path } = &config.database
+        && !path.exists()
+    {
+        // Opening would create it: a check changes nothing.
+        println!("behind: there is no database at {} yet", path.display());
+        return Ok(ExitCode::from(10));
+    }
+    let store = server::connect_store(&config).await?;
+    let status = store.schema_status().await?;
+    println!("{} ({})", status.describe(), store.backend().as_str());
+    Ok(ExitCode::from(status.exit_code()))
+}
+
+async fn backup(file: &std::path::Path, config: Config) -> anyhow::Result<()> {
+    let store = server::connect_store(&config).await?;
+    let report = store.backup_sqlite(file).await?;
+    let key = match &config.secret_key {
+        trustbroker::config::SecretKeySource::File(path) => {
+            format!("the master key file {}", path.display())
+        }
+        trustbroker::config::SecretKeySource::Value(_) => {
+            "the master key (TRUSTBROKER_SECRET_KEY)".to_string()
+        }
+    };
+    println!(
+        "backed up {} bytes to {}",
+        report.bytes,
+        report.path.display()
+    );
+    eprintln!(
+        "note: the CA key, the push key, tokens and other sealed secrets in this copy can only \
+         be read with {key}; it is not in the backup. Keep a copy of the key apart from the \
+         backup (docs/operations.md, \"Backups\")."
+    );
+    Ok(())
 }
 
 async fn run_to_end(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
-        Command::Migrate => {
+        Command::Backup { file } => backup(&file, config).await,
+        Command::Migrate { .. } => {
             let store = server::open_store(&config).await?;
             println!(
                 "database schema is up to date ({})",

@@ -75,6 +75,20 @@ impl RunningServer {
 
 /// Opens the configured database and brings its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = connect_store(config).await?;
+    let applied = store.migrate().await.context("running migrations")?;
+    if applied > 0 {
+        tracing::info!(
+            applied,
+            backend = store.backend().as_str(),
+            "database migrated"
+        );
+    }
+    Ok(store)
+}
+
+/// Opens the configured database without touching its schema (`migrate --check`, `backup`).
+pub async fn connect_store(config: &Config) -> anyhow::Result<Store> {
     let store = match &config.database {
         Database::Sqlite { path } => {
             crate::fsutil::create_private_dir(&config.data_dir)?;
@@ -91,14 +105,6 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
                 )
             })?,
     };
-    let applied = store.migrate().await.context("running migrations")?;
-    if applied > 0 {
-        tracing::info!(
-            applied,
-            backend = store.backend().as_str(),
-            "database migrated"
-        );
-    }
     Ok(store)
 }
 

@@ -38,8 +38,9 @@ step "installing what is missing"
 rm -f "$PEERS_DIR/.apt-updated"
 # Native build dependencies of the Rust code, and the tools the tests drive.
 # samael (SAML) builds against xmlsec1/libxml2 and runs bindgen (libclang); xmlsec1 is the CLI.
+# prometheus brings promtool, which checks the alert rules in deploy/prometheus.
 apt_install pkg-config libssl-dev openssl curl ca-certificates iproute2 \
-  libxml2-dev libxmlsec1-dev libclang-dev clang xmlsec1
+  libxml2-dev libxmlsec1-dev libclang-dev clang xmlsec1 prometheus
 # One after the other: apt and dpkg take locks, so the parallel starts below install nothing.
 for peer in scep ldap oidc saml; do bash "$PEERS/$peer.sh" install; done
 # Headless Chromium and puppeteer-core, for the test that clicks through the portal.

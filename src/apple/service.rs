@@ -341,6 +341,9 @@ impl MdmService {
                     .store
                     .record_result(enrollment_id, uuid, outcome, body, error_chain.as_deref())
                     .await?;
+                if let Some(command) = &recorded {
+                    count_result(&command.request_type, outcome);
+                }
                 match recorded {
                     Some(command) if outcome == CommandOutcome::Acknowledged => {
                         super::inventory::absorb(&self.store, device_id, &command, message).await?;
@@ -436,6 +439,23 @@ impl MdmService {
 
 /// The device must be the one bound to the enrollment record of the certificate that signed.
 /// An unknown device and another device's certificate get the same answer; the log says which.
+/// Counts a device's answer by request type (our own queue's types, a bounded set) and status,
+/// as the command history spells it.
+fn count_result(request_type: &str, outcome: CommandOutcome) {
+    let status = match outcome {
+        CommandOutcome::Acknowledged => "acknowledged",
+        CommandOutcome::Error => "error",
+        CommandOutcome::FormatError => "format-error",
+        CommandOutcome::NotNow => "not-now",
+    };
+    metrics::counter!(
+        "trustbroker_mdm_command_results_total",
+        "request_type" => request_type.to_string(),
+        "status" => status
+    )
+    .increment(1);
+}
+
 fn bound_device(identity: &VerifiedDevice, device_id: &str) -> Result<(), MdmError> {
     let reason = match identity.bound_device() {
         Some(bound) if bound == device_id => return Ok(()),

@@ -1,5 +1,7 @@
 //! Operations endpoints: liveness, readiness, metrics.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -40,6 +42,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    refresh_gauges(&state).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -48,4 +51,43 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         telemetry::render_metrics(&state.metrics),
     )
         .into_response()
+}
+
+/// How long a scrape waits for the database before it reports it down.
+const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Gauges read at scrape time rather than kept up to date: whether the database answers and
+/// how long the CA and the push certificate have left. An alert on an expiring certificate must
+/// fire even if nothing touched the certificate since the process started.
+async fn refresh_gauges(state: &AppState) {
+    let up = matches!(
+        tokio::time::timeout(DATABASE_PROBE_TIMEOUT, state.store.ping()).await,
+        Ok(Ok(()))
+    );
+    metrics::gauge!("trustbroker_database_up").set(if up { 1.0 } else { 0.0 });
+    if let Some(left) = certificate_seconds_left(&state.ca.ca.certificate_der) {
+        metrics::gauge!("trustbroker_ca_certificate_expiry_seconds").set(left as f64);
+    }
+    if up {
+        // Sets trustbroker_apns_certificate_expiry_seconds when a push certificate exists.
+        let _ = tokio::time::timeout(
+            DATABASE_PROBE_TIMEOUT,
+            crate::apple::push_cert::expiry_status(&state.store),
+        )
+        .await;
+    }
+}
+
+/// Seconds from now until the certificate's notAfter (negative once expired).
+fn certificate_seconds_left(der: &[u8]) -> Option<i64> {
+    use der::Decode;
+    let certificate = x509_cert::Certificate::from_der(der).ok()?;
+    let not_after = certificate
+        .tbs_certificate()
+        .validity()
+        .not_after
+        .to_unix_duration()
+        .as_secs();
+    let now = chrono::Utc::now().timestamp();
+    Some(i64::try_from(not_after).ok()? - now)
 }

@@ -8,6 +8,7 @@
 
 mod admin_keys;
 mod audit;
+mod backup;
 mod device_tokens;
 mod directory;
 mod lifecycle;
@@ -15,6 +16,7 @@ mod mdm;
 mod pki;
 mod policy;
 mod portal;
+mod schema;
 mod scim;
 mod states;
 mod tokens;
@@ -30,6 +32,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use backup::BackupReport;
 pub use device_tokens::{
     DEVICE_TOKEN_ACTIVE, DEVICE_TOKEN_REVOKED, DeviceTokenInsert, DeviceTokenRow,
     DeviceTokenStanding, NewTokenSigningKey, SigningKeyStatus, TokenSigningKeyRow,
@@ -52,6 +55,7 @@ pub use policy::{
     DeviceTarget, HeldToken, ItemChange, ManagedItemRow, PolicyVersionRecord, ReconcileRequest,
     TargetScope,
 };
+pub use schema::SchemaStatus;
 pub use scim::{
     MemberChange, SCIM_SOURCE, ScimClientRecord, ScimGroupRow, ScimUserRow, ScimUserWrite,
     Versioned,
@@ -119,6 +123,12 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// A backup could not be written (the message says why and what to do).
+    #[error("backup: {0}")]
+    Backup(String),
+    /// The schema is not one this binary may serve (see [`SchemaStatus`]).
+    #[error("database schema: {0}")]
+    Schema(String),
     #[error("invalid database URL: {0}")]
     InvalidUrl(String),
 }
@@ -202,23 +212,6 @@ impl Store {
             Pool::Sqlite(_) => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
         }
-    }
-
-    /// Applies the migrations of this backend that have not run yet; returns how many ran.
-    pub async fn migrate(&self) -> StoreResult<usize> {
-        let before = self.applied_migrations().await.unwrap_or(0);
-        match &self.pool {
-            Pool::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
-            Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
-        }
-        let after = self.applied_migrations().await?;
-        Ok(after.saturating_sub(before))
-    }
-
-    async fn applied_migrations(&self) -> StoreResult<usize> {
-        let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
-        let count: i64 = on_pool!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await?);
-        Ok(usize::try_from(count).unwrap_or(0))
     }
 
     /// Answers whether the database takes a trivial query (for `/readyz`).

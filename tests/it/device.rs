@@ -155,6 +155,17 @@ pub fn xml(dict: Dictionary) -> Vec<u8> {
 
 /// SCEP PKCSReq with `challenge`; the issued certificate.
 pub async fn scep_enroll(server: &TestServer, key: &ClientIdentity, challenge: &str) -> Vec<u8> {
+    let outcome = scep_request(server, key, challenge).await;
+    assert_eq!(outcome.status, PkiStatus::Success, "{outcome:?}");
+    outcome.certificates[0].clone()
+}
+
+/// SCEP PKCSReq with `challenge`; the server's CertRep, opened, whatever it says.
+pub async fn scep_request(
+    server: &TestServer,
+    key: &ClientIdentity,
+    challenge: &str,
+) -> client::CertRepOutcome {
     let ca = server.ca_der().await;
     let csr = key
         .csr("device", Some(challenge), DigestAlgorithm::Sha256)
@@ -183,7 +194,5 @@ pub async fn scep_enroll(server: &TestServer, key: &ClientIdentity, challenge: &
         .bytes()
         .await
         .unwrap();
-    let outcome = client::open_cert_rep(&reply, key, &ca).unwrap();
-    assert_eq!(outcome.status, PkiStatus::Success, "{outcome:?}");
-    outcome.certificates[0].clone()
+    client::open_cert_rep(&reply, key, &ca).unwrap()
 }

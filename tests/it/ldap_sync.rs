@@ -118,7 +118,7 @@ impl Sandbox {
         .expect("settings parse")
     }
 
-    fn provider(&self, extra: &str) -> Arc<LdapProvider> {
+    pub fn provider(&self, extra: &str) -> Arc<LdapProvider> {
         Arc::new(LdapProvider::new("corp", &self.settings(SERVICE_DN, "brokerpw", extra)).unwrap())
     }
 }

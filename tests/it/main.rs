@@ -5,6 +5,7 @@
 
 mod api;
 mod apns;
+mod backup;
 mod ca;
 mod cli;
 mod connections;
@@ -16,6 +17,7 @@ mod ldap;
 mod ldap_sync;
 mod lifecycle;
 mod mdm;
+mod ops_contract;
 mod peers;
 mod policy;
 mod portal;
