@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod apple;
 pub mod audit;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod enroll;

@@ -55,6 +55,8 @@ pub struct RunningServer {
     pub tokens: crate::tokens::shared::TokenService,
     /// Per-device signed tokens (tests issue and revoke through it).
     pub device_tokens: DeviceTokens,
+    /// This node's name in cluster leases.
+    pub node: crate::cluster::NodeId,
     stop: watch::Sender<bool>,
     listeners: JoinSet<()>,
     /// Tasks that stop with the server (the reconciler, group syncs).
@@ -245,11 +247,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);
-    let mut background = vec![reconciler.clone().spawn(stopped.clone())];
+    let node = crate::cluster::NodeId::generate();
+    tracing::info!(node = node.as_str(), "cluster node name");
+    let lease = |name: &str| crate::cluster::Lease::new(store.clone(), name, node.clone());
+    let mut background = vec![
+        reconciler
+            .clone()
+            .spawn(lease("reconcile:full-pass"), stopped.clone()),
+    ];
     background.push(tokens.clone().spawn(stopped.clone()));
-    background.push(device_tokens.spawn_purge(stopped.clone()));
+    background.push(device_tokens.spawn_purge(lease("device-tokens:purge"), stopped.clone()));
     background.extend(crate::identity::ldap::sync::spawn_all(
         group_syncs,
+        &node,
         &store,
         &policies,
         &reconcile_wake,
@@ -292,6 +302,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         reconciler,
         device_tokens,
         tokens,
+        node,
         stop,
         listeners,
         background,

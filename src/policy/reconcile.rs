@@ -23,6 +23,7 @@ use crate::apple::apns::Pusher;
 use crate::apple::commands::Command;
 use crate::apple::enrollment::ProfileService;
 use crate::audit::OUTCOME_SUCCESS;
+use crate::cluster::Lease;
 use crate::config::{AccountDisabledAction, PolicySettings};
 use crate::store::{
     AccountStatus, ChannelStatus, DeviceTarget, ItemChange, ItemKind, ManagedItemRow,
@@ -703,7 +704,13 @@ impl Reconciler {
 
     /// Runs the reconciler until `shutdown` turns true: requests as they come (woken at once
     /// on this node, polled for other nodes'), and a full pass every interval.
-    pub fn spawn(self, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    /// The periodic full pass runs on the node holding `full_pass` (once for the cluster);
+    /// requests are served by every node, each claimed once.
+    pub fn spawn(
+        self,
+        full_pass: Lease,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let poll = Duration::from_millis(self.inner.settings.poll_interval_ms.max(50));
             let full_every =
@@ -719,13 +726,16 @@ impl Reconciler {
                 if let Err(e) = self.serve_requests().await {
                     tracing::error!(error = %e, "policy: reconciling requests failed; retrying");
                 }
+                // Once per interval for the cluster: the node holding the lease runs it.
                 if last_full.elapsed() >= full_every {
                     last_full = Instant::now();
-                    self.warn_push_certificate_expiry().await;
-                    let started = Instant::now();
-                    match self.reconcile(TargetScope::All { after: None }).await {
-                        Ok(report) => record_pass(&report, started.elapsed(), "periodic"),
-                        Err(e) => tracing::error!(error = %e, "policy: full pass failed"),
+                    if full_pass.take(full_every).await {
+                        self.warn_push_certificate_expiry().await;
+                        let started = Instant::now();
+                        match self.reconcile(TargetScope::All { after: None }).await {
+                            Ok(report) => record_pass(&report, started.elapsed(), "periodic"),
+                            Err(e) => tracing::error!(error = %e, "policy: full pass failed"),
+                        }
                     }
                 }
                 tokio::select! {
@@ -734,6 +744,7 @@ impl Reconciler {
                     _ = shutdown.changed() => {}
                 }
                 if *shutdown.borrow() {
+                    full_pass.release().await;
                     return;
                 }
             }

@@ -11,6 +11,7 @@ mod audit;
 mod backup;
 mod device_tokens;
 mod directory;
+mod leases;
 mod lifecycle;
 mod mdm;
 mod pki;
@@ -39,6 +40,7 @@ pub use device_tokens::{
     UnknownSigningKeyStatus,
 };
 pub use directory::{DirectoryDetails, DirectoryUser, MembershipDelta, StatusChange};
+pub use leases::LeaseRow;
 pub use lifecycle::{
     AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan, RetireRequest,
     Retirement,

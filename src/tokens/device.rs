@@ -556,10 +556,25 @@ impl DeviceTokens {
     }
 
     /// Forgets tokens long expired, every hour until `shutdown`.
-    pub fn spawn_purge(&self, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    /// Purges on the node holding `lease` (once for the cluster).
+    pub fn spawn_purge(
+        &self,
+        lease: crate::cluster::Lease,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let store = self.inner.store.clone();
         tokio::spawn(async move {
             loop {
+                if !lease.take(PURGE_EVERY).await {
+                    tokio::select! {
+                        _ = tokio::time::sleep(PURGE_EVERY) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
                 let before = crate::store::now() - chrono_duration(PURGE_AFTER);
                 match store.purge_device_tokens(before).await {
                     Ok(0) => {}

@@ -667,6 +667,11 @@ async fn ldap_sync_loop_syncs_a_policy_target_no_member_signed_in_with_and_wakes
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = trustbroker::identity::ldap::sync::spawn(
         provider.clone(),
+        trustbroker::cluster::Lease::new(
+            store.clone(),
+            "ldap-sync:corp",
+            trustbroker::cluster::NodeId::generate(),
+        ),
         store.clone(),
         policies,
         wake.clone(),

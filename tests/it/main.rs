@@ -8,6 +8,7 @@ mod apns;
 mod backup;
 mod ca;
 mod cli;
+mod cluster;
 mod connections;
 mod device;
 mod device_identity;

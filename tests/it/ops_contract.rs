@@ -297,6 +297,11 @@ async fn sync_the_directory(server: &TestServer) -> Option<tokio::sync::watch::S
     let (stop, stopped) = tokio::sync::watch::channel(false);
     sync::spawn(
         provider,
+        trustbroker::cluster::Lease::new(
+            server.store().clone(),
+            "ldap-sync:corp",
+            trustbroker::cluster::NodeId::generate(),
+        ),
         server.store().clone(),
         ActivePolicies::default(),
         ReconcileWake::default(),

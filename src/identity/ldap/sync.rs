@@ -734,6 +734,7 @@ pub fn configured(
 /// the handles to wait for them at shutdown.
 pub fn spawn_all(
     providers: Vec<Arc<LdapProvider>>,
+    node: &crate::cluster::NodeId,
     store: &Store,
     policies: &ActivePolicies,
     wake: &ReconcileWake,
@@ -746,8 +747,14 @@ pub fn spawn_all(
         };
         tracing::info!(provider = %provider.name, interval_secs = interval.as_secs(),
             "LDAP group sync on");
+        let lease = crate::cluster::Lease::new(
+            store.clone(),
+            format!("ldap-sync:{}", provider.name),
+            node.clone(),
+        );
         tasks.push(spawn(
             provider,
+            lease,
             store.clone(),
             policies.clone(),
             wake.clone(),
@@ -760,8 +767,10 @@ pub fn spawn_all(
 
 /// Runs the sync of `provider` every `interval` (the first at once) until `shutdown` turns
 /// true or its sender is dropped. A failed run is logged and retried at the next interval.
+/// Only the node holding `lease` runs it: one sync per provider for the cluster.
 pub fn spawn(
     provider: Arc<LdapProvider>,
+    lease: crate::cluster::Lease,
     store: Store,
     policies: ActivePolicies,
     wake: ReconcileWake,
@@ -769,13 +778,14 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(sync_loop(
-        provider, store, policies, wake, interval, shutdown,
+        provider, lease, store, policies, wake, interval, shutdown,
     ))
 }
 
 /// The loop [`spawn`] runs.
 pub async fn sync_loop(
     provider: Arc<LdapProvider>,
+    lease: crate::cluster::Lease,
     store: Store,
     policies: ActivePolicies,
     wake: ReconcileWake,
@@ -794,6 +804,9 @@ pub async fn sync_loop(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => continue,
         }
+        if !lease.take(interval).await {
+            continue;
+        }
         // Shutdown abandons a run midway: each group's write is one transaction, so what
         // committed is whole and the rest is done at the next start.
         tokio::select! {
@@ -801,6 +814,7 @@ pub async fn sync_loop(
             _ = shutdown.changed() => continue,
         }
     }
+    lease.release().await;
 }
 
 #[cfg(test)]
