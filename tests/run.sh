@@ -38,9 +38,10 @@ step "installing what is missing"
 rm -f "$PEERS_DIR/.apt-updated"
 # Native build dependencies of the Rust code, and the tools the tests drive.
 # samael (SAML) builds against xmlsec1/libxml2 and runs bindgen (libclang); xmlsec1 is the CLI.
-# prometheus brings promtool, which checks the alert rules in deploy/prometheus.
+# prometheus brings promtool, which checks the alert rules in deploy/prometheus; nginx is the
+# load balancer in front of two nodes (the tests run their own instance; none is started here).
 apt_install pkg-config libssl-dev openssl curl ca-certificates iproute2 \
-  libxml2-dev libxmlsec1-dev libclang-dev clang xmlsec1 prometheus
+  libxml2-dev libxmlsec1-dev libclang-dev clang xmlsec1 prometheus nginx
 # One after the other: apt and dpkg take locks, so the parallel starts below install nothing.
 for peer in scep ldap oidc saml; do bash "$PEERS/$peer.sh" install; done
 # Headless Chromium and puppeteer-core, for the test that clicks through the portal.
@@ -86,6 +87,7 @@ export TRUSTBROKER_TEST_SAML_CERT=$PEERS_DIR/saml/cert/idp.crt
 export TRUSTBROKER_TEST_BROWSER_FLOW
 export TRUSTBROKER_TEST_JWT_VERIFY
 export TRUSTBROKER_TEST_SCIM_CLIENT
+export TRUSTBROKER_TEST_NGINX=/usr/sbin/nginx
 if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
   env | grep '^TRUSTBROKER_TEST_' | sort
   exit 0

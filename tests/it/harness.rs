@@ -172,6 +172,18 @@ impl TestServer {
         }
     }
 
+    /// A handle on something in front of servers (a load balancer at `base`), for the helpers
+    /// that take a `TestServer` (the device simulator, say). It runs nothing itself.
+    pub fn front(base: String, client: reqwest::Client) -> TestServer {
+        TestServer {
+            server: None,
+            base,
+            http_base: String::new(),
+            client,
+            _data_dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -18,6 +18,7 @@ mod ldap;
 mod ldap_sync;
 mod lifecycle;
 mod mdm;
+mod nginx;
 mod ops_contract;
 mod peers;
 mod policy;

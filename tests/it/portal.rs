@@ -32,9 +32,14 @@ impl Browser {
             .as_ref()
             .map(|s| std::fs::read(&s.tls_cert_path).expect("TLS certificate"))
             .expect("running server");
+        Self::trusting(&cert)
+    }
+
+    /// A browser that trusts exactly `cert` (PEM): a proxy's, say.
+    pub fn trusting(cert: &[u8]) -> Browser {
         Browser {
             client: reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+                .add_root_certificate(reqwest::Certificate::from_pem(cert).unwrap())
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap(),
