@@ -22,7 +22,6 @@ use crate::portal::{Browser, hidden_input, ldap_toml};
 struct Nginx {
     child: Child,
     dir: tempfile::TempDir,
-    base: String,
     cert: PathBuf,
 }
 
@@ -89,7 +88,6 @@ impl Nginx {
             .expect("start nginx");
         let nginx = Nginx {
             child,
-            base: format!("https://127.0.0.1:{port}"),
             cert: cert_path,
             dir,
         };
