@@ -7,6 +7,7 @@ pub mod limit;
 pub mod mdm;
 pub mod observe;
 pub mod ops;
+pub mod outage;
 pub mod scep;
 pub mod validate;
 
@@ -73,6 +74,7 @@ pub struct TlsClientCertificate(pub Arc<Vec<u8>>);
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let caps = limit::RouteCaps::new(&config.limits);
+    let store = state.store.clone();
     let capped = |cap: &limit::Cap| middleware::from_fn_with_state(cap.clone(), limit::guard);
     Router::new()
         .route("/healthz", get(ops::healthz))
@@ -97,6 +99,10 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::enroll::router(&caps))
         .fallback(error::not_found)
         .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            outage::OutageGuard::new(store),
+            outage::database_outage_is_503,
+        ))
         .layer(middleware::from_fn(observe::record_metrics))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))

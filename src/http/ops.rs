@@ -19,7 +19,12 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Readiness: the database answers too.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let backend = state.store.backend().as_str();
-    match state.store.ping().await {
+    // Bounded: a load balancer's probe must get its answer before its own timeout.
+    let ping = match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, state.store.ping()).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {DATABASE_PROBE_TIMEOUT:?}")),
+    };
+    match ping {
         Ok(()) => {
             // An expiring push certificate is a warning, not unreadiness: the broker serves.
             let push = crate::apple::push_cert::expiry_status(&state.store)

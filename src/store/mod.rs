@@ -201,7 +201,9 @@ impl Store {
             PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10))
+            // When PostgreSQL is down, a request waits at most this long for a connection
+            // before it fails (503): well inside request_timeout_secs, so nothing hangs.
+            .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await?;
         Ok(Store {

@@ -20,6 +20,7 @@ mod lifecycle;
 mod mdm;
 mod nginx;
 mod ops_contract;
+mod outage;
 mod peers;
 mod policy;
 mod portal;

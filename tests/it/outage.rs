@@ -1,0 +1,217 @@
+//! PostgreSQL stops under a serving node and starts again: `/readyz` says so at once, requests
+//! fail fast with 503 and `Retry-After` (none hangs), liveness stays up, the pool reconnects by
+//! itself, and what was queued before the outage is still delivered after it.
+//!
+//! The test runs a PostgreSQL server of its own (Debian's binaries, a throwaway cluster on a
+//! free port) so that stopping it disturbs no other test.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::device::{Device, uuid_and_type};
+use crate::harness::{TestServer, peers_required};
+
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// `None` where it cannot run (no Debian PostgreSQL binaries, not root).
+    fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()?;
+        let dir = tempfile::tempdir().ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        // initdb refuses root: the cluster belongs to the postgres user.
+        let owned = Command::new("chown")
+            .args(["postgres:postgres", &dir.path().display().to_string()])
+            .status()
+            .ok()?
+            .success();
+        if !owned {
+            return None;
+        }
+        let pg = PrivatePostgres { dir, bin, port };
+        let data = pg.data();
+        assert!(pg.as_postgres(&[
+            "initdb",
+            "-D",
+            &data,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync"
+        ]));
+        assert!(pg.resume(), "the private PostgreSQL starts");
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn as_postgres(&self, args: &[&str]) -> bool {
+        let program = self.bin.join(args[0]);
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(program)
+            .args(&args[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn stop(&self) -> bool {
+        self.as_postgres(&["pg_ctl", "-D", &self.data(), "-m", "fast", "-w", "stop"])
+    }
+
+    fn resume(&self) -> bool {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        self.as_postgres(&[
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-o",
+            &options,
+            "-l",
+            &format!("{}/log", self.dir.path().display()),
+            "-w",
+            "start",
+        ])
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.as_postgres(&["pg_ctl", "-D", &self.data(), "-m", "immediate", "stop"]);
+    }
+}
+
+#[tokio::test]
+async fn a_database_outage_is_503_at_once_and_the_node_recovers_by_itself() {
+    let Some(pg) = PrivatePostgres::start() else {
+        assert!(!peers_required(), "a private PostgreSQL could not start");
+        return;
+    };
+    let url = pg.url();
+    let server = TestServer::start_with(move |args| args.database_url = Some(url)).await;
+    let admin = server.admin_key("ops", &["admin"]).await;
+    let device = Device::enroll(&server, &server.challenge(&admin).await).await;
+    device.check_in(&server).await;
+    let queued: serde_json::Value = server
+        .client
+        .post(server.url("/api/v1/commands"))
+        .bearer_auth(&admin)
+        .json(&json!({"enrollment_ids": [&device.udid], "command": {"RequestType": "DeviceInformation", "Queries": ["OSVersion"]}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let uuid = queued["commands"][0]["command_uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    assert!(pg.stop(), "PostgreSQL stops");
+    let down = Instant::now();
+    // Readiness fails at once; liveness does not.
+    let ready = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let healthy = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthy.status(), StatusCode::OK);
+    // An admin request and a device's request fail fast, as 503 with Retry-After.
+    let started = Instant::now();
+    let listed = server
+        .client
+        .get(server.url("/api/v1/enrollments"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    let admin_took = started.elapsed();
+    assert_eq!(listed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(listed.headers()["retry-after"], "5");
+    let started = Instant::now();
+    let (status, _) = device
+        .report(&server, "Idle", None, plist::Dictionary::new())
+        .await;
+    let device_took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    for took in [admin_took, device_took] {
+        assert!(
+            took < Duration::from_secs(8),
+            "a request during the outage took {took:?}"
+        );
+    }
+    // Meanwhile the node answers at once rather than trying the database on every request.
+    let started = Instant::now();
+    let (status, _) = device
+        .report(&server, "Idle", None, plist::Dictionary::new())
+        .await;
+    let while_open = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let metrics = server.get_text("/metrics").await;
+    assert!(metrics.contains("trustbroker_database_up 0"), "{metrics}");
+
+    // PostgreSQL comes back: the same node serves again without a restart.
+    assert!(pg.resume(), "PostgreSQL starts again");
+    let outage = down.elapsed();
+    let back = Instant::now();
+    loop {
+        let ready = server
+            .client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        if ready.status() == StatusCode::OK {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = back.elapsed();
+    // Nothing was lost: the command queued before the outage is delivered now.
+    let command = device.idle(&server).await.expect("the queued command");
+    assert_eq!(uuid_and_type(&command).0, uuid);
+    eprintln!(
+        "outage {outage:?}: first 503s after {admin_took:?} and {device_took:?}, then after \
+         {while_open:?}; ready again {recovered:?} after PostgreSQL started"
+    );
+    server.stop().await;
+}
