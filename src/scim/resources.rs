@@ -332,7 +332,6 @@ pub fn user_write(resource: &Json) -> Result<ScimUserWrite, ScimError> {
             }
         });
     Ok(ScimUserWrite {
-        subject: external_id.clone().unwrap_or_else(|| user_name.clone()),
         user_name,
         external_id,
         active,
@@ -606,7 +605,10 @@ mod tests {
                    ENTERPRISE_SCHEMA: {"department": "R&D"}})
         );
         let write = user_write(&cleaned).unwrap();
-        assert_eq!(write.subject, "a@example.org");
+        assert_eq!(
+            crate::store::ScimMatch::ExternalId.key(&write).as_deref(),
+            Some("a@example.org")
+        );
         assert_eq!(write.email.as_deref(), Some("a@example.org"));
         assert!(!write.active);
         assert!(clean_user(&json!({"userName": 7})).is_err());

@@ -53,8 +53,8 @@ pub use policy::{
     TargetScope,
 };
 pub use scim::{
-    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimGroupRow, ScimUserRow, ScimUserWrite,
-    Versioned,
+    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimGroupRow, ScimMatch, ScimUserRow,
+    ScimUserWrite, Versioned,
 };
 pub use states::TokenSource;
 pub use states::{
@@ -62,8 +62,9 @@ pub use states::{
     ItemAction, ItemKind, PushStatus, RetirementReason, UnknownState,
 };
 pub use tokens::{
-    AppClientRecord, DeviceStanding, IntegrationChanges, IntegrationRecord, NewAppClient,
-    NewIntegration, NewToken, Revocation, TokenDeliveryCounts, TokenIndexRows, TokenRecord,
+    AppClientRecord, DeviceStanding, IntegrationChanges, IntegrationDeletion, IntegrationRecord,
+    NewAppClient, NewIntegration, NewToken, Revocation, TokenDeliveryCounts, TokenIndexRows,
+    TokenRecord,
 };
 pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 

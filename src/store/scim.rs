@@ -27,6 +27,69 @@ pub struct ScimClientRecord {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
+/// How a SCIM user is matched to the person a sign-in of the same provider made
+/// (`[idp.NAME] scim_match`). Only ever within the client's own provider.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScimMatch {
+    /// `externalId` (or, when none is sent, `userName`) is the sign-in's subject.
+    #[default]
+    ExternalId,
+    /// `userName` is the sign-in's login (compared without case).
+    UserName,
+    /// The SCIM user's e-mail (primary, else work, else first) is the sign-in's e-mail
+    /// (compared without case).
+    Email,
+}
+
+impl ScimMatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScimMatch::ExternalId => "external_id",
+            ScimMatch::UserName => "user_name",
+            ScimMatch::Email => "email",
+        }
+    }
+
+    /// The value a person is found by under this mode (lower case for userName and e-mail);
+    /// `None` when the user carries none (only possible for e-mail).
+    pub fn key(self, user: &ScimUserWrite) -> Option<String> {
+        match self {
+            ScimMatch::ExternalId => Some(
+                user.external_id
+                    .clone()
+                    .unwrap_or_else(|| user.user_name.clone()),
+            ),
+            ScimMatch::UserName => Some(user.user_name.to_lowercase()),
+            ScimMatch::Email => user.email.as_ref().map(|e| e.to_lowercase()),
+        }
+    }
+
+    /// The subject of a person SCIM provisions before they ever signed in: the IdP subject
+    /// itself for `external_id`; otherwise a placeholder that the person's first sign-in
+    /// (matching login or e-mail) replaces with the real subject (see
+    /// [`placeholder_subjects`]).
+    pub fn subject_for(self, key: &str) -> String {
+        match self {
+            ScimMatch::ExternalId => key.to_string(),
+            ScimMatch::UserName => format!("{PLACEHOLDER_PREFIX}user_name:{key}"),
+            ScimMatch::Email => format!("{PLACEHOLDER_PREFIX}email:{key}"),
+        }
+    }
+}
+
+/// Subjects that begin so were made by SCIM for a person not yet seen at sign-in.
+pub const PLACEHOLDER_PREFIX: &str = "scim:";
+
+/// The placeholder subjects a sign-in with this login and e-mail adopts (a person SCIM
+/// provisioned first under `user_name` or `email` matching).
+pub fn placeholder_subjects(login: Option<&str>, email: Option<&str>) -> [Option<String>; 2] {
+    [
+        login.map(|l| ScimMatch::UserName.subject_for(&l.to_lowercase())),
+        email.map(|e| ScimMatch::Email.subject_for(&e.to_lowercase())),
+    ]
+}
+
 /// A person as SCIM knows them.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ScimUserRow {
@@ -44,8 +107,6 @@ pub struct ScimUserRow {
 /// What a SCIM write makes of a person.
 #[derive(Clone, Debug)]
 pub struct ScimUserWrite {
-    /// `users.subject`: how sign-ins of the provider find the same person.
-    pub subject: String,
     pub user_name: String,
     pub external_id: Option<String>,
     pub active: bool,
@@ -74,6 +135,14 @@ pub enum MemberChange {
     },
     /// The members are exactly these.
     Replace(Vec<String>),
+}
+
+/// Why a SCIM create did not write.
+enum Refused {
+    /// The person matched already has a SCIM resource.
+    Provisioned,
+    /// More than one of the provider's people match.
+    Ambiguous,
 }
 
 /// The outcome of a conditional write.
@@ -295,12 +364,15 @@ impl Store {
         .await?))
     }
 
-    /// Creates the SCIM user: the person of (`provider`, subject) is created or, if they signed
-    /// in before, adopted. `Conflict` when the userName is taken or the person already has a
-    /// SCIM resource. Returns the user ID.
+    /// Creates the SCIM user: the person `key` finds under `mode` (see [`ScimMatch`]) among the
+    /// provider's people is adopted if they signed in before, else created. `Conflict` when the
+    /// userName is taken, the person already has a SCIM resource, or (userName and e-mail
+    /// matching) several of the provider's people match. Returns the user ID.
     pub async fn create_scim_user(
         &self,
         provider: &str,
+        mode: ScimMatch,
+        key: &str,
         user: &ScimUserWrite,
     ) -> StoreResult<String> {
         let now = super::now();
@@ -310,29 +382,75 @@ impl Store {
                       email = COALESCE(excluded.email, users.email), \
                       display_name = COALESCE(excluded.display_name, users.display_name) \
                       RETURNING id";
+        // Only ever among the client's own provider's people.
+        let find = match mode {
+            ScimMatch::ExternalId => None,
+            ScimMatch::UserName => Some(
+                "SELECT id FROM users WHERE provider = $1 AND LOWER(login) = LOWER($2) \
+                 ORDER BY created_at, id LIMIT 2",
+            ),
+            ScimMatch::Email => Some(
+                "SELECT id FROM users WHERE provider = $1 AND LOWER(email) = LOWER($2) \
+                 ORDER BY created_at, id LIMIT 2",
+            ),
+        };
+        let refresh = "UPDATE users SET login = $1, email = COALESCE($2, email), \
+                       display_name = COALESCE($3, display_name) WHERE id = $4";
         let taken = "SELECT COUNT(*) FROM scim_users WHERE user_id = $1";
         let insert = "INSERT INTO scim_users (user_id, provider, user_name, user_name_key, \
                       external_id, active, resource, version, created_at, updated_at) \
                       VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8)";
+        let matched_value = match mode {
+            ScimMatch::Email => user.email.clone().unwrap_or_default(),
+            _ => user.user_name.clone(),
+        };
         let result = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
-            let user_id: String = sqlx::query_scalar(upsert)
-                .bind(uuid::Uuid::new_v4().to_string())
-                .bind(provider)
-                .bind(&user.subject)
-                .bind(&user.user_name)
-                .bind(&user.email)
-                .bind(&user.display_name)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?;
+            let found: Vec<String> = match find {
+                Some(sql) => {
+                    sqlx::query_scalar(sql)
+                        .bind(provider)
+                        .bind(&matched_value)
+                        .fetch_all(&mut *tx)
+                        .await?
+                }
+                None => Vec::new(),
+            };
+            if found.len() > 1 {
+                tx.rollback().await?;
+                return Ok(Err(Refused::Ambiguous));
+            }
+            let user_id: String = match found.into_iter().next() {
+                Some(user_id) => {
+                    sqlx::query(refresh)
+                        .bind(&user.user_name)
+                        .bind(&user.email)
+                        .bind(&user.display_name)
+                        .bind(&user_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    user_id
+                }
+                None => {
+                    sqlx::query_scalar(upsert)
+                        .bind(uuid::Uuid::new_v4().to_string())
+                        .bind(provider)
+                        .bind(mode.subject_for(key))
+                        .bind(&user.user_name)
+                        .bind(&user.email)
+                        .bind(&user.display_name)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?
+                }
+            };
             let existing: i64 = sqlx::query_scalar(taken)
                 .bind(&user_id)
                 .fetch_one(&mut *tx)
                 .await?;
             if existing > 0 {
                 tx.rollback().await?;
-                return Ok(None);
+                return Ok(Err(Refused::Provisioned));
             }
             sqlx::query(insert)
                 .bind(&user_id)
@@ -348,14 +466,23 @@ impl Store {
             // A person provisioned again after a delete, or created inactive.
             set_status!(tx, &user_id, status_of(user.active), now);
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(Some(user_id))
+            Ok::<_, sqlx::Error>(Ok(user_id))
         }
         .await);
+        let matched_on = match mode {
+            ScimMatch::ExternalId => "externalId",
+            ScimMatch::UserName => "userName",
+            ScimMatch::Email => "e-mail",
+        };
         match result {
-            Ok(Some(user_id)) => Ok(user_id),
-            Ok(None) => Err(StoreError::Conflict(
-                "a user with this externalId is already provisioned".into(),
-            )),
+            Ok(Ok(user_id)) => Ok(user_id),
+            Ok(Err(Refused::Provisioned)) => Err(StoreError::Conflict(format!(
+                "a user with this {matched_on} is already provisioned"
+            ))),
+            Ok(Err(Refused::Ambiguous)) => Err(StoreError::Conflict(format!(
+                "several people of provider '{provider}' have this {matched_on}: cannot tell \
+                 which one this user is"
+            ))),
             Err(e) => Err(StoreError::conflict_on_unique(
                 e,
                 format!("the userName '{}' is already taken", user.user_name),
@@ -369,6 +496,7 @@ impl Store {
     pub async fn update_scim_user(
         &self,
         provider: &str,
+        mode: ScimMatch,
         user_id: &str,
         version: i64,
         user: &ScimUserWrite,
@@ -377,9 +505,13 @@ impl Store {
         let update = "UPDATE scim_users SET user_name = $1, user_name_key = $2, external_id = $3, \
                       active = $4, resource = $5, version = version + 1, updated_at = $6 \
                       WHERE provider = $7 AND user_id = $8 AND version = $9 RETURNING version";
-        let details = "UPDATE users SET subject = $1, login = $2, \
+        // The subject follows externalId under `external_id` matching; under the others it is
+        // the sign-in's own and stays, unless it is still SCIM's placeholder.
+        let details = "UPDATE users SET subject = CASE WHEN $1 IS NOT NULL AND ($6 OR subject \
+                       LIKE 'scim:%') THEN $1 ELSE subject END, login = $2, \
                        email = COALESCE($3, email), display_name = COALESCE($4, display_name) \
                        WHERE id = $5";
+        let subject = mode.key(user).map(|key| mode.subject_for(&key));
         let result = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             let written: Option<i64> = sqlx::query_scalar(update)
@@ -399,11 +531,12 @@ impl Store {
                 return Ok(Versioned::Stale);
             };
             sqlx::query(details)
-                .bind(&user.subject)
+                .bind(&subject)
                 .bind(&user.user_name)
                 .bind(&user.email)
                 .bind(&user.display_name)
                 .bind(user_id)
+                .bind(mode == ScimMatch::ExternalId)
                 .execute(&mut *tx)
                 .await?;
             set_status!(tx, user_id, status_of(user.active), now);
