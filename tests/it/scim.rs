@@ -846,3 +846,228 @@ async fn scim_clients_from_the_command_line_are_audited_and_revocable() {
         assert!(actions.iter().any(|a| a == want), "{want}: {actions:?}");
     }
 }
+
+/// A broker with providers `corp` (SCIM users matched as `mode` says; `None`: the default)
+/// and `other` (default matching). Nothing is fetched from the issuers: sign-ins here are
+/// recorded as the sign-in flow records them.
+async fn matching_server(db: &TestDb, mode: Option<&str>) -> TestServer {
+    let scim_match = mode
+        .map(|m| format!("scim_match = \"{m}\"\n"))
+        .unwrap_or_default();
+    let toml = format!(
+        "[idp.corp]\ntype = \"oidc\"\nissuer = \"http://127.0.0.1:9/corp\"\n\
+         client_id = \"broker\"\n{scim_match}\n\
+         [idp.other]\ntype = \"oidc\"\nissuer = \"http://127.0.0.1:9/other\"\n\
+         client_id = \"broker\"\n"
+    );
+    let url = db.database_url();
+    TestServer::start_configured(move |args| args.database_url = url, &toml).await
+}
+
+/// Records a sign-in of `provider` (the row the SSO flow writes).
+async fn signed_in(
+    server: &TestServer,
+    provider: &str,
+    subject: &str,
+    login: &str,
+    email: &str,
+) -> UserRecord {
+    server
+        .store()
+        .record_sign_in(
+            &Identity {
+                provider: provider.into(),
+                subject: subject.into(),
+                login: Some(login.into()),
+                email: Some(email.into()),
+                display_name: None,
+                groups: Vec::<Group>::new(),
+            },
+            "sign-in",
+        )
+        .await
+        .unwrap()
+}
+
+fn scim_user(user_name: &str, external_id: &str, email: Option<&str>) -> Json {
+    let mut user = json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": user_name,
+        "externalId": external_id,
+        "active": true,
+    });
+    if let Some(email) = email {
+        user["emails"] = json!([{"value": email, "type": "work", "primary": true}]);
+    }
+    user
+}
+
+#[tokio::test]
+async fn scim_match_links_the_person_who_signed_in_under_each_mode_and_only_at_its_provider() {
+    // (mode, what the SCIM user carries that matches alice's sign-in)
+    let modes = [None, Some("user_name"), Some("email")];
+    for mode in modes {
+        for db in TestDb::all().await {
+            let label = format!("{} {mode:?}", db.name());
+            let server = matching_server(&db, mode).await;
+            let corp = Scim {
+                server: &server,
+                token: scim_client(&server, PROVIDER).await,
+            };
+            // alice signed in at corp; a person at `other` has the very same subject, login
+            // and e-mail, and must never be the one SCIM links to.
+            let alice = signed_in(
+                &server,
+                PROVIDER,
+                "sub-alice",
+                "Alice@Example.org",
+                "alice.s@example.org",
+            )
+            .await;
+            let twin = signed_in(
+                &server,
+                "other",
+                "sub-alice",
+                "Alice@Example.org",
+                "alice.s@example.org",
+            )
+            .await;
+            assert_ne!(alice.id, twin.id);
+            // Only the matching attribute of the mode equals what the sign-in carries.
+            let user = match mode {
+                None => scim_user("someone.else@example.org", "sub-alice", None),
+                Some("user_name") => {
+                    scim_user("alice@example.org", "okta-00u1", Some("x@example.org"))
+                }
+                _ => scim_user("a.smith", "okta-00u1", Some("ALICE.S@example.org")),
+            };
+            let (status, created) = corp.send(Method::POST, "/Users", Some(user)).await;
+            assert_eq!(status, StatusCode::CREATED, "{label}: {created}");
+            assert_eq!(
+                created["id"],
+                alice.id.as_str(),
+                "{label}: the signed-in person"
+            );
+            let after = server.store().user(&alice.id).await.unwrap().unwrap();
+            assert_eq!(
+                after.subject, "sub-alice",
+                "{label}: the sign-in keeps finding them"
+            );
+            let twin_after = server.store().user(&twin.id).await.unwrap().unwrap();
+            assert_eq!(
+                twin_after.login, twin.login,
+                "{label}: other provider untouched"
+            );
+            assert_eq!(twin_after.subject, twin.subject, "{label}");
+
+            // A person only `other` knows: corp's client cannot reach them, whatever it sends;
+            // it gets a new corp person instead.
+            let bob = signed_in(&server, "other", "sub-bob", "bob", "bob@example.org").await;
+            let (status, created) = corp
+                .send(
+                    Method::POST,
+                    "/Users",
+                    Some(scim_user("bob", "sub-bob", Some("bob@example.org"))),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{label}: {created}");
+            let corp_bob = created["id"].as_str().unwrap().to_owned();
+            assert_ne!(corp_bob, bob.id, "{label}: never another provider's person");
+            let corp_bob_row = server.store().user(&corp_bob).await.unwrap().unwrap();
+            assert_eq!(corp_bob_row.provider, PROVIDER, "{label}");
+            // … and deactivating that user changes nothing of other's bob.
+            let (status, _) = corp
+                .send(
+                    Method::PATCH,
+                    &format!("/Users/{corp_bob}"),
+                    Some(json!({"schemas": [PATCH_SCHEMA],
+                                "Operations": [{"op": "replace", "value": {"active": false}}]})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{label}");
+            let others = server.store().directory_users("other").await.unwrap();
+            assert!(
+                others.iter().all(|u| u.status == AccountStatus::Active),
+                "{label}: {others:?}"
+            );
+            // Renaming a linked user to another person's login does not move the link.
+            let (status, renamed) = corp
+                .send(
+                    Method::PATCH,
+                    &format!("/Users/{}", alice.id),
+                    Some(json!({"schemas": [PATCH_SCHEMA],
+                                "Operations": [{"op": "replace", "path": "userName", "value": "carol.renamed"}]})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{label}: {renamed}");
+            assert_eq!(renamed["id"], alice.id.as_str(), "{label}");
+
+            // Provisioned first, signed in later: the sign-in finds the SCIM person.
+            let (status, dave) = corp
+                .send(
+                    Method::POST,
+                    "/Users",
+                    Some(scim_user(
+                        "dave@example.org",
+                        "sub-dave",
+                        Some("dave@example.org"),
+                    )),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{label}: {dave}");
+            let dave_signed_in = signed_in(
+                &server,
+                PROVIDER,
+                "sub-dave",
+                "DAVE@example.org",
+                "dave@example.org",
+            )
+            .await;
+            assert_eq!(dave["id"], dave_signed_in.id.as_str(), "{label}");
+            assert_eq!(dave_signed_in.subject, "sub-dave", "{label}");
+            // … and the same sign-in at `other` is another person.
+            let dave_other = signed_in(
+                &server,
+                "other",
+                "sub-dave",
+                "dave@example.org",
+                "dave@example.org",
+            )
+            .await;
+            assert_ne!(dave_other.id, dave_signed_in.id, "{label}");
+            server.stop().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn email_matching_refuses_a_user_it_cannot_place() {
+    for db in TestDb::all().await {
+        let server = matching_server(&db, Some("email")).await;
+        let corp = Scim {
+            server: &server,
+            token: scim_client(&server, PROVIDER).await,
+        };
+        // No e-mail: nothing to match on.
+        let (status, body) = corp
+            .send(Method::POST, "/Users", Some(scim_user("erin", "x1", None)))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["scimType"], "invalidValue");
+        // Two of corp's people share the e-mail: which one is it? Refused, nothing written.
+        signed_in(&server, PROVIDER, "sub-f1", "f1", "shared@example.org").await;
+        signed_in(&server, PROVIDER, "sub-f2", "f2", "shared@example.org").await;
+        let (status, body) = corp
+            .send(
+                Method::POST,
+                "/Users",
+                Some(scim_user("f", "x2", Some("Shared@example.org"))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{}: {body}", db.name());
+        assert_eq!(body["scimType"], "uniqueness");
+        let (_, listed) = corp.send(Method::GET, "/Users", None).await;
+        assert_eq!(listed["totalResults"], 0, "{listed}");
+        server.stop().await;
+    }
+}
