@@ -1071,3 +1071,137 @@ async fn email_matching_refuses_a_user_it_cannot_place() {
         server.stop().await;
     }
 }
+
+#[tokio::test]
+async fn scim_clients_over_the_admin_api_need_their_scope_and_are_audited() {
+    let db = TestDb::Sqlite;
+    let server = matching_server(&db, None).await;
+    let admin = server.admin_key("scim-admin", &["scim:admin"]).await;
+    let other = server.admin_key("tokens-only", &["tokens:write"]).await;
+    let api = async |key: &str, method: Method, path: &str, body: Option<Json>| {
+        let mut request = server
+            .client
+            .request(method, server.url(&format!("/api/v1{path}")))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str::<Json>(&text).unwrap_or(Json::Null),
+        )
+    };
+
+    // Without the scope: 403, nothing made.
+    let (status, _) = api(
+        &other,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": PROVIDER})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = api(&other, Method::GET, "/scim-clients", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // A provider no one configured is refused.
+    let (status, body) = api(
+        &admin,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": "nobody"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = api(
+        &admin,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": PROVIDER, "name": "okta scim"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "bad name: {body}");
+
+    let (status, created) = api(
+        &admin,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": PROVIDER, "name": "okta-scim"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("tbs_"), "{created}");
+    // The token works at /scim/v2, for that provider.
+    let scim = Scim {
+        server: &server,
+        token: token.clone(),
+    };
+    let (status, _) = scim.send(Method::GET, "/Users", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, listed) = api(&admin, Method::GET, "/scim-clients", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let client = listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(client["status"], "active");
+    assert_eq!(client["provider"], PROVIDER);
+    assert!(client["last_used_at"].is_string(), "{client}");
+    assert!(!listed.to_string().contains(&token), "never the secret");
+    assert!(client.get("secret_hash").is_none());
+
+    let (status, revoked) = api(
+        &admin,
+        Method::POST,
+        &format!("/scim-clients/{id}/revoke"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert_eq!(revoked["status"], "revoked");
+    let (status, _) = scim.send(Method::GET, "/Users", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "refused from then on");
+    let (status, _) = api(
+        &admin,
+        Method::POST,
+        &format!("/scim-clients/{id}/revoke"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let auditor = server.admin_key("auditor", &["audit:read"]).await;
+    let audit = server
+        .get_json("/api/v1/audit?limit=100", Some(&auditor))
+        .await;
+    let seen: Vec<String> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("scim-client."))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "scim-client.create success",
+        "scim-client.create failure",
+        "scim-client.revoke success",
+        "scim-client.revoke failure",
+    ] {
+        assert!(seen.iter().any(|s| s == want), "{want}: {seen:?}");
+    }
+    server.stop().await;
+}
