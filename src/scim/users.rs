@@ -30,11 +30,12 @@ pub(super) async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<ScimResponse, ScimError> {
     let filter = query.filter()?;
-    let by_name = filter.as_ref().and_then(|f| f.equality_on("userName"));
-    let by_external = filter.as_ref().and_then(|f| f.equality_on("externalId"));
+    let narrowing = filter
+        .as_ref()
+        .and_then(|f| f.narrowing(super::filter::Resource::User));
     let rows = state
         .store
-        .scim_users(&client.provider, by_name, by_external, MAX_SCAN)
+        .scim_users(&client.provider, narrowing.as_ref(), MAX_SCAN)
         .await?;
     let base = base(&state);
     let matched: Vec<Json> = rows

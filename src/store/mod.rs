@@ -53,8 +53,8 @@ pub use policy::{
     TargetScope,
 };
 pub use scim::{
-    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimGroupRow, ScimMatch, ScimUserRow,
-    ScimUserWrite, Versioned,
+    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimColumn, ScimGroupRow, ScimMatch,
+    ScimNarrowing, ScimUserRow, ScimUserWrite, TextMatch, Versioned,
 };
 pub use states::TokenSource;
 pub use states::{

@@ -113,6 +113,11 @@ pub struct ScimUserWrite {
     pub email: Option<String>,
     pub display_name: Option<String>,
     pub resource: String,
+    /// The resource's `displayName`, lower-cased ("" without one): what list filters match
+    /// on in SQL.
+    pub display_name_key: String,
+    /// Every `emails[].value`, lower-cased, each between newlines ("\n" without any).
+    pub emails_key: String,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -143,6 +148,124 @@ enum Refused {
     Provisioned,
     /// More than one of the provider's people match.
     Ambiguous,
+}
+
+/// What a SCIM list can ask of the database: a condition every resource its filter matches
+/// meets (it may let more through: the filter itself is then evaluated on what comes back).
+/// Values are ready to compare: lower-cased where the attribute compares without case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScimNarrowing {
+    All(Vec<ScimNarrowing>),
+    Any(Vec<ScimNarrowing>),
+    Text {
+        column: ScimColumn,
+        op: TextMatch,
+        value: String,
+    },
+    Active(bool),
+}
+
+/// An attribute the store keeps a searchable copy of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScimColumn {
+    /// Users only (lower-cased).
+    UserName,
+    /// Users and groups (as sent: it compares with case).
+    ExternalId,
+    /// Users and groups (lower-cased).
+    DisplayName,
+    /// Users only: `emails[].value` (lower-cased).
+    Emails,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextMatch {
+    Eq,
+    StartsWith,
+    Contains,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScimKind {
+    User,
+    Group,
+}
+
+enum Bind {
+    Text(String),
+    Bool(bool),
+}
+
+/// `%`, `_` and `\` taken literally in a LIKE pattern (`ESCAPE '\'`).
+fn like_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The SQL of a narrowing (parameters from `$first`, values pushed to `binds`). Only the
+/// statement's shape comes from here; every value is a parameter. A condition that does not
+/// apply to `kind` is `TRUE` (the filter decides).
+fn narrowing_sql(n: &ScimNarrowing, kind: ScimKind, binds: &mut Vec<Bind>, first: usize) -> String {
+    let param = |bind: Bind, binds: &mut Vec<Bind>| {
+        binds.push(bind);
+        format!("${}", first + binds.len() - 1)
+    };
+    match n {
+        ScimNarrowing::All(parts) | ScimNarrowing::Any(parts) if parts.is_empty() => "1 = 1".into(),
+        ScimNarrowing::All(parts) => parts
+            .iter()
+            .map(|p| format!("({})", narrowing_sql(p, kind, binds, first)))
+            .collect::<Vec<_>>()
+            .join(" AND "),
+        ScimNarrowing::Any(parts) => parts
+            .iter()
+            .map(|p| format!("({})", narrowing_sql(p, kind, binds, first)))
+            .collect::<Vec<_>>()
+            .join(" OR "),
+        ScimNarrowing::Active(active) if kind == ScimKind::User => {
+            format!("s.active = {}", param(Bind::Bool(*active), binds))
+        }
+        ScimNarrowing::Active(_) => "1 = 1".into(),
+        ScimNarrowing::Text { column, op, value } => {
+            // (column, whether rows from before the keys existed may hold NULL)
+            let (sql_column, nullable) = match (kind, column) {
+                (ScimKind::User, ScimColumn::UserName) => ("s.user_name_key", false),
+                (_, ScimColumn::ExternalId) => ("s.external_id", false),
+                (_, ScimColumn::DisplayName) => ("s.display_name_key", true),
+                (ScimKind::User, ScimColumn::Emails) => ("s.emails_key", true),
+                (ScimKind::Group, _) => return "1 = 1".into(),
+            };
+            let test = match (column, op) {
+                (_, TextMatch::Eq) if *column != ScimColumn::Emails => {
+                    format!("{sql_column} = {}", param(Bind::Text(value.clone()), binds))
+                }
+                _ => {
+                    let literal = like_literal(value);
+                    let pattern = match (column, op) {
+                        (ScimColumn::Emails, TextMatch::Eq) => format!("%\n{literal}\n%"),
+                        (ScimColumn::Emails, TextMatch::StartsWith) => format!("%\n{literal}%"),
+                        (_, TextMatch::StartsWith) => format!("{literal}%"),
+                        _ => format!("%{literal}%"),
+                    };
+                    format!(
+                        "{sql_column} LIKE {} ESCAPE '\\'",
+                        param(Bind::Text(pattern), binds)
+                    )
+                }
+            };
+            if nullable {
+                format!("{sql_column} IS NULL OR {test}")
+            } else {
+                test
+            }
+        }
+    }
 }
 
 /// The outcome of a conditional write.
@@ -340,28 +463,34 @@ impl Store {
         .await?))
     }
 
-    /// The SCIM users of `provider` in creation order, at most `limit`; narrowed to one
-    /// userName (any case) or one externalId when given (the filters IdPs send before a create).
+    /// The SCIM users of `provider` in creation order, at most `limit`, narrowed in SQL by
+    /// `narrowing` when given.
     pub async fn scim_users(
         &self,
         provider: &str,
-        user_name: Option<&str>,
-        external_id: Option<&str>,
+        narrowing: Option<&ScimNarrowing>,
         limit: i64,
     ) -> StoreResult<Vec<ScimUserRow>> {
-        let sql = format!(
-            "{SELECT_USERS} WHERE s.provider = $1 AND ($2 IS NULL OR s.user_name_key = $2) \
-             AND ($3 IS NULL OR s.external_id = $3) ORDER BY s.created_at, s.user_id LIMIT $4"
+        let mut binds = Vec::new();
+        let condition = narrowing.map_or_else(
+            || "1 = 1".to_string(),
+            |n| narrowing_sql(n, ScimKind::User, &mut binds, 2),
         );
-        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
-            sql
-        ))
-        .bind(provider)
-        .bind(user_name.map(str::to_lowercase))
-        .bind(external_id)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?))
+        let sql = format!(
+            "{SELECT_USERS} WHERE s.provider = $1 AND ({condition}) \
+             ORDER BY s.created_at, s.user_id LIMIT ${}",
+            binds.len() + 2
+        );
+        Ok(on_pool!(self, |pool| {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(provider);
+            for bind in &binds {
+                query = match bind {
+                    Bind::Text(text) => query.bind(text.clone()),
+                    Bind::Bool(value) => query.bind(*value),
+                };
+            }
+            query.bind(limit).fetch_all(pool).await?
+        }))
     }
 
     /// Creates the SCIM user: the person `key` finds under `mode` (see [`ScimMatch`]) among the
@@ -398,8 +527,9 @@ impl Store {
                        display_name = COALESCE($3, display_name) WHERE id = $4";
         let taken = "SELECT COUNT(*) FROM scim_users WHERE user_id = $1";
         let insert = "INSERT INTO scim_users (user_id, provider, user_name, user_name_key, \
-                      external_id, active, resource, version, created_at, updated_at) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8)";
+                      external_id, active, resource, version, created_at, updated_at, \
+                      display_name_key, emails_key) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8, $9, $10)";
         let matched_value = match mode {
             ScimMatch::Email => user.email.clone().unwrap_or_default(),
             _ => user.user_name.clone(),
@@ -461,6 +591,8 @@ impl Store {
                 .bind(user.active)
                 .bind(&user.resource)
                 .bind(now)
+                .bind(&user.display_name_key)
+                .bind(&user.emails_key)
                 .execute(&mut *tx)
                 .await?;
             // A person provisioned again after a delete, or created inactive.
@@ -503,7 +635,8 @@ impl Store {
     ) -> StoreResult<Versioned<i64>> {
         let now = super::now();
         let update = "UPDATE scim_users SET user_name = $1, user_name_key = $2, external_id = $3, \
-                      active = $4, resource = $5, version = version + 1, updated_at = $6 \
+                      active = $4, resource = $5, version = version + 1, updated_at = $6, \
+                      display_name_key = $10, emails_key = $11 \
                       WHERE provider = $7 AND user_id = $8 AND version = $9 RETURNING version";
         // The subject follows externalId under `external_id` matching; under the others it is
         // the sign-in's own and stays, unless it is still SCIM's placeholder.
@@ -524,6 +657,8 @@ impl Store {
                 .bind(provider)
                 .bind(user_id)
                 .bind(version)
+                .bind(&user.display_name_key)
+                .bind(&user.emails_key)
                 .fetch_optional(&mut *tx)
                 .await?;
             let Some(written) = written else {
@@ -619,18 +754,34 @@ impl Store {
         .await?))
     }
 
-    /// The SCIM groups of `provider` in creation order, at most `limit`.
-    pub async fn scim_groups(&self, provider: &str, limit: i64) -> StoreResult<Vec<ScimGroupRow>> {
-        let sql = format!(
-            "{SELECT_GROUPS} WHERE s.provider = $1 ORDER BY s.created_at, s.group_id LIMIT $2"
+    /// The SCIM groups of `provider` in creation order, at most `limit`, narrowed in SQL by
+    /// `narrowing` when given.
+    pub async fn scim_groups(
+        &self,
+        provider: &str,
+        narrowing: Option<&ScimNarrowing>,
+        limit: i64,
+    ) -> StoreResult<Vec<ScimGroupRow>> {
+        let mut binds = Vec::new();
+        let condition = narrowing.map_or_else(
+            || "1 = 1".to_string(),
+            |n| narrowing_sql(n, ScimKind::Group, &mut binds, 2),
         );
-        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
-            sql
-        ))
-        .bind(provider)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?))
+        let sql = format!(
+            "{SELECT_GROUPS} WHERE s.provider = $1 AND ({condition}) \
+             ORDER BY s.created_at, s.group_id LIMIT ${}",
+            binds.len() + 2
+        );
+        Ok(on_pool!(self, |pool| {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(provider);
+            for bind in &binds {
+                query = match bind {
+                    Bind::Text(text) => query.bind(text.clone()),
+                    Bind::Bool(value) => query.bind(*value),
+                };
+            }
+            query.bind(limit).fetch_all(pool).await?
+        }))
     }
 
     /// The members of a group (user ID and display name) that are not deleted, in ID order.
@@ -666,7 +817,8 @@ impl Store {
                       updated_at = excluded.updated_at RETURNING id";
         let taken = "SELECT COUNT(*) FROM scim_groups WHERE group_id = $1";
         let insert = "INSERT INTO scim_groups (group_id, provider, external_id, display_name, \
-                      version, created_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $5)";
+                      version, created_at, updated_at, display_name_key) \
+                      VALUES ($1, $2, $3, $4, 1, $5, $5, $6)";
         let created = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             let group_id: String = sqlx::query_scalar(upsert)
@@ -691,6 +843,7 @@ impl Store {
                 .bind(external_id)
                 .bind(display_name)
                 .bind(now)
+                .bind(display_name.to_lowercase())
                 .execute(&mut *tx)
                 .await?;
             let none: Vec<String> = Vec::new();
@@ -718,8 +871,8 @@ impl Store {
     ) -> StoreResult<Versioned<(i64, usize)>> {
         let now = super::now();
         let update = "UPDATE scim_groups SET display_name = $1, version = version + 1, \
-                      updated_at = $2 WHERE provider = $3 AND group_id = $4 AND version = $5 \
-                      RETURNING version";
+                      updated_at = $2, display_name_key = $6 WHERE provider = $3 \
+                      AND group_id = $4 AND version = $5 RETURNING version";
         let rename = "UPDATE groups SET name = $1, updated_at = $2 WHERE id = $3 AND name <> $1";
         let current = "SELECT user_id FROM user_groups WHERE group_id = $1";
         Ok(on_pool!(self, |pool| async {
@@ -730,6 +883,7 @@ impl Store {
                 .bind(provider)
                 .bind(group_id)
                 .bind(version)
+                .bind(display_name.to_lowercase())
                 .fetch_optional(&mut *tx)
                 .await?;
             let Some(written) = written else {

@@ -1205,3 +1205,143 @@ async fn scim_clients_over_the_admin_api_need_their_scope_and_are_audited() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn list_filters_narrowed_in_sql_find_every_match_on_both_databases() {
+    for db in TestDb::all().await {
+        let server = TestServer::start_on(&db).await;
+        let scim = Scim {
+            server: &server,
+            token: scim_client(&server, PROVIDER).await,
+        };
+        let mut ids = std::collections::BTreeMap::new();
+        for (key, user) in [
+            (
+                "u1",
+                json!({"userName": "Alice_Smith@Example.org", "externalId": "00uAbc",
+                       "displayName": "Ålice Smith", "active": true,
+                       "emails": [{"value": "alice@work.example", "type": "work"},
+                                  {"value": "ALICE@home.example", "type": "home"}]}),
+            ),
+            (
+                "u2",
+                json!({"userName": "alice%smith@example.org", "externalId": "00uabc",
+                       "displayName": "Alice Other", "active": false,
+                       "emails": [{"value": "a2@work.example", "type": "work", "primary": true}]}),
+            ),
+            (
+                "u3",
+                json!({"userName": "  bob@example.org ", "externalId": "x\\y",
+                       "displayName": "Bob", "active": true}),
+            ),
+        ] {
+            let (status, created) = scim.send(Method::POST, "/Users", Some(user)).await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            ids.insert(created["id"].as_str().unwrap().to_owned(), key);
+        }
+        let found = async |filter: &str| -> Vec<&str> {
+            let path = format!("/Users?filter={}", urlencode(filter));
+            let (status, body) = scim.send(Method::GET, &path, None).await;
+            assert_eq!(status, StatusCode::OK, "{filter}: {body}");
+            let mut keys: Vec<&str> = body["Resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| ids[r["id"].as_str().unwrap()])
+                .collect();
+            keys.sort();
+            assert_eq!(body["totalResults"], keys.len(), "{filter}");
+            keys
+        };
+        for (filter, want) in [
+            (r#"userName eq "ALICE_SMITH@EXAMPLE.ORG""#, vec!["u1"]),
+            (r#"userName sw "alice_""#, vec!["u1"]),
+            (r#"userName co "%""#, vec!["u2"]),
+            (r#"userName eq "bob@example.org""#, vec!["u3"]),
+            (r#"displayName co "ÅLICE""#, vec!["u1"]),
+            (r#"displayName sw "alice""#, vec!["u2"]),
+            (r#"emails.value eq "alice@home.example""#, vec!["u1"]),
+            (r#"emails[type eq "work"].value sw "A2@""#, vec!["u2"]),
+            (r#"emails co "@work""#, vec![]),
+            (r#"emails.value co "@WORK.""#, vec!["u1", "u2"]),
+            (r#"active eq "False""#, vec!["u2"]),
+            (r#"active eq true and emails pr"#, vec!["u1"]),
+            (r#"externalId eq "00uabc""#, vec!["u2"]),
+            (r#"externalId co "\\""#, vec!["u3"]),
+            (
+                r#"displayName eq "bob" or emails.value co "home""#,
+                vec!["u1", "u3"],
+            ),
+            (r#"not (active eq true)"#, vec!["u2"]),
+            (
+                r#"userName eq "nobody" or displayName co "other""#,
+                vec!["u2"],
+            ),
+        ] {
+            assert_eq!(found(filter).await, want, "{}: {filter}", db.name());
+        }
+        // A change moves the search keys with it.
+        let bob = ids.iter().find(|(_, k)| **k == "u3").unwrap().0.clone();
+        let (status, _) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Users/{bob}"),
+                Some(json!({"schemas": [PATCH_SCHEMA], "Operations": [
+                    {"op": "replace", "path": "displayName", "value": "Robert"},
+                    {"op": "add", "path": "emails", "value": [{"value": "Rob@Example.org"}]}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(found(r#"displayName eq "robert""#).await, vec!["u3"]);
+        assert_eq!(found(r#"displayName eq "bob""#).await, Vec::<&str>::new());
+        assert_eq!(
+            found(r#"emails.value eq "rob@example.org""#).await,
+            vec!["u3"]
+        );
+
+        // Groups: displayName without case, externalId with.
+        for (name, external) in [("Engineering", "grp-A"), ("Sales_EU", "grp-a")] {
+            let (status, _) = scim
+                .send(
+                    Method::POST,
+                    "/Groups",
+                    Some(json!({"displayName": name, "externalId": external})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED);
+        }
+        for (filter, want) in [
+            (r#"displayName eq "ENGINEERING""#, vec!["Engineering"]),
+            (r#"displayName sw "sales_""#, vec!["Sales_EU"]),
+            (r#"externalId eq "grp-a""#, vec!["Sales_EU"]),
+            (
+                r#"displayName co "eer" or externalId eq "grp-a""#,
+                vec!["Engineering", "Sales_EU"],
+            ),
+        ] {
+            let path = format!("/Groups?filter={}", urlencode(filter));
+            let (status, body) = scim.send(Method::GET, &path, None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let mut names: Vec<&str> = body["Resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["displayName"].as_str().unwrap())
+                .collect();
+            names.sort();
+            assert_eq!(names, want, "{}: {filter}", db.name());
+        }
+        server.stop().await;
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
