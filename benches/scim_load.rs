@@ -1,35 +1,44 @@
-//! SCIM provisioning load: how long a 10,000-member group takes to arrive in batches (as Okta
-//! and Entra ID push it) and to be applied, and a 1-member PATCH.
+//! SCIM provisioning load, to queued commands: a 10,000-member group pushed in batches (as
+//! Okta and Entra ID push it) and a 1-member PATCH, each timed until the commands the policy
+//! asks for are queued on the members' devices.
 //!
 //!   cargo bench --bench scim_load -- --users 10000 --batch 1000 [--database-url postgres://…]
 //!
 //! The broker runs in this process on a fresh SQLite file (or the given empty PostgreSQL
-//! database). Measured over its plain-HTTP listener with a real SCIM client token:
+//! database), driven over its plain-HTTP listener with a real SCIM client token:
 //!
-//! 1. `--users` POST /Users at `--concurrency` (users per second);
-//! 2. one group, then PATCH `add members` in batches of `--batch`: time per batch, in all, and
-//!    until the reconciler has claimed every reconcile request the batches recorded ("applied");
-//! 3. `--single` times: a 1-member PATCH (remove, then add back): request time and applied time.
+//! 1. `--users` + `--single` POST /Users at `--concurrency` (users per second); each person then
+//!    gets an enrolled device, written straight into the database as `policy_load` writes its
+//!    fleet (an active enrollment record, the device owned by the person, an active channel
+//!    without a push token, so nothing is pushed): timed apart, not what is measured;
+//! 2. a group is created over SCIM and a policy (one profile and one app, two commands per
+//!    device) targeting it is applied over the admin API; then the first `--users` people are
+//!    added with PATCH `add members` in batches of `--batch`: time per batch, until every
+//!    reconcile request is claimed, and until all 2·N commands are queued;
+//! 3. `--single` times, one more person is added with a 1-member PATCH: request time, and time
+//!    until their device's two commands are queued.
 //!
-//! No devices are enrolled: the reconciler's side (requests to queued commands per device) is
-//! what `policy_load` measures; here it is the SCIM write path up to the reconciler's queue.
+//! `benches/scim.sh` runs it on SQLite and PostgreSQL.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use base64::Engine;
 use clap::Parser;
 use serde_json::{Value as Json, json};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use trustbroker::config::{Config, ConfigArgs, Database, FileConfig};
 
 #[derive(Parser)]
 struct Args {
+    /// Members of the group pushed in batches (each a person with an enrolled device).
     #[arg(long, default_value_t = 10_000)]
     users: usize,
     /// Members per PATCH when the group is pushed.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
-    /// 1-member PATCHes timed one after the other.
+    /// 1-member PATCHes timed one after the other (each adds one more person).
     #[arg(long, default_value_t = 20)]
     single: usize,
     #[arg(long, default_value_t = 16)]
@@ -39,12 +48,42 @@ struct Args {
     database_url: Option<String>,
     #[arg(long, default_value = "trustbroker")]
     label: String,
+    /// The broker's log filter.
+    #[arg(long, default_value = "warn")]
+    log: String,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 const PATCH: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+const PROVIDER: &str = "okta";
+const GROUP_EXTERNAL_ID: &str = "grp-everyone";
+const TOPIC: &str = "com.apple.mgmt.External.bench";
+/// Commands the policy queues per device: its profile and its app.
+const COMMANDS_PER_DEVICE: i64 = 2;
+/// Devices per multi-row INSERT.
+const ROWS_PER_INSERT: usize = 500;
+
+fn policy() -> String {
+    format!(
+        r#"name: everyone
+description: passcode and PingID for everyone the IdP pushes
+targets:
+  groups:
+    - {{ provider: {PROVIDER}, id: "{GROUP_EXTERNAL_ID}" }}
+profiles:
+  - name: passcode
+    payloads:
+      - {{ PayloadType: com.apple.mobiledevice.passwordpolicy, minLength: 8 }}
+apps:
+  - bundle_id: com.pingidentity.pingid
+    itunes_store_id: 1076521545
+    configuration:
+      user_email: "${{user.email}}"
+"#
+    )
+}
 
 struct Client {
     http: reqwest::Client,
@@ -75,22 +114,156 @@ impl Client {
     }
 }
 
-/// Waits until no reconcile request is left unclaimed; the time it took.
-async fn applied(pool: &Db, started: Instant) -> anyhow::Result<Duration> {
+/// The bench's own connection to the broker's database.
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+impl Db {
+    async fn open(database: &Database) -> anyhow::Result<Db> {
+        Ok(match database {
+            Database::Sqlite { path } => {
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(30));
+                Db::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(2)
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+            Database::Postgres { url } => Db::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(url)
+                    .await?,
+            ),
+        })
+    }
+
+    async fn scalar(&self, sql: &'static str) -> anyhow::Result<i64> {
+        Ok(on_db!(self, |pool| sqlx::query_scalar::<_, Option<i64>>(
+            sql
+        )
+        .fetch_one(pool)
+        .await?
+        .unwrap_or(0)))
+    }
+
+    async fn commands_of(&self, udid: &str) -> anyhow::Result<i64> {
+        let sql = "SELECT COUNT(*) FROM mdm_commands WHERE enrollment_id = $1";
+        Ok(on_db!(self, |pool| sqlx::query_scalar::<_, i64>(sql)
+            .bind(udid)
+            .fetch_one(pool)
+            .await?))
+    }
+
+    /// Gives each person (user ID) an enrolled device: an active enrollment record, the device
+    /// owned by them, an active channel without a push token. Returns the UDIDs, in order.
+    async fn enroll(&self, user_ids: &[String]) -> anyhow::Result<Vec<String>> {
+        let now = trustbroker::store::now();
+        let udids: Vec<String> = (0..user_ids.len())
+            .map(|i| format!("00008120-{i:016X}"))
+            .collect();
+        let rows: Vec<(&String, &String, String)> = user_ids
+            .iter()
+            .zip(&udids)
+            .map(|(user, udid)| (user, udid, uuid::Uuid::new_v4().to_string()))
+            .collect();
+        on_db!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let n = chunk.len();
+                let sql = insert(
+                    "enrollments (id, for_user, requested_by, created_at, status, user_id, \
+                     udid, bound_at)",
+                    n,
+                    1,
+                    3,
+                    "(#0, 'bench', 'bench', $1, 'active', #1, #2, $1)",
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                for (user, udid, enrollment) in chunk {
+                    q = q.bind(enrollment).bind(*user).bind(*udid);
+                }
+                q.execute(&mut *tx).await?;
+                let sql = insert(
+                    "mdm_devices (udid, enrollment_id, serial_number, product_name, topic, \
+                     owner_id, owner_bound_at, authenticated_at, updated_at)",
+                    n,
+                    2,
+                    3,
+                    "(#0, #1, #0, 'iPhone15,2', $2, #2, $1, $1, $1)",
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).bind(TOPIC);
+                for (user, udid, enrollment) in chunk {
+                    q = q.bind(*udid).bind(enrollment).bind(*user);
+                }
+                q.execute(&mut *tx).await?;
+                let sql = insert(
+                    "mdm_enrollments (id, udid, channel, push_token, push_magic, status, \
+                     push_status, created_at, updated_at)",
+                    n,
+                    1,
+                    2,
+                    "(#0, #0, 'device', NULL, #1, 'active', 'unknown', $1, $1)",
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                for (_, udid, _) in chunk {
+                    q = q
+                        .bind(*udid)
+                        .bind(uuid::Uuid::new_v4().to_string().to_uppercase());
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        if let Db::Postgres(pool) = self {
+            sqlx::query("ANALYZE users, groups, user_groups, enrollments, mdm_devices, mdm_enrollments, scim_users, scim_groups")
+                .execute(pool)
+                .await?;
+        }
+        Ok(udids)
+    }
+}
+
+/// `INSERT INTO <table> VALUES <rows>`: `rows` copies of `row`, where `#k` is the row's k-th of
+/// `per_row` values, numbered after `shared` values bound once before all rows (`$1`…).
+fn insert(table: &str, rows: usize, shared: usize, per_row: usize, row: &str) -> String {
+    let mut sql = format!("INSERT INTO {table} VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        let mut text = row.to_owned();
+        for k in (0..per_row).rev() {
+            text = text.replace(
+                &format!("#{k}"),
+                &format!("${}", shared + r * per_row + k + 1),
+            );
+        }
+        sql.push_str(&text);
+    }
+    sql
+}
+
+/// Waits until no reconcile request is left unclaimed; the time since `started`.
+async fn claimed(db: &Db, started: Instant) -> anyhow::Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let left: i64 = match pool {
-            Db::Sqlite(p) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM reconcile_requests")
-                    .fetch_one(p)
-                    .await?
-            }
-            Db::Postgres(p) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM reconcile_requests")
-                    .fetch_one(p)
-                    .await?
-            }
-        };
+        let left = db.scalar("SELECT COUNT(*) FROM reconcile_requests").await?;
         if left == 0 {
             return Ok(started.elapsed());
         }
@@ -101,18 +274,39 @@ async fn applied(pool: &Db, started: Instant) -> anyhow::Result<Duration> {
     }
 }
 
-enum Db {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
+/// Waits until at least `target` commands are queued in all; the time since `started`.
+async fn all_queued(db: &Db, target: i64, started: Instant) -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    loop {
+        // MAX(seq) is one index probe; COUNT(*) is read only once it can be done.
+        if db.scalar("SELECT MAX(seq) FROM mdm_commands").await? >= target
+            && db.scalar("SELECT COUNT(*) FROM mdm_commands").await? >= target
+        {
+            return Ok(started.elapsed());
+        }
+        if Instant::now() > deadline {
+            let queued = db.scalar("SELECT COUNT(*) FROM mdm_commands").await?;
+            bail!("{queued} of {target} commands queued after 1200 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+fn pick(sorted: &[Duration], q: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    trustbroker::telemetry::init_logging(trustbroker::config::LogFormat::Human, &args.log);
     let data_dir = tempfile::tempdir()?;
     let config_args = ConfigArgs {
         data_dir: Some(data_dir.path().to_path_buf()),
@@ -121,7 +315,9 @@ async fn main() -> anyhow::Result<()> {
         http_listen: Some("127.0.0.1:0".parse()?),
         ..Default::default()
     };
-    let config = Config::merge(config_args, FileConfig::default())?;
+    // No periodic full pass in the middle of a measurement.
+    let file: FileConfig = toml::from_str("[policy]\nfull_pass_interval_secs = 86400\n")?;
+    let config = Config::merge(config_args, file)?;
     let database = config.database.clone();
     let server = trustbroker::server::start(config).await?;
     let base = format!(
@@ -130,20 +326,20 @@ async fn main() -> anyhow::Result<()> {
             .http_addr
             .context("the plain HTTP listener is bound")?
     );
-    let db = match database {
-        Database::Sqlite { path } => {
-            Db::Sqlite(sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?)
-        }
-        Database::Postgres { url } => Db::Postgres(sqlx::PgPool::connect(&url).await?),
-    };
-    let token = trustbroker::scim::auth::create(&server.store, "okta", "bench", "bench")
+    let db = Db::open(&database).await?;
+    let token = trustbroker::scim::auth::create(&server.store, PROVIDER, "bench", "bench")
         .await?
         .token;
+    let scopes = trustbroker::admin::keys::parse_scopes(&["admin"])?;
+    let admin = trustbroker::admin::keys::create(&server.store, "bench", &scopes, "bench")
+        .await?
+        .key;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
     let client = Arc::new(Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .build()?,
-        base,
+        http: http.clone(),
+        base: base.clone(),
         token,
     });
     println!(
@@ -152,11 +348,12 @@ async fn main() -> anyhow::Result<()> {
         server.store.backend().as_str()
     );
 
-    // 1. People.
+    // 1. People, then their devices.
+    let people = args.users + args.single;
     let started = Instant::now();
-    let mut ids = Vec::with_capacity(args.users);
+    let mut ids: Vec<(usize, String)> = Vec::with_capacity(people);
     let mut running = tokio::task::JoinSet::new();
-    for i in 0..args.users {
+    for i in 0..people {
         // At most `concurrency` requests in flight.
         if running.len() >= args.concurrency.max(1)
             && let Some(done) = running.join_next().await
@@ -170,34 +367,61 @@ async fn main() -> anyhow::Result<()> {
                     "externalId": format!("00u{i:010}"), "active": true,
                     "emails": [{"value": format!("user{i}@example.org"), "type": "work", "primary": true}]}))
                 .await?;
-            user["id"].as_str().map(str::to_string).context("a user id")
+            let id = user["id"].as_str().map(str::to_string).context("a user id")?;
+            anyhow::Ok((i, id))
         });
     }
     while let Some(done) = running.join_next().await {
         ids.push(done??);
     }
+    ids.sort();
+    let ids: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
     let took = started.elapsed();
     println!(
-        "- {} users created in {} ({:.0}/s at concurrency {})",
-        args.users,
+        "- {people} users created in {} ({:.0}/s at concurrency {})",
         ms(took),
-        args.users as f64 / took.as_secs_f64(),
+        people as f64 / took.as_secs_f64(),
         args.concurrency
     );
-    applied(&db, Instant::now()).await?;
+    claimed(&db, Instant::now()).await?;
+    let started = Instant::now();
+    let udids = db.enroll(&ids).await?;
+    eprintln!(
+        "{people} devices enrolled (in the database) in {}",
+        ms(started.elapsed())
+    );
 
-    // 2. The group, in batches.
+    // 2. The group, a policy on it, then its members in batches.
     let group = client
         .send(
             reqwest::Method::POST,
             "/Groups",
-            json!({"displayName": "Everyone", "externalId": "grp-everyone"}),
+            json!({"displayName": "Everyone", "externalId": GROUP_EXTERNAL_ID}),
         )
         .await?;
     let group_path = format!("/Groups/{}", group["id"].as_str().context("a group id")?);
+    let files =
+        json!({"everyone.yaml": base64::engine::general_purpose::STANDARD.encode(policy())});
+    let applied = http
+        .post(format!("{base}/api/v1/policies/apply"))
+        .bearer_auth(&admin)
+        .json(&json!({"files": files}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        applied.status() == reqwest::StatusCode::CREATED,
+        "apply: {} {}",
+        applied.status(),
+        applied.text().await?
+    );
+    claimed(&db, Instant::now()).await?;
+    let before = db.scalar("SELECT COUNT(*) FROM mdm_commands").await?;
+    anyhow::ensure!(before == 0, "{before} commands queued before the push");
+
+    let members = &ids[..args.users];
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
-    for batch in ids.chunks(args.batch.max(1)) {
+    for batch in members.chunks(args.batch.max(1)) {
         let one = Instant::now();
         let value: Vec<Json> = batch.iter().map(|id| json!({"value": id})).collect();
         client
@@ -211,54 +435,70 @@ async fn main() -> anyhow::Result<()> {
         slowest = slowest.max(one.elapsed());
     }
     let pushed = started.elapsed();
-    let done = applied(&db, started).await?;
+    let target = COMMANDS_PER_DEVICE * args.users as i64;
+    let requests_claimed = claimed(&db, started).await?;
+    let queued = all_queued(&db, target, started).await?;
     println!(
-        "- {}-member group in batches of {}: pushed in {} (slowest batch {}), applied (every reconcile request claimed) after {}",
-        ids.len(),
+        "- {}-member group in PATCHes of {}: pushed in {} (slowest PATCH {}); reconcile \
+         requests claimed after {}; all {target} commands queued after {} ({:.0} devices/s)",
+        members.len(),
         args.batch,
         ms(pushed),
         ms(slowest),
-        ms(done)
+        ms(requests_claimed),
+        ms(queued),
+        members.len() as f64 / queued.as_secs_f64()
     );
+    claimed(&db, Instant::now()).await?;
 
     // 3. One member at a time.
     let mut requests = Vec::new();
-    let mut applies = Vec::new();
-    for (n, id) in ids.iter().take(args.single).enumerate() {
-        let op = if n % 2 == 0 { "remove" } else { "add" };
-        for op in [op, if op == "remove" { "add" } else { "remove" }] {
-            let started = Instant::now();
-            let operation = if op == "remove" {
-                json!({"op": "remove", "path": format!("members[value eq \"{id}\"]")})
-            } else {
-                json!({"op": "add", "path": "members", "value": [{"value": id}]})
-            };
-            client
-                .send(
-                    reqwest::Method::PATCH,
-                    &group_path,
-                    json!({"schemas": [PATCH], "Operations": [operation]}),
-                )
-                .await?;
-            requests.push(started.elapsed());
-            applies.push(applied(&db, started).await?);
+    let mut queued_times = Vec::new();
+    for (id, udid) in ids[args.users..].iter().zip(&udids[args.users..]) {
+        let before = db.commands_of(udid).await?;
+        let started = Instant::now();
+        client
+            .send(
+                reqwest::Method::PATCH,
+                &group_path,
+                json!({"schemas": [PATCH],
+                       "Operations": [{"op": "add", "path": "members", "value": [{"value": id}]}]}),
+            )
+            .await?;
+        requests.push(started.elapsed());
+        loop {
+            if db.commands_of(udid).await? >= before + COMMANDS_PER_DEVICE {
+                queued_times.push(started.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "{udid}: the commands were not queued within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let in_order: Vec<String> = queued_times
+        .iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+        .collect();
+    eprintln!(
+        "1-member PATCH to queued, in order (ms): {}",
+        in_order.join(" ")
+    );
     requests.sort();
-    applies.sort();
-    let pick = |v: &[Duration], q: f64| {
-        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or_default()
-    };
+    queued_times.sort();
     println!(
-        "- 1-member PATCH ×{} on the {}-member group: request p50 {} p95 {}; applied p50 {} p95 {}",
+        "- 1-member PATCH ×{} on the {}-member group: request p50 {} p95 {}; both commands \
+         queued p50 {} p95 {} (max {})",
         requests.len(),
-        ids.len(),
+        args.users,
         ms(pick(&requests, 0.5)),
         ms(pick(&requests, 0.95)),
-        ms(pick(&applies, 0.5)),
-        ms(pick(&applies, 0.95))
+        ms(pick(&queued_times, 0.5)),
+        ms(pick(&queued_times, 0.95)),
+        ms(queued_times.last().copied().unwrap_or_default())
     );
     server.shutdown().await;
     Ok(())

@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
 use crate::identity::{ProviderSettings, valid_provider_name};
+use crate::store::ScimMatch;
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9443);
 pub const DEFAULT_DATA_DIR: &str = "trustbroker-data";
@@ -331,7 +332,7 @@ pub struct FileConfig {
     pub mdm: MdmIdentitySettings,
     /// Identity providers, `[idp.NAME]`, each with `type = "ldap" | "oidc" | "saml"`.
     #[serde(default)]
-    pub idp: BTreeMap<String, ProviderSettings>,
+    pub idp: BTreeMap<String, IdpTable>,
     /// The enrollment portal, `[enroll]`.
     #[serde(default)]
     pub enroll: PortalSettings,
@@ -759,6 +760,8 @@ pub struct Config {
     pub proxies: ProxyConfig,
     /// The identity providers, by name, in name order.
     pub identity_providers: Vec<(String, ProviderSettings)>,
+    /// How each provider's SCIM users are matched to its sign-ins (`scim_match`).
+    pub scim_match: BTreeMap<String, ScimMatch>,
     pub portal: PortalSettings,
     pub server: ServerSettings,
     pub limits: LimitSettings,
@@ -766,7 +769,24 @@ pub struct Config {
     pub tokens: TokenSettings,
 }
 
+/// One `[idp.NAME]` table: the provider's own settings (by `type`), plus how its SCIM users
+/// are matched to its sign-ins (`scim_match = "external_id" | "user_name" | "email"`, default
+/// `external_id`; see docs/scim.md).
+#[derive(Clone, Debug, Deserialize)]
+pub struct IdpTable {
+    #[serde(default)]
+    pub scim_match: ScimMatch,
+    #[serde(flatten)]
+    pub settings: ProviderSettings,
+}
+
 impl Config {
+    /// How `provider`'s SCIM users are matched to its sign-ins (the default for a provider
+    /// that is not configured, as a SCIM client made directly in the store may name).
+    pub fn scim_match(&self, provider: &str) -> ScimMatch {
+        self.scim_match.get(provider).copied().unwrap_or_default()
+    }
+
     /// Reads the file named in `args` (if any) and merges it under `args`.
     pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
         let file = match &args.config {
@@ -996,7 +1016,16 @@ impl Config {
                 .unwrap_or_default(),
             mdm_identity,
             proxies,
-            identity_providers: file.idp.into_iter().collect(),
+            scim_match: file
+                .idp
+                .iter()
+                .map(|(name, table)| (name.clone(), table.scim_match))
+                .collect(),
+            identity_providers: file
+                .idp
+                .into_iter()
+                .map(|(name, table)| (name, table.settings))
+                .collect(),
             portal: file.enroll,
             server: file.server,
             limits: file.limits,

@@ -177,6 +177,13 @@ enum IntegrationCommand {
         overlap_secs: Option<i64>,
     },
     List,
+    /// Delete an integration: its tokens, app clients and per-device tokens are revoked.
+    /// Refused while the applied policies deliver it or it has an active token, unless --force.
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1174,6 +1181,28 @@ async fn token(cmd: TokenCommand, config: Config) -> anyhow::Result<()> {
                 );
             }
         }
+        TokenCommand::Integration(IntegrationCommand::Delete { name, force }) => {
+            let result = service.delete_integration(&name, force, &actor).await;
+            let deleted = audit_token_action(
+                &store,
+                "token-integration.delete",
+                &name,
+                result,
+                |d| serde_json::json!({"force": force, "outcome": format!("{d:?}")}),
+            )
+            .await?;
+            if let trustbroker::store::IntegrationDeletion::Deleted {
+                tokens_revoked,
+                clients_revoked,
+                device_tokens_revoked,
+            } = deleted
+            {
+                println!(
+                    "deleted integration '{name}': revoked {tokens_revoked} token(s), \
+                     {clients_revoked} app client(s), {device_tokens_revoked} device token(s)"
+                );
+            }
+        }
         TokenCommand::Create { new } => create_token(&store, &service, new, None, &actor).await?,
         TokenCommand::Import { new } => {
             let value = imported_value()?;
@@ -1308,12 +1337,12 @@ async fn app_client(cmd: AppClientCommand, config: Config) -> anyhow::Result<()>
         }
         AppClientCommand::List { integration } => {
             println!(
-                "{:<21} {:<24} {:<8} {:<21} CREATED BY",
-                "ID", "NAME", "STATUS", "CREATED"
+                "{:<21} {:<24} {:<8} {:<21} {:<21} CREATED BY",
+                "ID", "NAME", "STATUS", "CREATED", "LAST USED"
             );
             for c in service.clients(&integration).await? {
                 println!(
-                    "{:<21} {:<24} {:<8} {:<21} {}",
+                    "{:<21} {:<24} {:<8} {:<21} {:<21} {}",
                     c.id,
                     c.name,
                     if c.revoked_at.is_some() {
@@ -1322,6 +1351,9 @@ async fn app_client(cmd: AppClientCommand, config: Config) -> anyhow::Result<()>
                         "active"
                     },
                     c.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    c.last_used_at
+                        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "never".into()),
                     c.created_by
                 );
             }

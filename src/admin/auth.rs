@@ -53,6 +53,7 @@ required_scopes! {
     TokensRead => Some(Scope::TokensRead),
     TokensWrite => Some(Scope::TokensWrite),
     TokensReveal => Some(Scope::TokensReveal),
+    ScimAdmin => Some(Scope::ScimAdmin),
 }
 
 /// Where a request came from, for audit records.

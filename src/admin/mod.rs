@@ -6,6 +6,7 @@ pub mod keys;
 pub mod mdm;
 pub mod pki;
 pub mod policies;
+pub mod scim_clients;
 pub mod scope;
 pub mod signing_keys;
 pub mod tokens;
@@ -36,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .merge(policies::router())
         .merge(signing_keys::router())
         .merge(tokens::router())
+        .merge(scim_clients::router())
 }
 
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {

@@ -28,6 +28,8 @@ pub enum Scope {
     TokensWrite,
     /// Reading a token's full value after its creation (audited).
     TokensReveal,
+    /// SCIM clients (identity providers' credentials for /scim/v2): list, create, revoke.
+    ScimAdmin,
 }
 
 impl Scope {
@@ -48,6 +50,7 @@ impl Scope {
         Scope::TokensRead,
         Scope::TokensWrite,
         Scope::TokensReveal,
+        Scope::ScimAdmin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Scope {
             Scope::TokensRead => "tokens:read",
             Scope::TokensWrite => "tokens:write",
             Scope::TokensReveal => "tokens:reveal",
+            Scope::ScimAdmin => "scim:admin",
         }
     }
 

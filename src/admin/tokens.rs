@@ -3,7 +3,7 @@
 //! is audited; values appear only in the answer that creates them and in a reveal.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,7 @@ use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::store::IntegrationChanges;
+use crate::store::{IntegrationChanges, IntegrationDeletion};
 use crate::tokens::shared::{IntegrationRequest, TokenError, TokenRequest};
 
 pub fn router() -> Router<AppState> {
@@ -28,7 +28,9 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/token-integrations/{name}",
-            get(show_integration).patch(update_integration),
+            get(show_integration)
+                .patch(update_integration)
+                .delete(delete_integration),
         )
         .route(
             "/token-integrations/{name}/tokens",
@@ -63,6 +65,9 @@ impl From<TokenError> for ApiError {
             }
             TokenError::LastActiveToken { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "last_active_token", err.to_string())
+            }
+            TokenError::IntegrationInUse { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "integration_in_use", err.to_string())
             }
             TokenError::Seal(e) => ApiError::internal(&e),
             TokenError::Store(e) => e.into(),
@@ -226,6 +231,51 @@ async fn update_integration(
     )
     .await?;
     Ok(Json(to_json(&updated)?))
+}
+
+/// `DELETE /token-integrations/{name}` (body `{"force": true}` or `?force=true`).
+async fn delete_integration(
+    admin: Admin<auth::TokensWrite>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<ForceQuery>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: RevokeBody = optional_body(&body)?;
+    let force = body.force || query.force;
+    let actor = admin.principal.actor();
+    let result = state.tokens.delete_integration(&name, force, &actor).await;
+    let deleted = audited(
+        &admin,
+        &state,
+        "token-integration.delete",
+        &name,
+        result,
+        |d| json!({"force": force, "revoked": deletion_counts(d)}),
+    )
+    .await?;
+    Ok(Json(
+        json!({"integration": name, "deleted": true, "revoked": deletion_counts(&deleted)}),
+    ))
+}
+
+fn deletion_counts(deletion: &IntegrationDeletion) -> Value {
+    match deletion {
+        IntegrationDeletion::Deleted {
+            tokens_revoked,
+            clients_revoked,
+            device_tokens_revoked,
+        } => json!({"tokens": tokens_revoked, "app_clients": clients_revoked,
+                    "device_tokens": device_tokens_revoked}),
+        _ => Value::Null,
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
 }
 
 // ---- tokens ----

@@ -1,10 +1,13 @@
 //! SCIM filters (RFC 7644 §3.4.2.2), parsed strictly and within bounds, and evaluated on a
-//! resource's JSON. Nothing of a filter ever reaches SQL: the store narrows by userName or
-//! externalId at most, and the rest is matched here.
+//! resource's JSON. A filter's text never reaches SQL: from the parsed filter, [`Filter::narrowing`]
+//! derives a condition the store tests with parameters (`eq`/`sw`/`co` on a few attributes,
+//! `active`), implied by the filter, and the filter itself is then matched here on what the
+//! store returns. So the store only ever narrows; what matches is decided here.
 
 use serde_json::Value as Json;
 
 use super::error::ScimError;
+use crate::store::{ScimColumn, ScimNarrowing, TextMatch};
 
 /// Longest filter accepted, in bytes.
 pub const MAX_FILTER_LEN: usize = 1024;
@@ -490,19 +493,96 @@ impl Filter {
         }
     }
 
-    /// The value of a top-level `attr eq "x"` on `name` (possibly within an `and`): lets the
-    /// store narrow the candidates before matching.
-    pub fn equality_on(&self, name: &str) -> Option<&str> {
+    /// A condition the store can test in SQL that every resource this filter matches meets
+    /// (`None`: none worth testing). It may let more through, never fewer: `and` keeps what
+    /// either side gives, `or` needs both, `not` and anything else give nothing.
+    pub fn narrowing(&self, resource: Resource) -> Option<ScimNarrowing> {
         match self {
-            Filter::Compare(path, Op::Eq, Json::String(value))
-                if path.sub.is_none() && path.name.eq_ignore_ascii_case(name) =>
-            {
-                Some(value)
+            Filter::And(a, b) => match (a.narrowing(resource), b.narrowing(resource)) {
+                (Some(a), Some(b)) => Some(ScimNarrowing::All(vec![a, b])),
+                (a, b) => a.or(b),
+            },
+            Filter::Or(a, b) => Some(ScimNarrowing::Any(vec![
+                a.narrowing(resource)?,
+                b.narrowing(resource)?,
+            ])),
+            Filter::Compare(path, op, wanted) => narrow_compare(path, *op, wanted, resource),
+            // `emails[type eq "work"].value eq "x"`: some e-mail's value is "x".
+            Filter::ValuePath(path, _, Some((sub, Some((op, wanted))))) => {
+                let flat = AttrPath {
+                    sub: Some(sub.clone()),
+                    ..path.clone()
+                };
+                narrow_compare(&flat, *op, wanted, resource)
             }
-            Filter::And(a, b) => a.equality_on(name).or_else(|| b.equality_on(name)),
             _ => None,
         }
     }
+}
+
+/// The kind of resource a list filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    User,
+    Group,
+}
+
+/// The store's condition for one comparison, when it has a column for it.
+fn narrow_compare(
+    path: &AttrPath,
+    op: Op,
+    wanted: &Json,
+    resource: Resource,
+) -> Option<ScimNarrowing> {
+    if path
+        .schema
+        .as_deref()
+        .is_some_and(|s| !super::resources::is_core_schema(s))
+    {
+        return None;
+    }
+    let named = |name: &str| path.name.eq_ignore_ascii_case(name);
+    let sub_is = |name: Option<&str>| match (&path.sub, name) {
+        (None, None) => true,
+        (Some(sub), Some(name)) => sub.eq_ignore_ascii_case(name),
+        _ => false,
+    };
+    if resource == Resource::User && named("active") && sub_is(None) && op == Op::Eq {
+        return match wanted {
+            Json::Bool(b) => Some(ScimNarrowing::Active(*b)),
+            Json::String(s) if s.eq_ignore_ascii_case("true") => Some(ScimNarrowing::Active(true)),
+            Json::String(s) if s.eq_ignore_ascii_case("false") => {
+                Some(ScimNarrowing::Active(false))
+            }
+            _ => None,
+        };
+    }
+    let Json::String(value) = wanted else {
+        return None;
+    };
+    let op = match op {
+        Op::Eq => TextMatch::Eq,
+        Op::Sw => TextMatch::StartsWith,
+        Op::Co => TextMatch::Contains,
+        _ => return None,
+    };
+    let column = match resource {
+        Resource::User if named("userName") && sub_is(None) => ScimColumn::UserName,
+        Resource::User if named("emails") && sub_is(Some("value")) => ScimColumn::Emails,
+        _ if named("externalId") && sub_is(None) => ScimColumn::ExternalId,
+        _ if named("displayName") && sub_is(None) => ScimColumn::DisplayName,
+        _ => return None,
+    };
+    // As the evaluator compares: externalId with case, the others without.
+    let value = match column {
+        ScimColumn::ExternalId => value.clone(),
+        _ => value.to_lowercase(),
+    };
+    // The e-mail key separates values with newlines.
+    if column == ScimColumn::Emails && value.contains('\n') {
+        return None;
+    }
+    Some(ScimNarrowing::Text { column, op, value })
 }
 
 #[cfg(test)]
@@ -592,15 +672,60 @@ mod tests {
     }
 
     #[test]
-    fn equality_narrows_the_query() {
-        let filter = parse(r#"userName eq "bob" and active eq true"#).unwrap();
-        assert_eq!(filter.equality_on("username"), Some("bob"));
-        assert_eq!(filter.equality_on("externalId"), None);
+    fn the_store_narrows_by_what_the_filter_implies() {
+        let narrow = |f: &str, r: Resource| parse(f).unwrap().narrowing(r);
+        let text = |column, op, value: &str| ScimNarrowing::Text {
+            column,
+            op,
+            value: value.into(),
+        };
         assert_eq!(
-            parse(r#"userName eq "a" or userName eq "b""#)
-                .unwrap()
-                .equality_on("userName"),
-            None
+            narrow(r#"userName eq "Bob" and active eq "False""#, Resource::User),
+            Some(ScimNarrowing::All(vec![
+                text(ScimColumn::UserName, TextMatch::Eq, "bob"),
+                ScimNarrowing::Active(false),
+            ]))
         );
+        // externalId compares with case; the others are lower-cased.
+        assert_eq!(
+            narrow(r#"externalId sw "00uA""#, Resource::User),
+            Some(text(ScimColumn::ExternalId, TextMatch::StartsWith, "00uA"))
+        );
+        assert_eq!(
+            narrow(
+                r#"emails[type eq "work"].value co "@Example""#,
+                Resource::User
+            ),
+            Some(text(ScimColumn::Emails, TextMatch::Contains, "@example"))
+        );
+        assert_eq!(
+            narrow(
+                r#"displayName eq "Eng" or externalId eq "x""#,
+                Resource::Group
+            ),
+            Some(ScimNarrowing::Any(vec![
+                text(ScimColumn::DisplayName, TextMatch::Eq, "eng"),
+                text(ScimColumn::ExternalId, TextMatch::Eq, "x"),
+            ]))
+        );
+        // An `and` keeps what one side gives; an `or` needs both; `not`, `ne`, `ew`, `pr` and
+        // attributes without a column give nothing (the evaluator alone decides).
+        assert_eq!(
+            narrow(r#"title eq "x" and userName sw "a""#, Resource::User),
+            Some(text(ScimColumn::UserName, TextMatch::StartsWith, "a"))
+        );
+        for none in [
+            r#"userName eq "a" or title eq "x""#,
+            r#"not (userName eq "a")"#,
+            r#"userName ne "a""#,
+            r#"userName ew "a""#,
+            r#"userName pr"#,
+            r#"userName eq null"#,
+            r#"urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department eq "R&D""#,
+        ] {
+            assert_eq!(narrow(none, Resource::User), None, "{none}");
+        }
+        assert_eq!(narrow(r#"userName eq "a""#, Resource::Group), None);
+        assert_eq!(narrow(r#"active eq true"#, Resource::Group), None);
     }
 }

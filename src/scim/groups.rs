@@ -104,7 +104,13 @@ pub(super) async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<ScimResponse, ScimError> {
     let filter = query.filter()?;
-    let rows = state.store.scim_groups(&client.provider, MAX_SCAN).await?;
+    let narrowing = filter
+        .as_ref()
+        .and_then(|f| f.narrowing(super::filter::Resource::Group));
+    let rows = state
+        .store
+        .scim_groups(&client.provider, narrowing.as_ref(), MAX_SCAN)
+        .await?;
     let base = base(&state);
     // Filters match on the group without its members (displayName, externalId, id).
     let matched: Vec<(usize, Json)> = rows

@@ -331,8 +331,34 @@ pub fn user_write(resource: &Json) -> Result<ScimUserWrite, ScimError> {
                 (g, f) => g.or(f).map(str::to_string),
             }
         });
+    // The stored resource carries the userName as the store keys it (trimmed), so a filter
+    // on the returned resource and the store's search key agree.
+    let mut resource = resource.clone();
+    if let Some(map) = resource.as_object_mut() {
+        map.insert("userName".into(), Json::from(user_name.clone()));
+    }
+    let display_name_key = resource
+        .get("displayName")
+        .and_then(Json::as_str)
+        .map(str::to_lowercase)
+        .unwrap_or_default();
+    let mut emails_key = String::from("\n");
+    let email_items: Vec<&Json> = match resource.get("emails") {
+        Some(Json::Array(items)) => items.iter().collect(),
+        Some(other) => vec![other],
+        None => Vec::new(),
+    };
+    for value in email_items
+        .into_iter()
+        .filter_map(|e| get_ci(e, "value"))
+        .filter_map(Json::as_str)
+    {
+        emails_key.push_str(&value.to_lowercase());
+        emails_key.push('\n');
+    }
     Ok(ScimUserWrite {
-        subject: external_id.clone().unwrap_or_else(|| user_name.clone()),
+        display_name_key,
+        emails_key,
         user_name,
         external_id,
         active,
@@ -606,7 +632,10 @@ mod tests {
                    ENTERPRISE_SCHEMA: {"department": "R&D"}})
         );
         let write = user_write(&cleaned).unwrap();
-        assert_eq!(write.subject, "a@example.org");
+        assert_eq!(
+            crate::store::ScimMatch::ExternalId.key(&write).as_deref(),
+            Some("a@example.org")
+        );
         assert_eq!(write.email.as_deref(), Some("a@example.org"));
         assert!(!write.active);
         assert!(clean_user(&json!({"userName": 7})).is_err());

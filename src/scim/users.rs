@@ -30,11 +30,12 @@ pub(super) async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<ScimResponse, ScimError> {
     let filter = query.filter()?;
-    let by_name = filter.as_ref().and_then(|f| f.equality_on("userName"));
-    let by_external = filter.as_ref().and_then(|f| f.equality_on("externalId"));
+    let narrowing = filter
+        .as_ref()
+        .and_then(|f| f.narrowing(super::filter::Resource::User));
     let rows = state
         .store
-        .scim_users(&client.provider, by_name, by_external, MAX_SCAN)
+        .scim_users(&client.provider, narrowing.as_ref(), MAX_SCAN)
         .await?;
     let base = base(&state);
     let matched: Vec<Json> = rows
@@ -71,9 +72,15 @@ pub(super) async fn create(
 ) -> Result<ScimResponse, ScimError> {
     let resource = resources::clean_user(&parse_body(&body)?)?;
     let write = resources::user_write(&resource)?;
+    let mode = state.config.scim_match(&client.provider);
+    let key = mode.key(&write).ok_or_else(|| {
+        ScimError::invalid_value(
+            "this provider matches people by e-mail (scim_match = \"email\"): 'emails' needs a value",
+        )
+    })?;
     let user_id = state
         .store
-        .create_scim_user(&client.provider, &write)
+        .create_scim_user(&client.provider, mode, &key, &write)
         .await?;
     state.reconciler.wake().wake();
     client
@@ -81,7 +88,8 @@ pub(super) async fn create(
             &state,
             "scim.user.create",
             Some(&user_id),
-            json!({"userName": write.user_name, "externalId": write.external_id, "active": write.active}),
+            json!({"userName": write.user_name, "externalId": write.external_id,
+                   "active": write.active, "matched_by": mode.as_str()}),
         )
         .await;
     let row = find(&state, &client, &user_id).await?;
@@ -110,7 +118,13 @@ async fn modify(
         let write = resources::user_write(&resource)?;
         match state
             .store
-            .update_scim_user(&client.provider, id, row.version, &write)
+            .update_scim_user(
+                &client.provider,
+                state.config.scim_match(&client.provider),
+                id,
+                row.version,
+                &write,
+            )
             .await?
         {
             Versioned::Written(_) => {

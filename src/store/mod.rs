@@ -59,8 +59,8 @@ pub use policy::{
 };
 pub use schema::SchemaStatus;
 pub use scim::{
-    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimGroupRow, ScimUserRow, ScimUserWrite,
-    Versioned,
+    MemberChange, SCIM_SOURCE, ScimClientRecord, ScimColumn, ScimGroupRow, ScimMatch,
+    ScimNarrowing, ScimUserRow, ScimUserWrite, TextMatch, Versioned,
 };
 pub use states::TokenSource;
 pub use states::{
@@ -68,8 +68,9 @@ pub use states::{
     ItemAction, ItemKind, PushStatus, RetirementReason, UnknownState,
 };
 pub use tokens::{
-    AppClientRecord, DeviceStanding, IntegrationChanges, IntegrationRecord, NewAppClient,
-    NewIntegration, NewToken, Revocation, TokenDeliveryCounts, TokenIndexRows, TokenRecord,
+    AppClientRecord, DeviceStanding, IntegrationChanges, IntegrationDeletion, IntegrationRecord,
+    NewAppClient, NewIntegration, NewToken, Revocation, TokenDeliveryCounts, TokenIndexRows,
+    TokenRecord,
 };
 pub use users::{GroupRecord, MembershipRecord, OwnedDevice, UserRecord};
 

@@ -27,6 +27,69 @@ pub struct ScimClientRecord {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
+/// How a SCIM user is matched to the person a sign-in of the same provider made
+/// (`[idp.NAME] scim_match`). Only ever within the client's own provider.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScimMatch {
+    /// `externalId` (or, when none is sent, `userName`) is the sign-in's subject.
+    #[default]
+    ExternalId,
+    /// `userName` is the sign-in's login (compared without case).
+    UserName,
+    /// The SCIM user's e-mail (primary, else work, else first) is the sign-in's e-mail
+    /// (compared without case).
+    Email,
+}
+
+impl ScimMatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScimMatch::ExternalId => "external_id",
+            ScimMatch::UserName => "user_name",
+            ScimMatch::Email => "email",
+        }
+    }
+
+    /// The value a person is found by under this mode (lower case for userName and e-mail);
+    /// `None` when the user carries none (only possible for e-mail).
+    pub fn key(self, user: &ScimUserWrite) -> Option<String> {
+        match self {
+            ScimMatch::ExternalId => Some(
+                user.external_id
+                    .clone()
+                    .unwrap_or_else(|| user.user_name.clone()),
+            ),
+            ScimMatch::UserName => Some(user.user_name.to_lowercase()),
+            ScimMatch::Email => user.email.as_ref().map(|e| e.to_lowercase()),
+        }
+    }
+
+    /// The subject of a person SCIM provisions before they ever signed in: the IdP subject
+    /// itself for `external_id`; otherwise a placeholder that the person's first sign-in
+    /// (matching login or e-mail) replaces with the real subject (see
+    /// [`placeholder_subjects`]).
+    pub fn subject_for(self, key: &str) -> String {
+        match self {
+            ScimMatch::ExternalId => key.to_string(),
+            ScimMatch::UserName => format!("{PLACEHOLDER_PREFIX}user_name:{key}"),
+            ScimMatch::Email => format!("{PLACEHOLDER_PREFIX}email:{key}"),
+        }
+    }
+}
+
+/// Subjects that begin so were made by SCIM for a person not yet seen at sign-in.
+pub const PLACEHOLDER_PREFIX: &str = "scim:";
+
+/// The placeholder subjects a sign-in with this login and e-mail adopts (a person SCIM
+/// provisioned first under `user_name` or `email` matching).
+pub fn placeholder_subjects(login: Option<&str>, email: Option<&str>) -> [Option<String>; 2] {
+    [
+        login.map(|l| ScimMatch::UserName.subject_for(&l.to_lowercase())),
+        email.map(|e| ScimMatch::Email.subject_for(&e.to_lowercase())),
+    ]
+}
+
 /// A person as SCIM knows them.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ScimUserRow {
@@ -44,14 +107,17 @@ pub struct ScimUserRow {
 /// What a SCIM write makes of a person.
 #[derive(Clone, Debug)]
 pub struct ScimUserWrite {
-    /// `users.subject`: how sign-ins of the provider find the same person.
-    pub subject: String,
     pub user_name: String,
     pub external_id: Option<String>,
     pub active: bool,
     pub email: Option<String>,
     pub display_name: Option<String>,
     pub resource: String,
+    /// The resource's `displayName`, lower-cased ("" without one): what list filters match
+    /// on in SQL.
+    pub display_name_key: String,
+    /// Every `emails[].value`, lower-cased, each between newlines ("\n" without any).
+    pub emails_key: String,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -74,6 +140,132 @@ pub enum MemberChange {
     },
     /// The members are exactly these.
     Replace(Vec<String>),
+}
+
+/// Why a SCIM create did not write.
+enum Refused {
+    /// The person matched already has a SCIM resource.
+    Provisioned,
+    /// More than one of the provider's people match.
+    Ambiguous,
+}
+
+/// What a SCIM list can ask of the database: a condition every resource its filter matches
+/// meets (it may let more through: the filter itself is then evaluated on what comes back).
+/// Values are ready to compare: lower-cased where the attribute compares without case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScimNarrowing {
+    All(Vec<ScimNarrowing>),
+    Any(Vec<ScimNarrowing>),
+    Text {
+        column: ScimColumn,
+        op: TextMatch,
+        value: String,
+    },
+    Active(bool),
+}
+
+/// An attribute the store keeps a searchable copy of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScimColumn {
+    /// Users only (lower-cased).
+    UserName,
+    /// Users and groups (as sent: it compares with case).
+    ExternalId,
+    /// Users and groups (lower-cased).
+    DisplayName,
+    /// Users only: `emails[].value` (lower-cased).
+    Emails,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextMatch {
+    Eq,
+    StartsWith,
+    Contains,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScimKind {
+    User,
+    Group,
+}
+
+enum Bind {
+    Text(String),
+    Bool(bool),
+}
+
+/// `%`, `_` and `\` taken literally in a LIKE pattern (`ESCAPE '\'`).
+fn like_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The SQL of a narrowing (parameters from `$first`, values pushed to `binds`). Only the
+/// statement's shape comes from here; every value is a parameter. A condition that does not
+/// apply to `kind` is `TRUE` (the filter decides).
+fn narrowing_sql(n: &ScimNarrowing, kind: ScimKind, binds: &mut Vec<Bind>, first: usize) -> String {
+    let param = |bind: Bind, binds: &mut Vec<Bind>| {
+        binds.push(bind);
+        format!("${}", first + binds.len() - 1)
+    };
+    match n {
+        ScimNarrowing::All(parts) | ScimNarrowing::Any(parts) if parts.is_empty() => "1 = 1".into(),
+        ScimNarrowing::All(parts) => parts
+            .iter()
+            .map(|p| format!("({})", narrowing_sql(p, kind, binds, first)))
+            .collect::<Vec<_>>()
+            .join(" AND "),
+        ScimNarrowing::Any(parts) => parts
+            .iter()
+            .map(|p| format!("({})", narrowing_sql(p, kind, binds, first)))
+            .collect::<Vec<_>>()
+            .join(" OR "),
+        ScimNarrowing::Active(active) if kind == ScimKind::User => {
+            format!("s.active = {}", param(Bind::Bool(*active), binds))
+        }
+        ScimNarrowing::Active(_) => "1 = 1".into(),
+        ScimNarrowing::Text { column, op, value } => {
+            // (column, whether rows from before the keys existed may hold NULL)
+            let (sql_column, nullable) = match (kind, column) {
+                (ScimKind::User, ScimColumn::UserName) => ("s.user_name_key", false),
+                (_, ScimColumn::ExternalId) => ("s.external_id", false),
+                (_, ScimColumn::DisplayName) => ("s.display_name_key", true),
+                (ScimKind::User, ScimColumn::Emails) => ("s.emails_key", true),
+                (ScimKind::Group, _) => return "1 = 1".into(),
+            };
+            let test = match (column, op) {
+                (_, TextMatch::Eq) if *column != ScimColumn::Emails => {
+                    format!("{sql_column} = {}", param(Bind::Text(value.clone()), binds))
+                }
+                _ => {
+                    let literal = like_literal(value);
+                    let pattern = match (column, op) {
+                        (ScimColumn::Emails, TextMatch::Eq) => format!("%\n{literal}\n%"),
+                        (ScimColumn::Emails, TextMatch::StartsWith) => format!("%\n{literal}%"),
+                        (_, TextMatch::StartsWith) => format!("{literal}%"),
+                        _ => format!("%{literal}%"),
+                    };
+                    format!(
+                        "{sql_column} LIKE {} ESCAPE '\\'",
+                        param(Bind::Text(pattern), binds)
+                    )
+                }
+            };
+            if nullable {
+                format!("{sql_column} IS NULL OR {test}")
+            } else {
+                test
+            }
+        }
+    }
 }
 
 /// The outcome of a conditional write.
@@ -271,36 +463,45 @@ impl Store {
         .await?))
     }
 
-    /// The SCIM users of `provider` in creation order, at most `limit`; narrowed to one
-    /// userName (any case) or one externalId when given (the filters IdPs send before a create).
+    /// The SCIM users of `provider` in creation order, at most `limit`, narrowed in SQL by
+    /// `narrowing` when given.
     pub async fn scim_users(
         &self,
         provider: &str,
-        user_name: Option<&str>,
-        external_id: Option<&str>,
+        narrowing: Option<&ScimNarrowing>,
         limit: i64,
     ) -> StoreResult<Vec<ScimUserRow>> {
-        let sql = format!(
-            "{SELECT_USERS} WHERE s.provider = $1 AND ($2 IS NULL OR s.user_name_key = $2) \
-             AND ($3 IS NULL OR s.external_id = $3) ORDER BY s.created_at, s.user_id LIMIT $4"
+        let mut binds = Vec::new();
+        let condition = narrowing.map_or_else(
+            || "1 = 1".to_string(),
+            |n| narrowing_sql(n, ScimKind::User, &mut binds, 2),
         );
-        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
-            sql
-        ))
-        .bind(provider)
-        .bind(user_name.map(str::to_lowercase))
-        .bind(external_id)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?))
+        let sql = format!(
+            "{SELECT_USERS} WHERE s.provider = $1 AND ({condition}) \
+             ORDER BY s.created_at, s.user_id LIMIT ${}",
+            binds.len() + 2
+        );
+        Ok(on_pool!(self, |pool| {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(provider);
+            for bind in &binds {
+                query = match bind {
+                    Bind::Text(text) => query.bind(text.clone()),
+                    Bind::Bool(value) => query.bind(*value),
+                };
+            }
+            query.bind(limit).fetch_all(pool).await?
+        }))
     }
 
-    /// Creates the SCIM user: the person of (`provider`, subject) is created or, if they signed
-    /// in before, adopted. `Conflict` when the userName is taken or the person already has a
-    /// SCIM resource. Returns the user ID.
+    /// Creates the SCIM user: the person `key` finds under `mode` (see [`ScimMatch`]) among the
+    /// provider's people is adopted if they signed in before, else created. `Conflict` when the
+    /// userName is taken, the person already has a SCIM resource, or (userName and e-mail
+    /// matching) several of the provider's people match. Returns the user ID.
     pub async fn create_scim_user(
         &self,
         provider: &str,
+        mode: ScimMatch,
+        key: &str,
         user: &ScimUserWrite,
     ) -> StoreResult<String> {
         let now = super::now();
@@ -310,29 +511,76 @@ impl Store {
                       email = COALESCE(excluded.email, users.email), \
                       display_name = COALESCE(excluded.display_name, users.display_name) \
                       RETURNING id";
+        // Only ever among the client's own provider's people.
+        let find = match mode {
+            ScimMatch::ExternalId => None,
+            ScimMatch::UserName => Some(
+                "SELECT id FROM users WHERE provider = $1 AND LOWER(login) = LOWER($2) \
+                 ORDER BY created_at, id LIMIT 2",
+            ),
+            ScimMatch::Email => Some(
+                "SELECT id FROM users WHERE provider = $1 AND LOWER(email) = LOWER($2) \
+                 ORDER BY created_at, id LIMIT 2",
+            ),
+        };
+        let refresh = "UPDATE users SET login = $1, email = COALESCE($2, email), \
+                       display_name = COALESCE($3, display_name) WHERE id = $4";
         let taken = "SELECT COUNT(*) FROM scim_users WHERE user_id = $1";
         let insert = "INSERT INTO scim_users (user_id, provider, user_name, user_name_key, \
-                      external_id, active, resource, version, created_at, updated_at) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8)";
+                      external_id, active, resource, version, created_at, updated_at, \
+                      display_name_key, emails_key) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8, $9, $10)";
+        let matched_value = match mode {
+            ScimMatch::Email => user.email.clone().unwrap_or_default(),
+            _ => user.user_name.clone(),
+        };
         let result = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
-            let user_id: String = sqlx::query_scalar(upsert)
-                .bind(uuid::Uuid::new_v4().to_string())
-                .bind(provider)
-                .bind(&user.subject)
-                .bind(&user.user_name)
-                .bind(&user.email)
-                .bind(&user.display_name)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?;
+            let found: Vec<String> = match find {
+                Some(sql) => {
+                    sqlx::query_scalar(sql)
+                        .bind(provider)
+                        .bind(&matched_value)
+                        .fetch_all(&mut *tx)
+                        .await?
+                }
+                None => Vec::new(),
+            };
+            if found.len() > 1 {
+                tx.rollback().await?;
+                return Ok(Err(Refused::Ambiguous));
+            }
+            let user_id: String = match found.into_iter().next() {
+                Some(user_id) => {
+                    sqlx::query(refresh)
+                        .bind(&user.user_name)
+                        .bind(&user.email)
+                        .bind(&user.display_name)
+                        .bind(&user_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    user_id
+                }
+                None => {
+                    sqlx::query_scalar(upsert)
+                        .bind(uuid::Uuid::new_v4().to_string())
+                        .bind(provider)
+                        .bind(mode.subject_for(key))
+                        .bind(&user.user_name)
+                        .bind(&user.email)
+                        .bind(&user.display_name)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?
+                }
+            };
             let existing: i64 = sqlx::query_scalar(taken)
                 .bind(&user_id)
                 .fetch_one(&mut *tx)
                 .await?;
             if existing > 0 {
                 tx.rollback().await?;
-                return Ok(None);
+                return Ok(Err(Refused::Provisioned));
             }
             sqlx::query(insert)
                 .bind(&user_id)
@@ -343,19 +591,30 @@ impl Store {
                 .bind(user.active)
                 .bind(&user.resource)
                 .bind(now)
+                .bind(&user.display_name_key)
+                .bind(&user.emails_key)
                 .execute(&mut *tx)
                 .await?;
             // A person provisioned again after a delete, or created inactive.
             set_status!(tx, &user_id, status_of(user.active), now);
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(Some(user_id))
+            Ok::<_, sqlx::Error>(Ok(user_id))
         }
         .await);
+        let matched_on = match mode {
+            ScimMatch::ExternalId => "externalId",
+            ScimMatch::UserName => "userName",
+            ScimMatch::Email => "e-mail",
+        };
         match result {
-            Ok(Some(user_id)) => Ok(user_id),
-            Ok(None) => Err(StoreError::Conflict(
-                "a user with this externalId is already provisioned".into(),
-            )),
+            Ok(Ok(user_id)) => Ok(user_id),
+            Ok(Err(Refused::Provisioned)) => Err(StoreError::Conflict(format!(
+                "a user with this {matched_on} is already provisioned"
+            ))),
+            Ok(Err(Refused::Ambiguous)) => Err(StoreError::Conflict(format!(
+                "several people of provider '{provider}' have this {matched_on}: cannot tell \
+                 which one this user is"
+            ))),
             Err(e) => Err(StoreError::conflict_on_unique(
                 e,
                 format!("the userName '{}' is already taken", user.user_name),
@@ -369,17 +628,23 @@ impl Store {
     pub async fn update_scim_user(
         &self,
         provider: &str,
+        mode: ScimMatch,
         user_id: &str,
         version: i64,
         user: &ScimUserWrite,
     ) -> StoreResult<Versioned<i64>> {
         let now = super::now();
         let update = "UPDATE scim_users SET user_name = $1, user_name_key = $2, external_id = $3, \
-                      active = $4, resource = $5, version = version + 1, updated_at = $6 \
+                      active = $4, resource = $5, version = version + 1, updated_at = $6, \
+                      display_name_key = $10, emails_key = $11 \
                       WHERE provider = $7 AND user_id = $8 AND version = $9 RETURNING version";
-        let details = "UPDATE users SET subject = $1, login = $2, \
+        // The subject follows externalId under `external_id` matching; under the others it is
+        // the sign-in's own and stays, unless it is still SCIM's placeholder.
+        let details = "UPDATE users SET subject = CASE WHEN $1 IS NOT NULL AND ($6 OR subject \
+                       LIKE 'scim:%') THEN $1 ELSE subject END, login = $2, \
                        email = COALESCE($3, email), display_name = COALESCE($4, display_name) \
                        WHERE id = $5";
+        let subject = mode.key(user).map(|key| mode.subject_for(&key));
         let result = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             let written: Option<i64> = sqlx::query_scalar(update)
@@ -392,6 +657,8 @@ impl Store {
                 .bind(provider)
                 .bind(user_id)
                 .bind(version)
+                .bind(&user.display_name_key)
+                .bind(&user.emails_key)
                 .fetch_optional(&mut *tx)
                 .await?;
             let Some(written) = written else {
@@ -399,11 +666,12 @@ impl Store {
                 return Ok(Versioned::Stale);
             };
             sqlx::query(details)
-                .bind(&user.subject)
+                .bind(&subject)
                 .bind(&user.user_name)
                 .bind(&user.email)
                 .bind(&user.display_name)
                 .bind(user_id)
+                .bind(mode == ScimMatch::ExternalId)
                 .execute(&mut *tx)
                 .await?;
             set_status!(tx, user_id, status_of(user.active), now);
@@ -486,18 +754,34 @@ impl Store {
         .await?))
     }
 
-    /// The SCIM groups of `provider` in creation order, at most `limit`.
-    pub async fn scim_groups(&self, provider: &str, limit: i64) -> StoreResult<Vec<ScimGroupRow>> {
-        let sql = format!(
-            "{SELECT_GROUPS} WHERE s.provider = $1 ORDER BY s.created_at, s.group_id LIMIT $2"
+    /// The SCIM groups of `provider` in creation order, at most `limit`, narrowed in SQL by
+    /// `narrowing` when given.
+    pub async fn scim_groups(
+        &self,
+        provider: &str,
+        narrowing: Option<&ScimNarrowing>,
+        limit: i64,
+    ) -> StoreResult<Vec<ScimGroupRow>> {
+        let mut binds = Vec::new();
+        let condition = narrowing.map_or_else(
+            || "1 = 1".to_string(),
+            |n| narrowing_sql(n, ScimKind::Group, &mut binds, 2),
         );
-        Ok(on_pool!(self, |pool| sqlx::query_as(sqlx::AssertSqlSafe(
-            sql
-        ))
-        .bind(provider)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?))
+        let sql = format!(
+            "{SELECT_GROUPS} WHERE s.provider = $1 AND ({condition}) \
+             ORDER BY s.created_at, s.group_id LIMIT ${}",
+            binds.len() + 2
+        );
+        Ok(on_pool!(self, |pool| {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(provider);
+            for bind in &binds {
+                query = match bind {
+                    Bind::Text(text) => query.bind(text.clone()),
+                    Bind::Bool(value) => query.bind(*value),
+                };
+            }
+            query.bind(limit).fetch_all(pool).await?
+        }))
     }
 
     /// The members of a group (user ID and display name) that are not deleted, in ID order.
@@ -533,7 +817,8 @@ impl Store {
                       updated_at = excluded.updated_at RETURNING id";
         let taken = "SELECT COUNT(*) FROM scim_groups WHERE group_id = $1";
         let insert = "INSERT INTO scim_groups (group_id, provider, external_id, display_name, \
-                      version, created_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $5)";
+                      version, created_at, updated_at, display_name_key) \
+                      VALUES ($1, $2, $3, $4, 1, $5, $5, $6)";
         let created = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             let group_id: String = sqlx::query_scalar(upsert)
@@ -558,6 +843,7 @@ impl Store {
                 .bind(external_id)
                 .bind(display_name)
                 .bind(now)
+                .bind(display_name.to_lowercase())
                 .execute(&mut *tx)
                 .await?;
             let none: Vec<String> = Vec::new();
@@ -585,8 +871,8 @@ impl Store {
     ) -> StoreResult<Versioned<(i64, usize)>> {
         let now = super::now();
         let update = "UPDATE scim_groups SET display_name = $1, version = version + 1, \
-                      updated_at = $2 WHERE provider = $3 AND group_id = $4 AND version = $5 \
-                      RETURNING version";
+                      updated_at = $2, display_name_key = $6 WHERE provider = $3 \
+                      AND group_id = $4 AND version = $5 RETURNING version";
         let rename = "UPDATE groups SET name = $1, updated_at = $2 WHERE id = $3 AND name <> $1";
         let current = "SELECT user_id FROM user_groups WHERE group_id = $1";
         Ok(on_pool!(self, |pool| async {
@@ -597,6 +883,7 @@ impl Store {
                 .bind(provider)
                 .bind(group_id)
                 .bind(version)
+                .bind(display_name.to_lowercase())
                 .fetch_optional(&mut *tx)
                 .await?;
             let Some(written) = written else {

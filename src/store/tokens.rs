@@ -111,6 +111,9 @@ pub struct AppClientRecord {
     pub created_at: DateTime<Utc>,
     pub revoked_by: Option<String>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When it last validated a token (kept to the minute: see
+    /// [`Store::record_app_client_use`]).
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 pub struct NewAppClient<'a> {
@@ -129,6 +132,19 @@ pub enum Revocation {
     AlreadyRevoked(Box<TokenRecord>),
     /// Refused: it is the integration's only active token, and `force` was not given.
     LastActive,
+    NotFound,
+}
+
+/// What deleting an integration did, or why it did not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IntegrationDeletion {
+    Deleted {
+        tokens_revoked: u64,
+        clients_revoked: u64,
+        device_tokens_revoked: u64,
+    },
+    /// Refused: it has this many active tokens and `force` was not given.
+    ActiveTokens(i64),
     NotFound,
 }
 
@@ -179,7 +195,7 @@ macro_rules! select_clients {
     ($clause:literal) => {
         concat!(
             "SELECT id, integration, name, secret_hash, created_by, created_at, revoked_by, \
-             revoked_at FROM app_clients ",
+             revoked_at, last_used_at FROM app_clients ",
             $clause
         )
     };
@@ -251,13 +267,22 @@ impl Store {
 
     pub async fn insert_integration(&self, new: &NewIntegration<'_>) -> StoreResult<()> {
         let now = super::now();
+        // A deleted integration's name may be used again: the row comes back with the new
+        // settings (its old tokens and clients stay revoked).
         let sql = "INSERT INTO token_integrations (name, display_name, bundle_id, config_key, \
                    device_tokens, overlap_secs, created_by, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
-        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+                   ON CONFLICT (name) DO UPDATE SET display_name = excluded.display_name, \
+                   bundle_id = excluded.bundle_id, config_key = excluded.config_key, \
+                   device_tokens = excluded.device_tokens, \
+                   overlap_secs = excluded.overlap_secs, created_by = excluded.created_by, \
+                   created_at = excluded.created_at, updated_at = excluded.updated_at, \
+                   deleted_at = NULL, deleted_by = NULL \
+                   WHERE token_integrations.deleted_at IS NOT NULL";
+        let result: Result<u64, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             sqlx::query(BUMP_GENERATION).execute(&mut *tx).await?;
-            sqlx::query(sql)
+            let written = sqlx::query(sql)
                 .bind(new.name)
                 .bind(new.display_name)
                 .bind(new.bundle_id)
@@ -267,27 +292,33 @@ impl Store {
                 .bind(new.created_by)
                 .bind(now)
                 .execute(&mut *tx)
-                .await?;
-            tx.commit().await
+                .await?
+                .rows_affected();
+            if written == 0 {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+            Ok(written)
         }
         .await);
-        result.map_err(|e| {
-            StoreError::conflict_on_unique(
-                e,
-                format!("an integration named '{}' already exists", new.name),
-            )
-        })
+        let taken = || format!("an integration named '{}' already exists", new.name);
+        match result {
+            Ok(0) => Err(StoreError::Conflict(taken())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(StoreError::conflict_on_unique(e, taken())),
+        }
     }
 
     pub async fn integrations(&self) -> StoreResult<Vec<IntegrationRecord>> {
-        let sql = select_integrations!("ORDER BY name");
+        let sql = select_integrations!("WHERE deleted_at IS NULL ORDER BY name");
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .fetch_all(pool)
             .await?))
     }
 
     pub async fn integration(&self, name: &str) -> StoreResult<Option<IntegrationRecord>> {
-        let sql = select_integrations!("WHERE name = $1");
+        let sql = select_integrations!("WHERE name = $1 AND deleted_at IS NULL");
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(name)
             .fetch_optional(pool)
@@ -307,7 +338,7 @@ impl Store {
                    bundle_id = COALESCE($3, bundle_id), config_key = COALESCE($4, config_key), \
                    device_tokens = COALESCE($5, device_tokens), \
                    overlap_secs = COALESCE($6, overlap_secs), updated_at = $7 \
-                   WHERE name = $1 RETURNING name, display_name, bundle_id, config_key, \
+                   WHERE name = $1 AND deleted_at IS NULL RETURNING name, display_name, bundle_id, config_key, \
                    device_tokens, overlap_secs, created_by, created_at, updated_at";
         let updated: Result<Option<IntegrationRecord>, sqlx::Error> =
             on_pool!(self, |pool| async {
@@ -560,6 +591,112 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes an integration: its tokens, app clients and per-device tokens are revoked at
+    /// once (validation and introspection refuse them on every node within a second), the row
+    /// stays (marked deleted) for history, and every device is reconciled. Refused while it has
+    /// active tokens unless `force`.
+    pub async fn delete_integration(
+        &self,
+        name: &str,
+        deleted_by: &str,
+        force: bool,
+    ) -> StoreResult<IntegrationDeletion> {
+        let now = super::now();
+        let exists = "SELECT COUNT(*) FROM token_integrations WHERE name = $1 \
+                      AND deleted_at IS NULL";
+        let active = "SELECT COUNT(*) FROM shared_tokens WHERE integration = $1 \
+                      AND revoked_at IS NULL AND not_before <= $2 \
+                      AND (expires_at IS NULL OR expires_at > $2)";
+        let tokens = "UPDATE shared_tokens SET revoked_at = $2, revoked_by = $3 \
+                      WHERE integration = $1 AND revoked_at IS NULL";
+        let clients = "UPDATE app_clients SET revoked_at = $2, revoked_by = $3 \
+                       WHERE integration = $1 AND revoked_at IS NULL";
+        let device_tokens = "UPDATE device_tokens SET status = 'revoked', revoked_at = $2, \
+                             revoked_reason = $3 WHERE integration = $1 AND status = 'active'";
+        let mark = "UPDATE token_integrations SET deleted_at = $2, deleted_by = $3, \
+                    updated_at = $2 WHERE name = $1";
+        let outcome: Result<IntegrationDeletion, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = super::begin_write(pool).await?;
+            sqlx::query(BUMP_GENERATION).execute(&mut *tx).await?;
+            let found: i64 = sqlx::query_scalar(exists)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            if found == 0 {
+                tx.rollback().await?;
+                return Ok(IntegrationDeletion::NotFound);
+            }
+            if !force {
+                let live: i64 = sqlx::query_scalar(active)
+                    .bind(name)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if live > 0 {
+                    tx.rollback().await?;
+                    return Ok(IntegrationDeletion::ActiveTokens(live));
+                }
+            }
+            let tokens_revoked = sqlx::query(tokens)
+                .bind(name)
+                .bind(now)
+                .bind(deleted_by)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let clients_revoked = sqlx::query(clients)
+                .bind(name)
+                .bind(now)
+                .bind(deleted_by)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let device_tokens_revoked = sqlx::query(device_tokens)
+                .bind(name)
+                .bind(now)
+                .bind(format!("integration deleted by {deleted_by}"))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(mark)
+                .bind(name)
+                .bind(now)
+                .bind(deleted_by)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(REQUEST_RECONCILE)
+                .bind(format!("token integration {name} deleted"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(IntegrationDeletion::Deleted {
+                tokens_revoked,
+                clients_revoked,
+                device_tokens_revoked,
+            })
+        }
+        .await);
+        Ok(outcome?)
+    }
+
+    /// Records when app clients last validated: `(client ID, when)`. Only moves forward, and
+    /// bumps no generation (nothing that validates changes), so it is cheap to call once a
+    /// minute for the clients that were used.
+    pub async fn record_app_client_use(&self, uses: &[(String, DateTime<Utc>)]) -> StoreResult<()> {
+        let sql = "UPDATE app_clients SET last_used_at = $2 WHERE id = $1 \
+                   AND (last_used_at IS NULL OR last_used_at < $2)";
+        for (id, at) in uses {
+            on_pool!(self, |pool| sqlx::query(sql)
+                .bind(id)
+                .bind(at)
+                .execute(pool)
+                .await?
+                .rows_affected());
+        }
+        Ok(())
+    }
+
     pub async fn insert_app_client(&self, new: &NewAppClient<'_>) -> StoreResult<AppClientRecord> {
         let now = super::now();
         let sql = "INSERT INTO app_clients (id, integration, name, secret_hash, created_by, \
@@ -621,7 +758,7 @@ impl Store {
         let sql = "UPDATE app_clients SET revoked_at = $3, revoked_by = $4 \
                    WHERE integration = $1 AND id = $2 AND revoked_at IS NULL \
                    RETURNING id, integration, name, secret_hash, created_by, created_at, \
-                   revoked_by, revoked_at";
+                   revoked_by, revoked_at, last_used_at";
         let revoked: Result<Option<AppClientRecord>, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
             sqlx::query(BUMP_GENERATION).execute(&mut *tx).await?;

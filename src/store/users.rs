@@ -91,8 +91,25 @@ impl Store {
         let remove = "DELETE FROM user_groups WHERE user_id = $1 AND group_id = $2";
         let request = "INSERT INTO reconcile_requests (user_id, reason, requested_at) \
                        VALUES ($1, $2, $3)";
+        // A person SCIM provisioned before their first sign-in, under `user_name` or `email`
+        // matching, carries a placeholder subject: this sign-in (same provider, same login or
+        // e-mail) makes it the real one, so both are the same person.
+        let adopt = "UPDATE users SET subject = $1 WHERE id = (SELECT id FROM users \
+                     WHERE provider = $2 AND subject IN ($3, $4) ORDER BY created_at LIMIT 1) \
+                     AND NOT EXISTS (SELECT 1 FROM users WHERE provider = $2 AND subject = $1)";
+        let [by_login, by_email] =
+            super::scim::placeholder_subjects(identity.login.as_deref(), identity.email.as_deref());
         let user_id: String = on_pool!(self, |pool| async {
             let mut tx = super::begin_write(pool).await?;
+            if by_login.is_some() || by_email.is_some() {
+                sqlx::query(adopt)
+                    .bind(&identity.subject)
+                    .bind(&identity.provider)
+                    .bind(&by_login)
+                    .bind(&by_email)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let user_id: String = sqlx::query_scalar(upsert_user)
                 .bind(uuid::Uuid::new_v4().to_string())
                 .bind(&identity.provider)

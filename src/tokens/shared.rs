@@ -12,7 +12,7 @@
 //!
 //! Must not: speak HTTP, queue commands (the reconciler delivers `current_values`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -26,11 +26,12 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::policy::ReconcileWake;
+use crate::policy::model::Variable;
 use crate::secrets::{MasterKey, SealError};
 use crate::store::{
     AppClientRecord, ChannelStatus, DeviceStanding, EnrollmentStatus, IntegrationChanges,
-    IntegrationRecord, NewAppClient, NewIntegration, NewToken, Revocation, Store, StoreError,
-    TokenIndexRows, TokenRecord, TokenSource,
+    IntegrationDeletion, IntegrationRecord, NewAppClient, NewIntegration, NewToken, Revocation,
+    Store, StoreError, TokenIndexRows, TokenRecord, TokenSource,
 };
 
 /// How often each node looks at the token generation.
@@ -40,6 +41,9 @@ const POLL: Duration = Duration::from_millis(250);
 const MAX_STALENESS: Duration = Duration::from_millis(1000);
 /// The longest wait between looks for tokens that became active or expired.
 const TRANSITION_CHECK: Duration = Duration::from_secs(60);
+/// How often the moments app clients last validated are written (see
+/// [`TokenService::flush_client_use`]).
+const CLIENT_USE_FLUSH: Duration = Duration::from_secs(60);
 /// Rotation overlap when an integration is created without one: a week.
 pub const DEFAULT_OVERLAP_SECS: i64 = 7 * 86_400;
 const MAX_OVERLAP_SECS: i64 = 365 * 86_400;
@@ -59,13 +63,21 @@ pub enum TokenError {
     /// A name or value already taken (409).
     #[error("{0}")]
     Conflict(String),
-    /// Revoking the only active token would leave the app without one (409).
+    /// Revoking the only active token of an integration that a policy delivers would leave
+    /// the app without one (409).
     #[error(
-        "token {id} is the only active token of integration '{integration}': devices would be \
-         left without a valid token. Rotate first (a replacement becomes active), or revoke with \
-         force"
+        "token {id} is the only active token of integration '{integration}', which the applied \
+         policies deliver: devices would be left without a valid token. Rotate first (a \
+         replacement becomes active), or revoke with force"
     )]
     LastActiveToken { integration: String, id: String },
+    /// Deleting an integration that the applied policy set delivers, or that has active
+    /// tokens, needs `force` (409).
+    #[error(
+        "integration '{integration}' is {reason}: devices would be left without its token. \
+         Remove it from the policies (or revoke its tokens) first, or delete with force"
+    )]
+    IntegrationInUse { integration: String, reason: String },
     #[error("a sealed token value does not open: {0}")]
     Seal(#[from] SealError),
     #[error(transparent)]
@@ -336,6 +348,8 @@ struct Inner {
     /// One inline refresh at a time when validations find the index stale.
     refreshing: tokio::sync::Mutex<()>,
     limiter: RateLimiter,
+    /// When client use was last written (`None`: never).
+    use_flushed: Mutex<Option<Instant>>,
     wake: Option<ReconcileWake>,
 }
 
@@ -359,6 +373,7 @@ impl TokenService {
                 epoch: Instant::now(),
                 refreshing: tokio::sync::Mutex::new(()),
                 limiter: RateLimiter::new(limits),
+                use_flushed: Mutex::new(None),
                 wake,
             }),
         };
@@ -446,6 +461,45 @@ impl TokenService {
         self.integration(name).await
     }
 
+    /// Deletes an integration: its tokens, app clients and per-device tokens are revoked at
+    /// once, and every device is reconciled. Refused, unless `force`, while the applied policy
+    /// set delivers it (`${token.…}` or `${device_token.…}`) or it has an active token.
+    pub async fn delete_integration(
+        &self,
+        name: &str,
+        force: bool,
+        actor: &str,
+    ) -> Result<IntegrationDeletion, TokenError> {
+        self.integration_record(name).await?;
+        if !force
+            && (delivered_by_policy(&self.inner.store).await?.contains(name)
+                || device_tokens_by_policy(&self.inner.store)
+                    .await?
+                    .contains(name))
+        {
+            return Err(TokenError::IntegrationInUse {
+                integration: name.to_string(),
+                reason: "delivered by the applied policies".into(),
+            });
+        }
+        match self
+            .inner
+            .store
+            .delete_integration(name, actor, force)
+            .await?
+        {
+            deleted @ IntegrationDeletion::Deleted { .. } => {
+                self.changed(true).await;
+                Ok(deleted)
+            }
+            IntegrationDeletion::ActiveTokens(n) => Err(TokenError::IntegrationInUse {
+                integration: name.to_string(),
+                reason: format!("holding {n} active token(s)"),
+            }),
+            IntegrationDeletion::NotFound => Err(no_integration(name)),
+        }
+    }
+
     async fn integration_record(&self, name: &str) -> Result<IntegrationRecord, TokenError> {
         self.inner
             .store
@@ -528,7 +582,8 @@ impl TokenService {
         Ok(Rotation { created, previous })
     }
 
-    /// Revokes a token at once (see [`TokenError::LastActiveToken`] for the one refusal).
+    /// Revokes a token at once (see [`TokenError::LastActiveToken`] for the one refusal:
+    /// only for an integration that the applied policies deliver).
     pub async fn revoke(
         &self,
         integration: &str,
@@ -537,10 +592,16 @@ impl TokenService {
         actor: &str,
     ) -> Result<TokenView, TokenError> {
         self.integration_record(integration).await?;
+        // The last active token is guarded only where it matters: an integration that the
+        // applied policy set delivers (`${token.<integration>}`).
+        let guarded = !force
+            && delivered_by_policy(&self.inner.store)
+                .await?
+                .contains(integration);
         match self
             .inner
             .store
-            .revoke_token(integration, id, actor, force)
+            .revoke_token(integration, id, actor, !guarded)
             .await?
         {
             Revocation::Revoked(record) => {
@@ -862,6 +923,7 @@ impl TokenService {
     pub fn spawn(self, mut stopped: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut next_look = Instant::now();
+            let mut next_use_flush = Instant::now() + CLIENT_USE_FLUSH;
             // Remembered across reloads: a token that expires drops out of the index.
             let mut next_moment: Option<DateTime<Utc>> = None;
             loop {
@@ -879,15 +941,53 @@ impl TokenService {
                     next_moment = upcoming;
                     self.note_transitions().await;
                 }
+                if Instant::now() >= next_use_flush {
+                    next_use_flush = Instant::now() + CLIENT_USE_FLUSH;
+                    self.flush_client_use().await;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(POLL) => {}
                     _ = stopped.changed() => {}
                 }
                 if *stopped.borrow() {
+                    self.flush_client_use().await;
                     return;
                 }
             }
         })
+    }
+
+    /// Writes when each app client last validated, for those that did since the last write
+    /// (the rate limiter's buckets already hold the moment of each client's last request, so
+    /// validation itself does nothing more). The poller calls this once a minute; a client's
+    /// `last_used_at` is thus at most a minute and a poll behind.
+    pub async fn flush_client_use(&self) {
+        let now = Instant::now();
+        let since = {
+            let mut flushed = match self.inner.use_flushed.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            flushed.replace(now)
+        };
+        let wall = Utc::now();
+        let uses: Vec<(String, DateTime<Utc>)> = self
+            .inner
+            .limiter
+            .used_since(since)
+            .into_iter()
+            .map(|(client, at)| {
+                let ago = chrono::Duration::from_std(now.saturating_duration_since(at))
+                    .unwrap_or_default();
+                (client, (wall - ago).trunc_subsecs(0))
+            })
+            .collect();
+        if uses.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.store.record_app_client_use(&uses).await {
+            tracing::warn!(error = %e, "tokens: could not record when app clients were used");
+        }
     }
 
     /// Turns tokens that became active or expired into one reconcile request (one node wins
@@ -1164,6 +1264,19 @@ impl RateLimiter {
         }
     }
 
+    /// The clients whose last request came after `since` (all, for `None`), with its moment.
+    fn used_since(&self, since: Option<Instant>) -> Vec<(String, Instant)> {
+        let buckets = match self.buckets.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        buckets
+            .iter()
+            .filter(|(_, b)| since.is_none_or(|since| b.at > since))
+            .map(|(client, b)| (client.clone(), b.at))
+            .collect()
+    }
+
     /// Takes one validation from `client`'s bucket; `Err(wait)` when it is empty. Buckets
     /// exist only for authenticated clients, so the map stays as small as the client list.
     fn take(&self, client: &str, now: Instant) -> Result<(), Duration> {
@@ -1255,6 +1368,64 @@ fn last4(value: &str) -> String {
         .unwrap_or_default()
         .iter()
         .collect()
+}
+
+/// The integrations whose shared token (`${token.<integration>}`) some app configuration of
+/// the applied policy set carries, read from the store (so every node and the command line
+/// agree). An applied version that does not load (apply refuses such a set, so only a damaged
+/// row) is an error: the caller cannot tell, and must say `force`.
+async fn delivered_by_policy(store: &Store) -> Result<BTreeSet<String>, TokenError> {
+    Ok(policy_variables(store)
+        .await?
+        .into_iter()
+        .filter_map(|v| match v {
+            Variable::Token(integration) => Some(integration),
+            _ => None,
+        })
+        .collect())
+}
+
+/// As [`delivered_by_policy`], for per-device tokens (`${device_token.<integration>}`).
+async fn device_tokens_by_policy(store: &Store) -> Result<BTreeSet<String>, TokenError> {
+    Ok(policy_variables(store)
+        .await?
+        .into_iter()
+        .filter_map(|v| match v {
+            Variable::DeviceToken(integration) => Some(integration),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Every variable the apps of the applied policy set use.
+async fn policy_variables(store: &Store) -> Result<BTreeSet<Variable>, TokenError> {
+    let Some(record) = store.latest_policy_version().await? else {
+        return Ok(BTreeSet::new());
+    };
+    let set = crate::policy::reconcile::decode_files(&record.files)
+        .map_err(|e| e.to_string())
+        .and_then(|files| {
+            crate::policy::load::load_files(&files).map_err(|diagnostics| {
+                diagnostics
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        });
+    match set {
+        Ok(set) => Ok(set
+            .policies
+            .iter()
+            .flat_map(|p| p.apps.iter())
+            .flat_map(|a| a.variables.iter().cloned())
+            .collect()),
+        Err(problems) => Err(TokenError::Invalid(format!(
+            "the applied policy version {} does not load ({problems}): cannot tell which \
+             integrations it delivers; use force",
+            record.version
+        ))),
+    }
 }
 
 /// The newest token active at `at` (records ordered newest first).

@@ -846,3 +846,502 @@ async fn scim_clients_from_the_command_line_are_audited_and_revocable() {
         assert!(actions.iter().any(|a| a == want), "{want}: {actions:?}");
     }
 }
+
+/// A broker with providers `corp` (SCIM users matched as `mode` says; `None`: the default)
+/// and `other` (default matching). Nothing is fetched from the issuers: sign-ins here are
+/// recorded as the sign-in flow records them.
+async fn matching_server(db: &TestDb, mode: Option<&str>) -> TestServer {
+    let scim_match = mode
+        .map(|m| format!("scim_match = \"{m}\"\n"))
+        .unwrap_or_default();
+    let toml = format!(
+        "[idp.corp]\ntype = \"oidc\"\nissuer = \"http://127.0.0.1:9/corp\"\n\
+         client_id = \"broker\"\n{scim_match}\n\
+         [idp.other]\ntype = \"oidc\"\nissuer = \"http://127.0.0.1:9/other\"\n\
+         client_id = \"broker\"\n"
+    );
+    let url = db.database_url();
+    TestServer::start_configured(move |args| args.database_url = url, &toml).await
+}
+
+/// Records a sign-in of `provider` (the row the SSO flow writes).
+async fn signed_in(
+    server: &TestServer,
+    provider: &str,
+    subject: &str,
+    login: &str,
+    email: &str,
+) -> UserRecord {
+    server
+        .store()
+        .record_sign_in(
+            &Identity {
+                provider: provider.into(),
+                subject: subject.into(),
+                login: Some(login.into()),
+                email: Some(email.into()),
+                display_name: None,
+                groups: Vec::<Group>::new(),
+            },
+            "sign-in",
+        )
+        .await
+        .unwrap()
+}
+
+fn scim_user(user_name: &str, external_id: &str, email: Option<&str>) -> Json {
+    let mut user = json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": user_name,
+        "externalId": external_id,
+        "active": true,
+    });
+    if let Some(email) = email {
+        user["emails"] = json!([{"value": email, "type": "work", "primary": true}]);
+    }
+    user
+}
+
+#[tokio::test]
+async fn scim_match_links_the_person_who_signed_in_under_each_mode_and_only_at_its_provider() {
+    // (mode, what the SCIM user carries that matches alice's sign-in)
+    let modes = [None, Some("user_name"), Some("email")];
+    for mode in modes {
+        for db in TestDb::all().await {
+            let label = format!("{} {mode:?}", db.name());
+            let server = matching_server(&db, mode).await;
+            let corp = Scim {
+                server: &server,
+                token: scim_client(&server, PROVIDER).await,
+            };
+            // alice signed in at corp; a person at `other` has the very same subject, login
+            // and e-mail, and must never be the one SCIM links to.
+            let alice = signed_in(
+                &server,
+                PROVIDER,
+                "sub-alice",
+                "Alice@Example.org",
+                "alice.s@example.org",
+            )
+            .await;
+            let twin = signed_in(
+                &server,
+                "other",
+                "sub-alice",
+                "Alice@Example.org",
+                "alice.s@example.org",
+            )
+            .await;
+            assert_ne!(alice.id, twin.id);
+            // Only the matching attribute of the mode equals what the sign-in carries.
+            let user = match mode {
+                None => scim_user("someone.else@example.org", "sub-alice", None),
+                Some("user_name") => {
+                    scim_user("alice@example.org", "okta-00u1", Some("x@example.org"))
+                }
+                _ => scim_user("a.smith", "okta-00u1", Some("ALICE.S@example.org")),
+            };
+            let (status, created) = corp.send(Method::POST, "/Users", Some(user)).await;
+            assert_eq!(status, StatusCode::CREATED, "{label}: {created}");
+            assert_eq!(
+                created["id"],
+                alice.id.as_str(),
+                "{label}: the signed-in person"
+            );
+            let after = server.store().user(&alice.id).await.unwrap().unwrap();
+            assert_eq!(
+                after.subject, "sub-alice",
+                "{label}: the sign-in keeps finding them"
+            );
+            let twin_after = server.store().user(&twin.id).await.unwrap().unwrap();
+            assert_eq!(
+                twin_after.login, twin.login,
+                "{label}: other provider untouched"
+            );
+            assert_eq!(twin_after.subject, twin.subject, "{label}");
+
+            // A person only `other` knows: corp's client cannot reach them, whatever it sends;
+            // it gets a new corp person instead.
+            let bob = signed_in(&server, "other", "sub-bob", "bob", "bob@example.org").await;
+            let (status, created) = corp
+                .send(
+                    Method::POST,
+                    "/Users",
+                    Some(scim_user("bob", "sub-bob", Some("bob@example.org"))),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{label}: {created}");
+            let corp_bob = created["id"].as_str().unwrap().to_owned();
+            assert_ne!(corp_bob, bob.id, "{label}: never another provider's person");
+            let corp_bob_row = server.store().user(&corp_bob).await.unwrap().unwrap();
+            assert_eq!(corp_bob_row.provider, PROVIDER, "{label}");
+            // … and deactivating that user changes nothing of other's bob.
+            let (status, _) = corp
+                .send(
+                    Method::PATCH,
+                    &format!("/Users/{corp_bob}"),
+                    Some(json!({"schemas": [PATCH_SCHEMA],
+                                "Operations": [{"op": "replace", "value": {"active": false}}]})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{label}");
+            let others = server.store().directory_users("other").await.unwrap();
+            assert!(
+                others.iter().all(|u| u.status == AccountStatus::Active),
+                "{label}: {others:?}"
+            );
+            // Renaming a linked user to another person's login does not move the link.
+            let (status, renamed) = corp
+                .send(
+                    Method::PATCH,
+                    &format!("/Users/{}", alice.id),
+                    Some(json!({"schemas": [PATCH_SCHEMA],
+                                "Operations": [{"op": "replace", "path": "userName", "value": "carol.renamed"}]})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{label}: {renamed}");
+            assert_eq!(renamed["id"], alice.id.as_str(), "{label}");
+
+            // Provisioned first, signed in later: the sign-in finds the SCIM person.
+            let (status, dave) = corp
+                .send(
+                    Method::POST,
+                    "/Users",
+                    Some(scim_user(
+                        "dave@example.org",
+                        "sub-dave",
+                        Some("dave@example.org"),
+                    )),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{label}: {dave}");
+            let dave_signed_in = signed_in(
+                &server,
+                PROVIDER,
+                "sub-dave",
+                "DAVE@example.org",
+                "dave@example.org",
+            )
+            .await;
+            assert_eq!(dave["id"], dave_signed_in.id.as_str(), "{label}");
+            assert_eq!(dave_signed_in.subject, "sub-dave", "{label}");
+            // … and the same sign-in at `other` is another person.
+            let dave_other = signed_in(
+                &server,
+                "other",
+                "sub-dave",
+                "dave@example.org",
+                "dave@example.org",
+            )
+            .await;
+            assert_ne!(dave_other.id, dave_signed_in.id, "{label}");
+            server.stop().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn email_matching_refuses_a_user_it_cannot_place() {
+    for db in TestDb::all().await {
+        let server = matching_server(&db, Some("email")).await;
+        let corp = Scim {
+            server: &server,
+            token: scim_client(&server, PROVIDER).await,
+        };
+        // No e-mail: nothing to match on.
+        let (status, body) = corp
+            .send(Method::POST, "/Users", Some(scim_user("erin", "x1", None)))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["scimType"], "invalidValue");
+        // Two of corp's people share the e-mail: which one is it? Refused, nothing written.
+        signed_in(&server, PROVIDER, "sub-f1", "f1", "shared@example.org").await;
+        signed_in(&server, PROVIDER, "sub-f2", "f2", "shared@example.org").await;
+        let (status, body) = corp
+            .send(
+                Method::POST,
+                "/Users",
+                Some(scim_user("f", "x2", Some("Shared@example.org"))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{}: {body}", db.name());
+        assert_eq!(body["scimType"], "uniqueness");
+        let (_, listed) = corp.send(Method::GET, "/Users", None).await;
+        assert_eq!(listed["totalResults"], 0, "{listed}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn scim_clients_over_the_admin_api_need_their_scope_and_are_audited() {
+    let db = TestDb::Sqlite;
+    let server = matching_server(&db, None).await;
+    let admin = server.admin_key("scim-admin", &["scim:admin"]).await;
+    let other = server.admin_key("tokens-only", &["tokens:write"]).await;
+    let api = async |key: &str, method: Method, path: &str, body: Option<Json>| {
+        let mut request = server
+            .client
+            .request(method, server.url(&format!("/api/v1{path}")))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str::<Json>(&text).unwrap_or(Json::Null),
+        )
+    };
+
+    // Without the scope: 403, nothing made.
+    let (status, _) = api(
+        &other,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": PROVIDER})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = api(&other, Method::GET, "/scim-clients", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // A provider no one configured is refused.
+    let (status, body) = api(
+        &admin,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": "nobody"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = api(
+        &admin,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": PROVIDER, "name": "okta scim"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "bad name: {body}");
+
+    let (status, created) = api(
+        &admin,
+        Method::POST,
+        "/scim-clients",
+        Some(json!({"provider": PROVIDER, "name": "okta-scim"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("tbs_"), "{created}");
+    // The token works at /scim/v2, for that provider.
+    let scim = Scim {
+        server: &server,
+        token: token.clone(),
+    };
+    let (status, _) = scim.send(Method::GET, "/Users", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, listed) = api(&admin, Method::GET, "/scim-clients", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let client = listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(client["status"], "active");
+    assert_eq!(client["provider"], PROVIDER);
+    assert!(client["last_used_at"].is_string(), "{client}");
+    assert!(!listed.to_string().contains(&token), "never the secret");
+    assert!(client.get("secret_hash").is_none());
+
+    let (status, revoked) = api(
+        &admin,
+        Method::POST,
+        &format!("/scim-clients/{id}/revoke"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert_eq!(revoked["status"], "revoked");
+    let (status, _) = scim.send(Method::GET, "/Users", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "refused from then on");
+    let (status, _) = api(
+        &admin,
+        Method::POST,
+        &format!("/scim-clients/{id}/revoke"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let auditor = server.admin_key("auditor", &["audit:read"]).await;
+    let audit = server
+        .get_json("/api/v1/audit?limit=100", Some(&auditor))
+        .await;
+    let seen: Vec<String> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("scim-client."))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "scim-client.create success",
+        "scim-client.create failure",
+        "scim-client.revoke success",
+        "scim-client.revoke failure",
+    ] {
+        assert!(seen.iter().any(|s| s == want), "{want}: {seen:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn list_filters_narrowed_in_sql_find_every_match_on_both_databases() {
+    for db in TestDb::all().await {
+        let server = TestServer::start_on(&db).await;
+        let scim = Scim {
+            server: &server,
+            token: scim_client(&server, PROVIDER).await,
+        };
+        let mut ids = std::collections::BTreeMap::new();
+        for (key, user) in [
+            (
+                "u1",
+                json!({"userName": "Alice_Smith@Example.org", "externalId": "00uAbc",
+                       "displayName": "Ålice Smith", "active": true,
+                       "emails": [{"value": "alice@work.example", "type": "work"},
+                                  {"value": "ALICE@home.example", "type": "home"}]}),
+            ),
+            (
+                "u2",
+                json!({"userName": "alice%smith@example.org", "externalId": "00uabc",
+                       "displayName": "Alice Other", "active": false,
+                       "emails": [{"value": "a2@work.example", "type": "work", "primary": true}]}),
+            ),
+            (
+                "u3",
+                json!({"userName": "  bob@example.org ", "externalId": "x\\y",
+                       "displayName": "Bob", "active": true}),
+            ),
+        ] {
+            let (status, created) = scim.send(Method::POST, "/Users", Some(user)).await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            ids.insert(created["id"].as_str().unwrap().to_owned(), key);
+        }
+        let found = async |filter: &str| -> Vec<&str> {
+            let path = format!("/Users?filter={}", urlencode(filter));
+            let (status, body) = scim.send(Method::GET, &path, None).await;
+            assert_eq!(status, StatusCode::OK, "{filter}: {body}");
+            let mut keys: Vec<&str> = body["Resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| ids[r["id"].as_str().unwrap()])
+                .collect();
+            keys.sort();
+            assert_eq!(body["totalResults"], keys.len(), "{filter}");
+            keys
+        };
+        for (filter, want) in [
+            (r#"userName eq "ALICE_SMITH@EXAMPLE.ORG""#, vec!["u1"]),
+            (r#"userName sw "alice_""#, vec!["u1"]),
+            (r#"userName co "%""#, vec!["u2"]),
+            (r#"userName eq "bob@example.org""#, vec!["u3"]),
+            (r#"displayName co "ÅLICE""#, vec!["u1"]),
+            (r#"displayName sw "alice""#, vec!["u2"]),
+            (r#"emails.value eq "alice@home.example""#, vec!["u1"]),
+            (r#"emails[type eq "work"].value sw "A2@""#, vec!["u2"]),
+            (r#"emails co "@work""#, vec![]),
+            (r#"emails.value co "@WORK.""#, vec!["u1", "u2"]),
+            (r#"active eq "False""#, vec!["u2"]),
+            (r#"active eq true and emails pr"#, vec!["u1"]),
+            (r#"externalId eq "00uabc""#, vec!["u2"]),
+            (r#"externalId co "\\""#, vec!["u3"]),
+            (
+                r#"displayName eq "bob" or emails.value co "home""#,
+                vec!["u1", "u3"],
+            ),
+            (r#"not (active eq true)"#, vec!["u2"]),
+            (
+                r#"userName eq "nobody" or displayName co "other""#,
+                vec!["u2"],
+            ),
+        ] {
+            assert_eq!(found(filter).await, want, "{}: {filter}", db.name());
+        }
+        // A change moves the search keys with it.
+        let bob = ids.iter().find(|(_, k)| **k == "u3").unwrap().0.clone();
+        let (status, _) = scim
+            .send(
+                Method::PATCH,
+                &format!("/Users/{bob}"),
+                Some(json!({"schemas": [PATCH_SCHEMA], "Operations": [
+                    {"op": "replace", "path": "displayName", "value": "Robert"},
+                    {"op": "add", "path": "emails", "value": [{"value": "Rob@Example.org"}]}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(found(r#"displayName eq "robert""#).await, vec!["u3"]);
+        assert_eq!(found(r#"displayName eq "bob""#).await, Vec::<&str>::new());
+        assert_eq!(
+            found(r#"emails.value eq "rob@example.org""#).await,
+            vec!["u3"]
+        );
+
+        // Groups: displayName without case, externalId with.
+        for (name, external) in [("Engineering", "grp-A"), ("Sales_EU", "grp-a")] {
+            let (status, _) = scim
+                .send(
+                    Method::POST,
+                    "/Groups",
+                    Some(json!({"displayName": name, "externalId": external})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED);
+        }
+        for (filter, want) in [
+            (r#"displayName eq "ENGINEERING""#, vec!["Engineering"]),
+            (r#"displayName sw "sales_""#, vec!["Sales_EU"]),
+            (r#"externalId eq "grp-a""#, vec!["Sales_EU"]),
+            (
+                r#"displayName co "eer" or externalId eq "grp-a""#,
+                vec!["Engineering", "Sales_EU"],
+            ),
+        ] {
+            let path = format!("/Groups?filter={}", urlencode(filter));
+            let (status, body) = scim.send(Method::GET, &path, None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let mut names: Vec<&str> = body["Resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["displayName"].as_str().unwrap())
+                .collect();
+            names.sort();
+            assert_eq!(names, want, "{}: {filter}", db.name());
+        }
+        server.stop().await;
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -139,6 +139,12 @@ impl Tokens {
         }
     }
 
+    /// Applies a policy set whose app configuration carries `${token.<integration>}` for each
+    /// of `integrations` (none: an empty set).
+    async fn deliver(&self, integrations: &[&str]) {
+        apply_delivering(&self.server, &self.admin, integrations).await;
+    }
+
     async fn validate(&self, client: &Client, token: &str) -> Json {
         validate_at(&self.server, client, json!({"token": token})).await
     }
@@ -153,6 +159,51 @@ impl Tokens {
             }
         }
     }
+}
+
+/// A policy whose app configuration carries `${token.<integration>}` for each integration.
+fn delivering_policy(integrations: &[&str]) -> String {
+    let mut configuration = String::new();
+    for integration in integrations {
+        configuration.push_str(&format!(
+            "      TOKEN_{}: \"${{token.{integration}}}\"\n",
+            integration.to_uppercase().replace('-', "_")
+        ));
+    }
+    format!(
+        r#"name: delivers
+targets:
+  groups:
+    - {{ provider: corp, id: "cn=pingid-users" }}
+apps:
+  - bundle_id: com.pingidentity.pingid
+    itunes_store_id: 1076521545
+    configuration:
+{configuration}"#
+    )
+}
+
+async fn apply_delivering(server: &TestServer, admin: &str, integrations: &[&str]) {
+    let files = if integrations.is_empty() {
+        json!({})
+    } else {
+        crate::policy::files(&[("delivers.yaml", delivering_policy(integrations))])
+    };
+    let response = server
+        .client
+        .post(server.url("/api/v1/policies/apply"))
+        .bearer_auth(admin)
+        .json(&json!({"files": files, "allow_destructive": true}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        response.text().await.unwrap()
+    );
 }
 
 /// `POST /validate/v1/tokens` on `server` as `client`; the answer, which must be 200.
@@ -458,10 +509,23 @@ async fn rotation_keeps_the_old_token_valid_for_the_overlap() {
 }
 
 #[tokio::test]
-async fn revoking_the_last_active_token_needs_force() {
+async fn revoking_the_last_active_token_needs_force_only_where_a_policy_delivers_it() {
     for db in TestDb::all().await {
         let t = Tokens::start_on(&db).await;
         t.integration("pingid", 3600).await;
+        t.integration("other", 3600).await;
+        t.deliver(&["pingid"]).await;
+        // An integration no policy delivers: its last active token goes without force.
+        let other_client = t.client("other").await;
+        let lone = t.token("other", json!({})).await;
+        let (status, body) = t.revoke("other", &id_of(&lone), false).await;
+        assert_eq!(status, StatusCode::OK, "{}: {body}", db.name());
+        assert_eq!(body["status"], "revoked");
+        assert!(
+            !t.active(&other_client, lone["value"].as_str().unwrap())
+                .await
+        );
+
         let client = t.client("pingid").await;
         let old = t.token("pingid", json!({})).await;
         let (status, body) = t.revoke("pingid", &id_of(&old), false).await;
@@ -1145,7 +1209,10 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
         assert!(Instant::now() < deadline, "{status} {answer}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Revoking the last active token is refused without --force; then rotated and revoked.
+    // Revoking the last active token of an integration a policy delivers is refused without
+    // --force; then rotated and revoked.
+    let policy_admin = server.admin_key("policy-admin", &["admin"]).await;
+    apply_delivering(&server, &policy_admin, &["pingid"]).await;
     let ids: Vec<String> = cli(&["token", "list", "--integration", "pingid"], &[])
         .await
         .lines()
@@ -1178,6 +1245,20 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
         assert!(Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let listed = cli(&["app-client", "list", "--integration", "pingid"], &[]).await;
+    assert!(listed.contains("LAST USED"), "{listed}");
+    // Deleting the integration: refused while a policy delivers it, then forced.
+    let delete = ["token", "integration", "delete", "pingid"];
+    let (ok, _, err) = run_cli_beside(data, &delete, &[]).await;
+    assert!(!ok && err.contains("force"), "{err}");
+    let out = cli(
+        &["token", "integration", "delete", "pingid", "--force"],
+        &[],
+    )
+    .await;
+    assert!(out.contains("deleted integration 'pingid'"), "{out}");
+    let listed = cli(&["token", "integration", "list"], &[]).await;
+    assert!(!listed.contains("PINGID_MDM_TOKEN"), "{listed}");
     let auditor = server.admin_key("auditor", &["audit:read"]).await;
     let audit = server
         .get_json("/api/v1/audit?limit=50", Some(&auditor))
@@ -1190,4 +1271,148 @@ async fn the_command_line_manages_integrations_tokens_and_clients() {
         .count();
     assert!(cli_actions >= 7, "{audit:#}");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_an_integration_is_refused_while_in_use_and_revokes_everything_it_had() {
+    for db in TestDb::all().await {
+        let t = Tokens::start_on(&db).await;
+        t.integration("pingid", 3600).await;
+        let client = t.client("pingid").await;
+        let token = t.token("pingid", json!({})).await;
+        let value = token["value"].as_str().unwrap().to_owned();
+        t.deliver(&["pingid"]).await;
+        let delete = async |force: bool| {
+            t.call(
+                Method::DELETE,
+                "/token-integrations/pingid",
+                Some(json!({"force": force})),
+            )
+            .await
+        };
+
+        // A policy delivers it: refused, nothing changed.
+        let (status, body) = delete(false).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{}: {body}", db.name());
+        assert_eq!(body["error"]["code"], "integration_in_use");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("policies"),
+            "{body}"
+        );
+        assert!(t.active(&client, &value).await);
+
+        // No policy delivers it, but its token is active: still refused.
+        t.deliver(&[]).await;
+        let (status, body) = delete(false).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1 active token"),
+            "{body}"
+        );
+        assert!(t.active(&client, &value).await);
+
+        // With force: deleted, its token and client refused at once.
+        let (status, body) = delete(true).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["revoked"]["tokens"], 1, "{body}");
+        assert_eq!(body["revoked"]["app_clients"], 1, "{body}");
+        let (status, _) = validate_raw(&t.server, Some(&client), json!({"token": value})).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "the client went with it");
+        let (status, _) = t
+            .call(Method::GET, "/token-integrations/pingid", None)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, listed) = t.call(Method::GET, "/token-integrations", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(listed["integrations"], json!([]), "{listed}");
+        let (status, _) = delete(true).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // The name can be used again; the old token stays revoked.
+        t.integration("pingid", 3600).await;
+        let fresh = t.client("pingid").await;
+        assert!(!t.active(&fresh, &value).await);
+        assert!(
+            t.tokens("pingid")
+                .await
+                .iter()
+                .all(|t| t["status"] == "revoked")
+        );
+
+        let audit = t
+            .server
+            .get_json("/api/v1/audit?limit=100", Some(&t.admin))
+            .await;
+        let deletes: Vec<&str> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "token-integration.delete")
+            .map(|e| e["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            deletes.iter().filter(|o| **o == "failure").count(),
+            3,
+            "{deletes:?}"
+        );
+        assert_eq!(
+            deletes.iter().filter(|o| **o == "success").count(),
+            1,
+            "{deletes:?}"
+        );
+        t.server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn app_clients_show_when_they_last_validated() {
+    for db in TestDb::all().await {
+        let t = Tokens::start_on(&db).await;
+        t.integration("pingid", 3600).await;
+        let used = t.client("pingid").await;
+        let idle = t.client("pingid").await;
+        let token = t.token("pingid", json!({})).await;
+        let tokens = t.server.server.as_ref().unwrap().tokens.clone();
+        let last_used = async || -> Json {
+            let (status, body) = t
+                .call(Method::GET, "/token-integrations/pingid/clients", None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["clients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["id"].as_str().unwrap().to_owned(),
+                        c["last_used_at"].clone(),
+                    )
+                })
+                .collect::<serde_json::Map<String, Json>>()
+                .into()
+        };
+        // Validations alone write nothing (no write per validation).
+        for _ in 0..5 {
+            assert!(t.active(&used, token["value"].as_str().unwrap()).await);
+        }
+        let before = last_used().await;
+        assert_eq!(before[&used.id], Json::Null, "{}: {before}", db.name());
+        // The once-a-minute write (called here rather than waited for).
+        tokens.flush_client_use().await;
+        let after = last_used().await;
+        let at: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(after[&used.id].clone()).unwrap();
+        assert!(
+            (chrono::Utc::now() - at).num_seconds().abs() <= 5,
+            "{after}"
+        );
+        assert_eq!(after[&idle.id], Json::Null, "{after}");
+        t.server.stop().await;
+    }
 }
