@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# SCEP issuance benchmark, side by side: trustbroker on SQLite, trustbroker on PostgreSQL, and
-# micromdm's scepserver (Debian `scep`), each at concurrency 1, 8 and 32, all on loopback.
-# Prints a Markdown table (docs/benchmarks.md keeps the latest figures).
+# SCEP issuance benchmark, side by side in one run: trustbroker on SQLite, trustbroker on
+# PostgreSQL, and micromdm's scepserver (Debian `scep`), each at concurrency 1, 8 and 32, all
+# on loopback, with the server's CPU time per issuance (from /proc). Prints a Markdown table
+# (docs/benchmarks.md keeps the latest figures).
 #
 #   bash benches/scep.sh [requests per level, default 1000]
 #
+# scepserver listens on every interface, so tests/peers/scep.sh runs it in a network namespace
+# with only `lo` up. The load generator runs inside that namespace too and connects to it
+# directly: no relay process between them (the socat relay of the test peers forks and enters
+# the namespace for every connection, which would cap scepserver's figures, not its own speed).
+#
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
-# BENCH_PG=postgres://... ; installs scep (scepserver) if missing.
+# BENCH_PG_ADMIN=postgres://... ; installs scep (scepserver) if missing; root for `ip netns`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -15,10 +21,12 @@ PG_ADMIN=${BENCH_PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 PG_DB=trustbroker_bench
 WORK=$(mktemp -d)
 PORT=9380
+NETNS=tbscep
 
 cargo build --release --locked --bin trustbroker
-cargo bench --locked --bench scep_load --no-run
-BENCH=(cargo bench --locked --bench scep_load --)
+LOAD=$(cargo bench --locked --bench scep_load --no-run --message-format=json |
+  grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
+[[ -x $LOAD ]] || { echo "scep_load was not built" >&2; exit 1; }
 BIN=target/release/trustbroker
 
 broker_pid=
@@ -52,24 +60,31 @@ stop_broker() {
   broker_pid=
 }
 
+echo "load: $(uptime)" >&2
 echo "trustbroker, SQLite, one-time challenges" >&2
 start_broker ""
-"${BENCH[@]}" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" \
+"$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
   --requests "$REQUESTS" --label "trustbroker (SQLite)"
 stop_broker
 
 echo "trustbroker, PostgreSQL, one-time challenges" >&2
 psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" -c "CREATE DATABASE $PG_DB" >/dev/null
 start_broker "${PG_ADMIN%/*}/$PG_DB"
-"${BENCH[@]}" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" \
+"$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
   --requests "$REQUESTS" --label "trustbroker (PostgreSQL)" | tail -n +3
 stop_broker
 
-# scepserver's depot degrades under concurrency, so each level gets a fresh server.
+# scepserver's depot degrades under concurrency, so each level gets a fresh server. The load
+# generator joins its network namespace and talks to it on that namespace's loopback.
 for c in 1 8 32; do
   echo "scepserver 2.1.0, static challenge, concurrency $c" >&2
   bash tests/peers/scep.sh start-server >/dev/null
-  "${BENCH[@]}" --url http://127.0.0.1:2016/scep --challenge secret --cipher des3 \
-    --concurrency "$c" --requests "$REQUESTS" --label "scepserver 2.1.0" | tail -n +3
+  scep_pid=$(cat "${PEERS_DIR:-/tmp/trustbroker-peers}/scep/scepserver.pid" 2>/dev/null || true)
+  pid_args=()
+  [[ -n $scep_pid && -e /proc/$scep_pid ]] && pid_args=(--server-pid "$scep_pid")
+  ip netns exec "$NETNS" "$LOAD" --url http://127.0.0.1:2016/scep --challenge secret \
+    --cipher des3 --concurrency "$c" --requests "$REQUESTS" "${pid_args[@]}" \
+    --label "scepserver 2.1.0" | tail -n +3
   bash tests/peers/scep.sh stop-server >/dev/null
 done
+echo "load: $(uptime)" >&2

@@ -47,6 +47,10 @@ struct Args {
     /// Label for the result rows.
     #[arg(long, default_value = "server")]
     label: String,
+    /// The server's process ID, when it runs on this machine: its CPU time (user + system,
+    /// from /proc) per issued certificate is reported for each level.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -86,16 +90,45 @@ async fn main() -> anyhow::Result<()> {
     );
 
     println!(
-        "| server | concurrency | requests | issued | failed | issuances/s | p50 ms | p99 ms | max ms |"
+        "| server | concurrency | requests | issued | failed | issuances/s | p50 ms | p99 ms | max ms | server CPU ms/issuance |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &concurrency in &args.concurrency {
         let challenges = challenges(&http, &args, args.requests).await?;
         let requests = build_requests(&identities, &recipient, cipher, challenges).await?;
+        let server_before = args.server_pid.and_then(cpu_seconds);
+        let client_before = cpu_seconds(std::process::id());
         let (outcomes, elapsed) = run(&http, &args.url, requests, concurrency).await;
-        report(&args.label, concurrency, &outcomes, elapsed);
+        let server_cpu = args
+            .server_pid
+            .and_then(cpu_seconds)
+            .zip(server_before)
+            .map(|(after, before)| after - before);
+        let client_cpu = cpu_seconds(std::process::id())
+            .zip(client_before)
+            .map(|(after, before)| after - before);
+        report(&args.label, concurrency, &outcomes, elapsed, server_cpu);
+        if let Some(cpu) = client_cpu {
+            eprintln!(
+                "  {} c={concurrency}: load generator CPU {:.2} ms/request",
+                args.label,
+                cpu * 1000.0 / outcomes.len().max(1) as f64
+            );
+        }
     }
     Ok(())
+}
+
+/// User + system CPU time of process `pid` in seconds, from /proc/PID/stat (fields 14 and 15,
+/// in USER_HZ ticks: 100 per second on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// The certificate requests are encrypted to: the RA when the server has one, else the CA.
@@ -282,7 +315,13 @@ async fn enroll(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), 
     }
 }
 
-fn report(label: &str, concurrency: usize, outcomes: &[Outcome], elapsed: Duration) {
+fn report(
+    label: &str,
+    concurrency: usize,
+    outcomes: &[Outcome],
+    elapsed: Duration,
+    server_cpu: Option<f64>,
+) {
     let issued = outcomes.iter().filter(|o| o.error.is_none()).count();
     let failed = outcomes.len() - issued;
     let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
@@ -293,8 +332,11 @@ fn report(label: &str, concurrency: usize, outcomes: &[Outcome], elapsed: Durati
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or(0.0)
     };
+    let cpu = server_cpu
+        .map(|seconds| format!("{:.2}", seconds * 1000.0 / issued.max(1) as f64))
+        .unwrap_or_else(|| "–".into());
     println!(
-        "| {label} | {concurrency} | {} | {issued} | {failed} | {:.0} | {:.1} | {:.1} | {:.1} |",
+        "| {label} | {concurrency} | {} | {issued} | {failed} | {:.0} | {:.1} | {:.1} | {:.1} | {cpu} |",
         outcomes.len(),
         issued as f64 / elapsed.as_secs_f64(),
         percentile(0.50),

@@ -512,7 +512,7 @@ fn open(ca: &CertificateAuthority, message: PkiMessage) -> (PkiMessage, Result<O
     let opened = scep::open_envelope_with(
         &message.enveloped_data,
         &recipient.certificate_der,
-        &recipient.rsa_key,
+        &recipient.decryption_key,
         ca.scep.ciphers,
         |content| match message_type {
             MessageType::PkcsReq | MessageType::RenewalReq => {

@@ -6,6 +6,7 @@ use der::Encode;
 use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
 use rsa::{Pkcs1v15Sign, RsaPrivateKey};
 
+use super::key_transport::RsaDecryptionKey;
 use super::reply::sign_pki_message;
 use super::tlv::build;
 use super::{
@@ -16,6 +17,8 @@ use super::{
 /// A requester's key and the self-signed certificate it signs requests with.
 pub struct ClientIdentity {
     pub key: RsaPrivateKey,
+    /// The same key, for opening the CA's replies.
+    pub decryption_key: RsaDecryptionKey,
     pub pkcs8: Vec<u8>,
     pub certificate_der: Vec<u8>,
 }
@@ -45,6 +48,7 @@ impl ClientIdentity {
             .map_err(|e| ScepError::Internal(e.to_string()))?;
         Ok(ClientIdentity {
             key,
+            decryption_key: RsaDecryptionKey::from_pkcs8(pkcs8)?,
             pkcs8: pkcs8.to_vec(),
             certificate_der: certificate.der().to_vec(),
         })
@@ -63,6 +67,7 @@ impl ClientIdentity {
     pub fn with_certificate(&self, certificate_der: Vec<u8>) -> ClientIdentity {
         ClientIdentity {
             key: self.key.clone(),
+            decryption_key: self.decryption_key.clone(),
             pkcs8: self.pkcs8.clone(),
             certificate_der,
         }
@@ -213,7 +218,7 @@ pub fn open_cert_rep(
         let (certificates, _) = super::open_envelope_with(
             &message.enveloped_data,
             &identity.certificate_der,
-            &identity.key,
+            &identity.decryption_key,
             CipherPolicy::ANY,
             super::parse_degenerate_certificates,
         )?;

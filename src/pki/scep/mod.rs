@@ -8,6 +8,7 @@
 pub mod client;
 mod csr;
 mod envelope;
+mod key_transport;
 mod message;
 mod reply;
 mod signed_data;
@@ -20,6 +21,7 @@ pub use csr::{CertificationRequest, parse_csr};
 pub use envelope::{
     CipherPolicy, Opened, open_envelope, open_envelope_with, seal_envelope, seal_envelope_unpadded,
 };
+pub use key_transport::RsaDecryptionKey;
 pub use message::{PkiMessage, RequestHeader, parse_pki_message, parse_request_header};
 pub use reply::{
     cert_rep_failure, cert_rep_success, degenerate_certificates, parse_degenerate_certificates,

@@ -3,8 +3,6 @@
 
 use std::sync::OnceLock;
 
-use rsa::RsaPrivateKey;
-use rsa::pkcs8::DecodePrivateKey;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -16,9 +14,10 @@ const RESPONSE: &[u8] = include_bytes!("../../../tests/fixtures/scep/tap_resp0.d
 const CA_PEM: &[u8] = include_bytes!("../../../tests/fixtures/scep/ca.pem");
 const CA_KEY: &str = include_str!("../../../tests/fixtures/scep/ca-key-decrypted.pem");
 
-fn fixture_ca() -> (Vec<u8>, RsaPrivateKey) {
+fn fixture_ca() -> (Vec<u8>, RsaDecryptionKey) {
     let cert = CertificateDer::from_pem_slice(CA_PEM).unwrap().to_vec();
-    (cert, RsaPrivateKey::from_pkcs8_pem(CA_KEY).unwrap())
+    let key = openssl::rsa::Rsa::private_key_from_pem(CA_KEY.as_bytes()).unwrap();
+    (cert, RsaDecryptionKey::from_rsa(key).unwrap())
 }
 
 /// Two RSA identities, made once: generating keys is the slow part.
@@ -102,7 +101,7 @@ fn every_cipher_and_digest_round_trips() {
             let opened = open_envelope(
                 &message.enveloped_data,
                 &server.certificate_der,
-                &server.key,
+                &server.decryption_key,
                 CipherPolicy::ANY,
             )
             .unwrap();
@@ -176,7 +175,7 @@ fn ber_with_indefinite_lengths_verifies() {
     let opened = open_envelope(
         &to_ber(&message.enveloped_data),
         &server.certificate_der,
-        &server.key,
+        &server.decryption_key,
         CipherPolicy::ANY,
     )
     .unwrap();
@@ -212,7 +211,7 @@ fn envelopes_for_someone_else_are_refused() {
     let err = open_envelope(
         &message.enveloped_data,
         &client.certificate_der,
-        &client.key,
+        &client.decryption_key,
         CipherPolicy::ANY,
     )
     .unwrap_err();
@@ -248,7 +247,7 @@ fn unsupported_ciphers_get_bad_alg() {
     let err = open_envelope(
         &envelope,
         &server.certificate_der,
-        &server.key,
+        &server.decryption_key,
         CipherPolicy::ANY,
     )
     .unwrap_err();
@@ -278,7 +277,7 @@ fn garbage_never_panics() {
         let _ = open_envelope(
             input,
             &server.certificate_der,
-            &server.key,
+            &server.decryption_key,
             CipherPolicy::ANY,
         );
         let _ = parse_degenerate_certificates(input);
@@ -315,20 +314,42 @@ fn single_des_is_refused_unless_allowed() {
         allow_single_des: false,
     };
     let des = seal_envelope(&csr, &server.certificate_der, ContentCipher::DesCbc).unwrap();
-    let err = open_envelope(&des, &server.certificate_der, &server.key, strict).unwrap_err();
+    let err = open_envelope(
+        &des,
+        &server.certificate_der,
+        &server.decryption_key,
+        strict,
+    )
+    .unwrap_err();
     assert!(matches!(err, ScepError::UnsupportedAlgorithm(_)), "{err}");
     assert_eq!(err.fail_info(), FailInfo::BadAlg);
     let legacy = CipherPolicy {
         allow_single_des: true,
     };
-    assert!(open_envelope(&des, &server.certificate_der, &server.key, legacy).is_ok());
+    assert!(
+        open_envelope(
+            &des,
+            &server.certificate_der,
+            &server.decryption_key,
+            legacy
+        )
+        .is_ok()
+    );
     for cipher in [
         ContentCipher::DesEde3Cbc,
         ContentCipher::Aes128Cbc,
         ContentCipher::Aes256Cbc,
     ] {
         let envelope = seal_envelope(&csr, &server.certificate_der, cipher).unwrap();
-        assert!(open_envelope(&envelope, &server.certificate_der, &server.key, strict).is_ok());
+        assert!(
+            open_envelope(
+                &envelope,
+                &server.certificate_der,
+                &server.decryption_key,
+                strict
+            )
+            .is_ok()
+        );
     }
 }
 
@@ -400,7 +421,7 @@ fn padding_content_and_key_transport_failures_are_one_error() {
             let err = open_envelope_with(
                 &envelope,
                 &server.certificate_der,
-                &server.key,
+                &server.decryption_key,
                 CipherPolicy::ANY,
                 parse_csr,
             )
@@ -411,7 +432,7 @@ fn padding_content_and_key_transport_failures_are_one_error() {
         let (read, _) = open_envelope_with(
             &good,
             &server.certificate_der,
-            &server.key,
+            &server.decryption_key,
             CipherPolicy::ANY,
             parse_csr,
         )
@@ -441,7 +462,7 @@ fn envelope_timing() {
             let _ = open_envelope_with(
                 envelope,
                 &server.certificate_der,
-                &server.key,
+                &server.decryption_key,
                 CipherPolicy::ANY,
                 parse_csr,
             );
