@@ -355,6 +355,12 @@ impl BrokerProcess {
         client_trusting(&self.cert_path)
     }
 
+    /// `kill -9`: the process dies where it stands, nothing drained or released.
+    pub fn kill_hard(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status. Async, so that the test's own clients keep
     /// running and can answer the server's graceful close (an HTTP/2 GOAWAY and PING).
     pub async fn terminate(mut self) -> ExitStatus {

@@ -13,6 +13,7 @@ mod connections;
 mod device;
 mod device_identity;
 mod device_tokens;
+mod faults;
 mod harness;
 mod ldap;
 mod ldap_sync;

@@ -19,14 +19,14 @@ use crate::harness::{TestDb, TestServer, client_trusting, peer_env, peers_requir
 use crate::portal::{Browser, hidden_input, ldap_toml};
 
 /// nginx in front of `upstreams` (host:port of plain-HTTP listeners), on a free loopback port.
-struct Nginx {
+pub struct Nginx {
     child: Child,
     dir: tempfile::TempDir,
-    cert: PathBuf,
+    pub cert: PathBuf,
 }
 
 impl Nginx {
-    fn start(binary: &str, port: u16, upstreams: &[String]) -> Nginx {
+    pub fn start(binary: &str, port: u16, upstreams: &[String]) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
@@ -103,12 +103,12 @@ impl Nginx {
         nginx
     }
 
-    fn errors(&self) -> String {
+    pub fn errors(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 
     /// (method, path, status, upstream) of each request so far, oldest first.
-    fn log(&self) -> Vec<(String, String, u16, String)> {
+    pub fn log(&self) -> Vec<(String, String, u16, String)> {
         std::fs::read_to_string(self.dir.path().join("access.log"))
             .unwrap_or_default()
             .lines()
@@ -125,7 +125,7 @@ impl Nginx {
     }
 
     /// The upstreams that served requests to `path` (logged after `from` entries).
-    fn upstreams_of(&self, path: &str, from: usize) -> std::collections::BTreeSet<String> {
+    pub fn upstreams_of(&self, path: &str, from: usize) -> std::collections::BTreeSet<String> {
         self.log()
             .into_iter()
             .skip(from)
@@ -142,7 +142,7 @@ impl Drop for Nginx {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
