@@ -7,6 +7,9 @@
 //! every route, instead of every error type learning to tell outages apart; it costs a ping
 //! only on responses that already failed.
 //!
+//! A write that failed because the database's disk is full is answered 507 (Insufficient
+//! Storage) with a message saying so.
+//!
 //! Having seen the database down, the layer answers 503 straight away for the next second
 //! (a circuit breaker), so that during an outage requests do not each wait out the pool's
 //! acquire timeout; the first request after that second goes through and probes again.
@@ -28,6 +31,8 @@ use crate::store::Store;
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long requests are answered 503 without trying, after the database was seen down.
 const OPEN_FOR: Duration = Duration::from_secs(1);
+/// How recent a disk-full write failure must be for a 500 to be answered as 507.
+const DISK_FULL_WINDOW: Duration = Duration::from_secs(2);
 /// What clients are told to wait before trying again.
 const RETRY_AFTER_SECS: &str = "5";
 
@@ -81,6 +86,9 @@ pub async fn database_outage_is_503(
     if response.status() != StatusCode::INTERNAL_SERVER_ERROR {
         return response;
     }
+    if crate::store::disk_full_within(DISK_FULL_WINDOW) {
+        return disk_full();
+    }
     let answers = matches!(
         tokio::time::timeout(PROBE_TIMEOUT, guard.store.ping()).await,
         Ok(Ok(()))
@@ -90,6 +98,25 @@ pub async fn database_outage_is_503(
     }
     guard.open();
     unavailable()
+}
+
+/// A write failed for lack of space: 507, which says what to fix. The transaction that failed
+/// was rolled back whole, so nothing was half-written.
+fn disk_full() -> Response {
+    metrics::counter!("trustbroker_database_disk_full_responses_total").increment(1);
+    let mut response = (
+        StatusCode::INSUFFICIENT_STORAGE,
+        Json(json!({"error": {
+            "code": "disk_full",
+            "message": "the database's disk is full: nothing was written; an operator must free space",
+        }})),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    response
 }
 
 fn unavailable() -> Response {

@@ -123,7 +123,7 @@ pub enum StoreError {
     #[error("not found")]
     NotFound,
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     /// A backup could not be written (the message says why and what to do).
@@ -134,6 +134,40 @@ pub enum StoreError {
     Schema(String),
     #[error("invalid database URL: {0}")]
     InvalidUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_disk_full(&err) {
+            note_disk_full();
+        }
+        StoreError::Database(err)
+    }
+}
+
+/// SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100).
+fn is_disk_full(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("13" | "53100")),
+        _ => false,
+    }
+}
+
+/// When a write last failed because the database's disk is full (Unix milliseconds; 0 never).
+static DISK_FULL_AT_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn note_disk_full() {
+    let now = chrono::Utc::now().timestamp_millis();
+    DISK_FULL_AT_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+    tracing::error!("the database's disk is full: writes fail until space is freed");
+}
+
+/// Whether a write failed for lack of disk space within the last `window` (the HTTP layer
+/// answers 507 rather than 500 then).
+pub fn disk_full_within(window: Duration) -> bool {
+    let at = DISK_FULL_AT_MS.load(std::sync::atomic::Ordering::Relaxed);
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    at > 0 && chrono::Utc::now().timestamp_millis().saturating_sub(at) <= window_ms
 }
 
 impl StoreError {

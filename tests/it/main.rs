@@ -14,6 +14,7 @@ mod device;
 mod device_identity;
 mod device_tokens;
 mod faults;
+mod full_disk;
 mod harness;
 mod ldap;
 mod ldap_sync;
