@@ -6,10 +6,10 @@
 #
 #   bash benches/scep.sh [requests per level, default 1000]
 #
-# scepserver listens on every interface, so tests/peers/scep.sh runs it in a network namespace
-# with only `lo` up. The load generator runs inside that namespace too and connects to it
-# directly: no relay process between them (the socat relay of the test peers forks and enters
-# the namespace for every connection, which would cap scepserver's figures, not its own speed).
+# scepserver runs in a network namespace with only `lo` up and the load generator runs inside
+# it too, connecting directly: no relay process between them (the socat relay of the test peers
+# forks and enters the namespace for every connection, which capped scepserver's figures, not
+# its own speed). Both CAs have RSA-2048 keys.
 #
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
 # BENCH_PG_ADMIN=postgres://... ; installs scep (scepserver) if missing; root for `ip netns`.
@@ -21,7 +21,7 @@ PG_ADMIN=${BENCH_PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 PG_DB=trustbroker_bench
 WORK=$(mktemp -d)
 PORT=9380
-NETNS=tbscep
+NETNS=tbscepbench
 
 cargo build --release --locked --bin trustbroker
 LOAD=$(cargo bench --locked --bench scep_load --no-run --message-format=json |
@@ -32,7 +32,6 @@ BIN=target/release/trustbroker
 broker_pid=
 cleanup() {
   [[ -n $broker_pid ]] && kill "$broker_pid" 2>/dev/null && wait "$broker_pid" 2>/dev/null
-  bash tests/peers/scep.sh stop-server >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -74,17 +73,39 @@ start_broker "${PG_ADMIN%/*}/$PG_DB"
   --requests "$REQUESTS" --label "trustbroker (PostgreSQL)" | tail -n +3
 stop_broker
 
-# scepserver's depot degrades under concurrency, so each level gets a fresh server. The load
-# generator joins its network namespace and talks to it on that namespace's loopback.
+# scepserver listens on every interface and has no address flag: it runs in a network namespace
+# of its own with only `lo` up, and the load generator joins that namespace and talks to it on
+# its loopback. Its CA gets a 2048-bit key like trustbroker's (`scepserver ca -init` defaults
+# to 4096, which costs about seven times as much per private-key operation). Its depot degrades
+# under concurrency, so each level gets a fresh server.
+command -v scepserver >/dev/null || bash tests/peers/scep.sh install
+scep_pid=
+stop_scepserver() {
+  if [[ -n $scep_pid ]]; then
+    kill "$scep_pid" 2>/dev/null || true
+    wait "$scep_pid" 2>/dev/null || true
+  fi
+  scep_pid=
+  ip netns del "$NETNS" 2>/dev/null || true
+}
+trap 'stop_scepserver; cleanup' EXIT
 for c in 1 8 32; do
-  echo "scepserver 2.1.0, static challenge, concurrency $c" >&2
-  bash tests/peers/scep.sh start-server >/dev/null
-  scep_pid=$(cat "${PEERS_DIR:-/tmp/trustbroker-peers}/scep/scepserver.pid" 2>/dev/null || true)
-  pid_args=()
-  [[ -n $scep_pid && -e /proc/$scep_pid ]] && pid_args=(--server-pid "$scep_pid")
+  echo "scepserver 2.1.0 (RSA-2048 CA), static challenge, concurrency $c" >&2
+  depot=$WORK/depot-$c
+  scepserver ca -init -keySize 2048 -depot "$depot" >/dev/null 2>&1
+  ip netns add "$NETNS"
+  ip netns exec "$NETNS" ip link set lo up
+  ip netns exec "$NETNS" scepserver -depot "$depot" -port 2016 -challenge secret \
+    -allowrenew 0 >"$WORK/scepserver.log" 2>&1 &
+  scep_pid=$!
+  for _ in $(seq 100); do
+    ip netns exec "$NETNS" curl -fsS "http://127.0.0.1:2016/scep?operation=GetCACaps" \
+      >/dev/null 2>&1 && break
+    sleep 0.1
+  done
   ip netns exec "$NETNS" "$LOAD" --url http://127.0.0.1:2016/scep --challenge secret \
-    --cipher des3 --concurrency "$c" --requests "$REQUESTS" "${pid_args[@]}" \
+    --cipher des3 --concurrency "$c" --requests "$REQUESTS" --server-pid "$scep_pid" \
     --label "scepserver 2.1.0" | tail -n +3
-  bash tests/peers/scep.sh stop-server >/dev/null
+  stop_scepserver
 done
 echo "load: $(uptime)" >&2

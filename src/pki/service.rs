@@ -149,20 +149,26 @@ impl ScepService {
             }
         };
         let header = message.header();
-        match self.handle(&message, opened.content).await {
-            Ok(issued) => self.success(message, issued, opened.cipher).await,
+        match self.handle(&message, opened.content, opened.cipher).await {
+            Ok(Answer::Reply(body)) => PkiReply::CertRep(body),
+            Ok(Answer::Certificate(der)) => self.success(message, der, opened.cipher).await,
             Err(refusal) => self.failure(header, refusal).await,
         }
     }
 
-    async fn handle(&self, message: &PkiMessage, content: Content) -> Result<Vec<u8>, Refusal> {
+    async fn handle(
+        &self,
+        message: &PkiMessage,
+        content: Content,
+        cipher: ContentCipher,
+    ) -> Result<Answer, Refusal> {
         let requester = Requester::of(&message.signer_certificate)?;
         match (message.message_type, content) {
             (MessageType::PkcsReq, Content::Csr(csr)) => {
-                self.enroll(message, &requester, csr).await
+                self.enroll(message, &requester, csr, cipher).await
             }
             (MessageType::RenewalReq, Content::Csr(csr)) => {
-                self.renew(message, &requester, csr).await
+                self.renew(message, &requester, csr, cipher).await
             }
             (MessageType::CertPoll, Content::Poll) => {
                 // We never answer PENDING, so a poll can only ask for what was already issued,
@@ -174,7 +180,7 @@ impl ScepService {
                 earlier
                     .into_iter()
                     .find(|c| requester.asked_for(c))
-                    .map(|c| c.certificate.der)
+                    .map(|c| Answer::Certificate(c.certificate.der))
                     .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown transaction"))
             }
             (MessageType::GetCert, Content::Serial(serial)) => {
@@ -184,7 +190,7 @@ impl ScepService {
                     .requested_certificate(&super::ca::serial_hex(&serial))
                     .await?
                     .filter(|c| requester.asked_for(c) || requester.holds(&c.certificate))
-                    .map(|c| c.certificate.der)
+                    .map(|c| Answer::Certificate(c.certificate.der))
                     .ok_or_else(|| Refusal::new(FailInfo::BadCertId, "unknown certificate"))
             }
             _ => Err(Refusal::new(
@@ -205,10 +211,11 @@ impl ScepService {
         message: &PkiMessage,
         requester: &Requester,
         csr: scep::CertificationRequest,
-    ) -> Result<Vec<u8>, Refusal> {
+        cipher: ContentCipher,
+    ) -> Result<Answer, Refusal> {
         check_key(&csr)?;
         if let Some(earlier) = self.replay(message, requester, None).await? {
-            return Ok(earlier);
+            return Ok(Answer::Certificate(earlier));
         }
         let challenge = csr
             .challenge_password
@@ -218,20 +225,22 @@ impl ScepService {
             && bool::from(fixed.0.as_bytes().ct_eq(challenge.as_bytes()))
         {
             return self
-                .enroll_with_static_challenge(message, requester, &csr)
+                .enroll_with_static_challenge(message, requester, &csr, cipher)
                 .await;
         }
         let hash = challenge::hash(challenge);
         let now = crate::store::now();
-        let enrollment_id = self
+        let enrollment = self
             .store
-            .redeemable_challenge(&hash, now)
+            .redeemable_enrollment(&hash, now)
             .await?
             .ok_or_else(|| {
                 Refusal::new(FailInfo::BadRequest, "challenge unknown, used or expired")
             })?;
-        let enrollment = self.enrollment(&enrollment_id).await?;
-        let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
+        let enrollment_id = enrollment.id.clone();
+        let (issued, reply) = self
+            .issue(csr.public_key_der.clone(), enrollment, message, cipher)
+            .await?;
         let record = certificate_record(&issued, message, Some(enrollment_id.clone()), None);
         match self
             .store
@@ -240,9 +249,12 @@ impl ScepService {
         {
             Ok(Recorded::Issued) => {
                 tracing::info!(serial = %issued.serial, enrollment = %enrollment_id, "SCEP: issued");
-                Ok(issued.der)
+                Ok(reply)
             }
-            Ok(Recorded::Duplicate) => self.replayed(message, requester, None).await,
+            Ok(Recorded::Duplicate) => self
+                .replayed(message, requester, None)
+                .await
+                .map(Answer::Certificate),
             Err(_) => Err(Refusal::new(
                 FailInfo::BadRequest,
                 "challenge unknown, used or expired",
@@ -255,7 +267,8 @@ impl ScepService {
         message: &PkiMessage,
         requester: &Requester,
         csr: &scep::CertificationRequest,
-    ) -> Result<Vec<u8>, Refusal> {
+        cipher: ContentCipher,
+    ) -> Result<Answer, Refusal> {
         let enrollment = EnrollmentRecord {
             id: uuid::Uuid::new_v4().to_string(),
             for_user: None,
@@ -267,7 +280,9 @@ impl ScepService {
         };
         self.store.insert_enrollment(&enrollment).await?;
         let enrollment_id = enrollment.id.clone();
-        let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
+        let (issued, reply) = self
+            .issue(csr.public_key_der.clone(), enrollment, message, cipher)
+            .await?;
         let record = certificate_record(&issued, message, Some(enrollment_id), None);
         match self
             .store
@@ -276,9 +291,12 @@ impl ScepService {
         {
             Recorded::Issued => {
                 tracing::info!(serial = %issued.serial, "SCEP: issued");
-                Ok(issued.der)
+                Ok(reply)
             }
-            Recorded::Duplicate => self.replayed(message, requester, None).await,
+            Recorded::Duplicate => self
+                .replayed(message, requester, None)
+                .await
+                .map(Answer::Certificate),
         }
     }
 
@@ -290,7 +308,8 @@ impl ScepService {
         message: &PkiMessage,
         requester: &Requester,
         csr: scep::CertificationRequest,
-    ) -> Result<Vec<u8>, Refusal> {
+        cipher: ContentCipher,
+    ) -> Result<Answer, Refusal> {
         check_key(&csr)?;
         let signer = Certificate::from_der_bytes(&message.signer_certificate)?;
         let serial = super::ca::serial_hex(signer.tbs_certificate().serial_number().as_bytes());
@@ -328,7 +347,7 @@ impl ScepService {
             .replay(message, requester, Some(&certificate.serial))
             .await?
         {
-            return Ok(earlier);
+            return Ok(Answer::Certificate(earlier));
         }
         if old.superseded_by.is_some() {
             return Err(already_renewed());
@@ -338,7 +357,9 @@ impl ScepService {
             .clone()
             .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "certificate has no enrollment"))?;
         let enrollment = self.enrollment(&enrollment_id).await?;
-        let issued = self.issue(csr.public_key_der.clone(), enrollment).await?;
+        let (issued, reply) = self
+            .issue(csr.public_key_der.clone(), enrollment, message, cipher)
+            .await?;
         let record = certificate_record(
             &issued,
             message,
@@ -360,12 +381,13 @@ impl ScepService {
                     retire_at = %retire_at,
                     "SCEP: renewed"
                 );
-                Ok(issued.der)
+                Ok(reply)
             }
             // A concurrent renewal won: if it was this same request, answer with its result.
             Ok(Recorded::Duplicate) | Err(_) => self
                 .replay(message, requester, Some(&certificate.serial))
                 .await?
+                .map(Answer::Certificate)
                 .ok_or_else(already_renewed),
         }
     }
@@ -425,17 +447,30 @@ impl ScepService {
             .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "enrollment record missing"))
     }
 
+    /// Signs the certificate and, in the same task on the blocking pool, the CertRep SUCCESS
+    /// that carries it: one hand-off between threads instead of two. The reply is sent only
+    /// once the certificate is recorded; otherwise it is dropped.
     async fn issue(
         &self,
         spki: Vec<u8>,
         enrollment: EnrollmentRecord,
-    ) -> Result<IssuedCertificate, Refusal> {
+        message: &PkiMessage,
+        cipher: ContentCipher,
+    ) -> Result<(IssuedCertificate, Answer), Refusal> {
         let ca = self.ca.clone();
-        let issued = self
-            .cpu_bound(move || ca.issue(&spki, &enrollment))
+        let mut message = message.clone();
+        message.digest = reply_digest(message.digest);
+        let (issued, reply) = self
+            .cpu_bound(move || -> anyhow::Result<(IssuedCertificate, Vec<u8>)> {
+                let issued = ca.issue(&spki, &enrollment)?;
+                let chain = [issued.der.clone(), ca.ca.certificate_der.clone()];
+                let reply = scep::cert_rep_success(&message, &chain, cipher, ca.scep_recipient())
+                    .map_err(|e| anyhow::anyhow!("building the reply: {e}"))?;
+                Ok((issued, reply))
+            })
             .await
             .map_err(|e| anyhow::anyhow!("issuing task: {e}"))??;
-        Ok(issued)
+        Ok((issued, Answer::Reply(reply)))
     }
 
     async fn success(
@@ -483,6 +518,13 @@ impl ScepService {
             Err(e) => PkiReply::Unaddressable(format!("internal error: {e}")),
         }
     }
+}
+
+/// What a request is answered with: a CertRep SUCCESS built when the certificate was signed,
+/// or a certificate issued earlier (a replay, a poll, GetCert) still to be wrapped in one.
+enum Answer {
+    Reply(Vec<u8>),
+    Certificate(Vec<u8>),
 }
 
 /// What a verified request's envelope held, read in the step that decrypted it.

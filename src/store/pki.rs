@@ -214,6 +214,24 @@ impl Store {
             .await?))
     }
 
+    /// The enrollment a challenge would redeem for, read with the challenge in one query (one
+    /// round trip on the issuance path), if the challenge is unused and unexpired now.
+    pub async fn redeemable_enrollment(
+        &self,
+        challenge_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<EnrollmentRecord>> {
+        let sql = "SELECT e.id, e.for_user, e.for_device, e.user_id, e.requested_by, \
+                   e.created_at, e.status \
+                   FROM scep_challenges c JOIN enrollments e ON e.id = c.enrollment_id \
+                   WHERE c.challenge_hash = $1 AND c.redeemed_at IS NULL AND c.expires_at > $2";
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(challenge_hash)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?))
+    }
+
     /// Atomically marks the challenge used and records the certificate issued under it, with
     /// the key that signed the request. Of any number of concurrent redemptions of one
     /// challenge exactly one commits; the others are refused and leave nothing behind.
