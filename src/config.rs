@@ -1398,6 +1398,25 @@ mod tests {
     }
 
     #[test]
+    fn scim_match_is_read_per_provider() {
+        let file: FileConfig = toml::from_str(
+            "[idp.okta]\ntype = \"oidc\"\nissuer = \"http://x\"\nclient_id = \"c\"\n\
+             scim_match = \"user_name\"\n[idp.entra]\ntype = \"oidc\"\n\
+             issuer = \"http://y\"\nclient_id = \"c\"\n",
+        )
+        .unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.scim_match("okta"), ScimMatch::UserName);
+        assert_eq!(config.scim_match("entra"), ScimMatch::ExternalId);
+        assert_eq!(config.scim_match("unconfigured"), ScimMatch::ExternalId);
+        let wrong = toml::from_str::<FileConfig>(
+            "[idp.x]\ntype = \"oidc\"\nissuer = \"http://x\"\nclient_id = \"c\"\n\
+             scim_match = \"login\"\n",
+        );
+        assert!(wrong.is_err(), "an unknown scim_match is refused");
+    }
+
+    #[test]
     fn identity_providers_are_read_by_name_and_type() {
         let file: FileConfig = toml::from_str(
             r#"
