@@ -10,6 +10,7 @@ mod admin_keys;
 mod audit;
 mod device_tokens;
 mod directory;
+mod generation;
 mod lifecycle;
 mod mdm;
 mod pki;
@@ -36,6 +37,7 @@ pub use device_tokens::{
     UnknownSigningKeyStatus,
 };
 pub use directory::{DirectoryDetails, DirectoryUser, MembershipDelta, StatusChange};
+pub use generation::{Generations, LocalChanges};
 pub use lifecycle::{
     AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan, RetireRequest,
     Retirement,
@@ -160,6 +162,8 @@ impl Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// Changes this node made, for the MDM caches (`generation`).
+    changes: std::sync::Arc<LocalChanges>,
 }
 
 impl Store {
@@ -180,6 +184,7 @@ impl Store {
             .await?;
         Ok(Store {
             pool: Pool::Sqlite(pool),
+            changes: Default::default(),
         })
     }
 
@@ -194,6 +199,7 @@ impl Store {
             .await?;
         Ok(Store {
             pool: Pool::Postgres(pool),
+            changes: Default::default(),
         })
     }
 
