@@ -5,6 +5,10 @@
 #
 #   bash benches/mdm.sh [device counts, default "1000 10000"]
 #
+# Environment: BENCH_BIN and BENCH_LOAD name a prebuilt broker and mdm_load (to compare two
+# builds back to back without rebuilding); BENCH_ARGS is passed to mdm_load (e.g.
+# "--connections 32,128,512 --no-round-trips"); BENCH_DBS is "sqlite postgres" by default.
+#
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
 # BENCH_PG_ADMIN=postgres://...; installs wrk if missing.
 set -euo pipefail
@@ -19,9 +23,15 @@ WORK=$(mktemp -d)
 PORT=9480
 command -v wrk >/dev/null || apt_install wrk
 
-cargo build --release --locked --bin trustbroker
-cargo bench --locked --bench mdm_load --no-run
-BIN=target/release/trustbroker
+if [[ -z ${BENCH_BIN:-} ]]; then
+  cargo build --release --locked --bin trustbroker
+  cargo bench --locked --bench mdm_load --no-run
+fi
+BIN=${BENCH_BIN:-target/release/trustbroker}
+DBS=${BENCH_DBS:-sqlite postgres}
+load() {
+  if [[ -n ${BENCH_LOAD:-} ]]; then "$BENCH_LOAD" "$@"; else cargo bench --locked --bench mdm_load -- "$@"; fi
+}
 
 broker_pid=
 cleanup() {
@@ -46,8 +56,9 @@ run() { # label, device count, database URL or empty
     curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
     sleep 0.1
   done
-  cargo bench --locked --bench mdm_load -- --url "http://127.0.0.1:$PORT" --admin-key "$key" \
-    --devices "$2" --server-pid "$broker_pid" --label "$1" | tail -n +"${SKIP_HEADER:-1}"
+  # shellcheck disable=SC2086
+  load --url "http://127.0.0.1:$PORT" --admin-key "$key" \
+    --devices "$2" --server-pid "$broker_pid" --label "$1" ${BENCH_ARGS:-} | tail -n +"${SKIP_HEADER:-1}"
   kill "$broker_pid"
   wait "$broker_pid" 2>/dev/null || true
   broker_pid=
@@ -55,6 +66,10 @@ run() { # label, device count, database URL or empty
 }
 
 for n in $COUNTS; do
-  run "trustbroker (SQLite)" "$n" ""
-  run "trustbroker (PostgreSQL)" "$n" "${PG_ADMIN%/*}/$PG_DB"
+  for db in $DBS; do
+    case $db in
+      sqlite) run "trustbroker (SQLite)" "$n" "" ;;
+      postgres) run "trustbroker (PostgreSQL)" "$n" "${PG_ADMIN%/*}/$PG_DB" ;;
+    esac
+  done
 done

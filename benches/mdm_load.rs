@@ -49,6 +49,9 @@ struct Args {
     server_pid: Option<u32>,
     #[arg(long, default_value = "server")]
     label: String,
+    /// Skip the command round trips (Idle runs only).
+    #[arg(long)]
+    no_round_trips: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -104,10 +107,11 @@ async fn main() -> anyhow::Result<()> {
     let script = dir.path().join("idle.lua");
     std::fs::write(&script, idle_script(&devices))?;
     println!(
-        "| server | devices | test | connections | requests/s | p50 ms | p99 ms | non-2xx | server RSS MiB |"
+        "| server | devices | test | connections | requests/s | p50 ms | p99 ms | non-2xx | server RSS MiB | server CPU ms / 1,000 |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &connections in &args.connections {
+        let cpu_before = cpu_ms(args.server_pid);
         let out = std::process::Command::new("wrk")
             .args([
                 "-t2",
@@ -121,8 +125,9 @@ async fn main() -> anyhow::Result<()> {
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         anyhow::ensure!(out.status.success(), "wrk failed: {text}");
+        let requests = wrk_requests(&text);
         println!(
-            "| {} | {} | signed Idle (wrk) | {connections} | {} | {} | {} | {} | {} |",
+            "| {} | {} | signed Idle (wrk) | {connections} | {} | {} | {} | {} | {} | {} |",
             args.label,
             devices.len(),
             wrk_field(&text, "Requests/sec:"),
@@ -130,9 +135,12 @@ async fn main() -> anyhow::Result<()> {
             wrk_field(&text, "99%"),
             non_2xx(&text),
             rss_mib(args.server_pid),
+            per_thousand(cpu_before, cpu_ms(args.server_pid), requests),
         );
     }
-    round_trips(&http, &args, &devices).await?;
+    if !args.no_round_trips {
+        round_trips(&http, &args, &devices).await?;
+    }
     Ok(())
 }
 
@@ -322,6 +330,7 @@ async fn round_trips(
         .collect();
     let pairs = Arc::new(pairs);
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = cpu_ms(args.server_pid);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
@@ -363,7 +372,7 @@ async fn round_trips(
             .unwrap_or_default()
     };
     println!(
-        "| {} | {} | command round trip (Idle→command, Acknowledged) | {} | {:.0} | {} | {} | {failures} | {} |",
+        "| {} | {} | command round trip (Idle→command, Acknowledged) | {} | {:.0} | {} | {} | {failures} | {} | {} |",
         args.label,
         devices.len(),
         args.concurrency,
@@ -371,6 +380,7 @@ async fn round_trips(
         pct(0.5),
         pct(0.99),
         rss_mib(args.server_pid),
+        per_thousand(cpu_before, cpu_ms(args.server_pid), latencies.len() as u64),
     );
     Ok(())
 }
@@ -418,4 +428,37 @@ fn rss_mib(pid: Option<u32>) -> String {
         })
         .map(|kb| format!("{:.0}", kb / 1024.0))
         .unwrap_or_default()
+}
+
+/// How many requests wrk completed ("N requests in ...").
+fn wrk_requests(text: &str) -> u64 {
+    text.lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The server's CPU time so far (user + system, from /proc/PID/stat), in milliseconds.
+fn cpu_ms(pid: Option<u32>) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks of 10 ms (USER_HZ is 100 on Linux).
+    Some((utime + stime) * 10)
+}
+
+fn per_thousand(before: Option<u64>, after: Option<u64>, requests: u64) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) if requests > 0 => {
+            format!(
+                "{:.0}",
+                (a.saturating_sub(b)) as f64 * 1000.0 / requests as f64
+            )
+        }
+        _ => String::new(),
+    }
 }

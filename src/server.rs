@@ -28,7 +28,7 @@ use crate::config::{Config, Database, SecretKeySource, ServerSettings};
 use crate::connections::{Activity, ListenerGate, connections_within_fd_limit, supervise};
 use crate::enroll::session::CookiePolicy;
 use crate::http::TlsClientCertificate;
-use crate::http::{self, AppState};
+use crate::http::{self, AppContext, AppState};
 use crate::identity::IdentityProviders;
 use crate::pki::ca::CertificateAuthority;
 use crate::pki::service::ScepService;
@@ -191,6 +191,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mdm = MdmService::new(store.clone(), master.clone())
         .with_reenrollment(config.mdm_reenrollment)
         .with_reconcile_wake(reconcile_wake.clone());
+    let mdm_cache = mdm.cache().clone();
     let pusher = Pusher::new(store.clone(), master.clone(), config.apns.clone());
     let profiles = ProfileService::new(
         store.clone(),
@@ -226,7 +227,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.limits.unauthenticated_audit_per_minute,
         config.limits.unauthenticated_audit_per_source_per_minute,
     ));
-    let state = AppState {
+    let state = AppState::new(AppContext {
         config: Arc::new(config),
         store: store.clone(),
         metrics: telemetry::metrics_handle(),
@@ -244,7 +245,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         reconciler: reconciler.clone(),
         tokens: tokens.clone(),
         device_tokens: device_tokens.clone(),
-    };
+    });
     let app = http::router(state);
     let (stop, stopped) = watch::channel(false);
     let node = crate::cluster::NodeId::generate();
@@ -256,6 +257,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .spawn(lease("reconcile:full-pass"), stopped.clone()),
     ];
     background.push(tokens.clone().spawn(stopped.clone()));
+    background.push(mdm_cache.spawn(stopped.clone()));
     background.push(device_tokens.spawn_purge(lease("device-tokens:purge"), stopped.clone()));
     background.extend(crate::identity::ldap::sync::spawn_all(
         group_syncs,

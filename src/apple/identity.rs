@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use anyhow::Context;
 use base64::Engine;
@@ -16,9 +17,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 
+use chrono::{DateTime, Utc};
+
+use super::cache::{self, MdmCache, Stamp};
 use crate::pki::{scep, validity};
 use crate::store::{
-    CertificateRecord, CertificateStatus, ChannelState, EnrollmentRecord, EnrollmentStatus, Store,
+    CertificateRecord, CertificateStanding, CertificateStatus, ChannelStatus, EnrollmentRecord,
+    EnrollmentStatus, Store,
 };
 
 /// Largest `Mdm-Signature` header accepted (a signature with a 4096-bit certificate chain is
@@ -38,38 +43,112 @@ pub enum IdentityError {
     Internal(String),
 }
 
-/// A device proven to hold a certificate of ours that may speak now: the only way to reach
-/// the MDM service. Only [`verify`] makes one, and it reads nothing of the body but the
-/// signature, so nothing a device sends is parsed before this exists.
-#[derive(Clone, Debug)]
-pub struct VerifiedDevice {
-    certificate: CertificateRecord,
+/// What the store says a certificate may speak for: it is ours (these very bytes), was valid
+/// and unrevoked when read, and is of the enrollment record bound to `bound_udid`, whose
+/// channels these are. Shared by the requests that present the same certificate while the
+/// node's cache holds it (see [`super::cache`]).
+#[derive(Debug)]
+pub struct Standing {
+    serial: String,
+    not_before: DateTime<Utc>,
+    not_after: DateTime<Utc>,
     enrollment_id: String,
     bound_udid: Option<String>,
-    channels: Vec<ChannelState>,
+    channels: Vec<Channel>,
+}
+
+impl Standing {
+    /// Still within its dates: a standing is only made for a valid, unrevoked certificate
+    /// (see `pki::validity::usable_at`), and any change of status makes a new one.
+    fn usable_at(&self, now: DateTime<Utc>) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+}
+
+/// A command channel of the device a certificate speaks for.
+#[derive(Debug)]
+pub struct Channel {
+    pub id: String,
+    pub status: ChannelStatus,
+    /// When `last_seen_at` was last written, as far as this node knows (Unix seconds;
+    /// `i64::MIN`: never).
+    last_seen: AtomicI64,
+}
+
+impl Channel {
+    /// Whether `last_seen_at` should be written now (at most once per `resolution`); if so,
+    /// it is noted as written so that concurrent requests do not write it too.
+    pub fn claim_seen(&self, now: DateTime<Utc>, resolution: chrono::Duration) -> bool {
+        let seen = self.last_seen.load(Ordering::Acquire);
+        let now = now.timestamp();
+        if seen != i64::MIN && now.saturating_sub(seen) < resolution.num_seconds() {
+            return false;
+        }
+        self.last_seen
+            .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// A device proven to hold a certificate of ours that may speak now: the only way to reach
+/// the MDM service. Only [`verify`] (and [`verify_cached`], [`reread`]) make one, and they
+/// read nothing of the body but the signature, so nothing a device sends is parsed before
+/// this exists.
+#[derive(Clone, Debug)]
+pub struct VerifiedDevice {
+    standing: Arc<Standing>,
+    /// Per channel, whether the store had work queued when this request read it; empty when
+    /// the standing came from the cache (the cache's idle view answers instead).
+    work_read: Vec<bool>,
+    /// The queue stamp taken before that read (see [`super::cache::Stamp`]).
+    queue_stamp: Option<Stamp>,
+    /// The certificate, kept when the standing came from the cache: a refusal reads it again.
+    cached: Option<Vec<u8>>,
 }
 
 impl VerifiedDevice {
-    pub fn certificate(&self) -> &CertificateRecord {
-        &self.certificate
+    /// The certificate's serial (hex).
+    pub fn serial(&self) -> &str {
+        &self.standing.serial
     }
 
     /// The enrollment record the certificate was issued under.
     pub fn enrollment_id(&self) -> &str {
-        &self.enrollment_id
+        &self.standing.enrollment_id
     }
 
     /// The device (UDID or EnrollmentID) the certificate speaks for, once it authenticated.
     pub fn bound_device(&self) -> Option<&str> {
-        self.bound_udid.as_deref()
+        self.standing.bound_udid.as_deref()
     }
 
-    /// Channel `id` of device `udid`, if the certificate speaks for that device.
-    pub fn channel(&self, id: &str, udid: &str) -> Option<&ChannelState> {
+    /// Channel `id` of device `udid` and its position, if the certificate speaks for that
+    /// device.
+    pub fn channel(&self, id: &str, udid: &str) -> Option<(usize, &Channel)> {
         if self.bound_device() != Some(udid) {
             return None;
         }
-        self.channels.iter().find(|c| c.id == id)
+        self.standing
+            .channels
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.id == id)
+    }
+
+    /// Whether the store had work queued for the channel at `index` when this request read
+    /// it; `None` when this request read nothing (the standing came from the cache).
+    pub fn work_read(&self, index: usize) -> Option<bool> {
+        self.work_read.get(index).copied()
+    }
+
+    /// The queue stamp taken before this request's read.
+    pub fn queue_stamp(&self) -> Option<Stamp> {
+        self.queue_stamp
+    }
+
+    /// Whether the standing came from the cache (and may be out of date by up to a second).
+    pub fn from_cache(&self) -> bool {
+        self.cached.is_some()
     }
 }
 
@@ -108,19 +187,68 @@ pub fn presented_certificate(
 
 /// Which of our certificates (or a migrated CA's, recorded now) `certificate_der` is, and
 /// whether it may speak now: one read of the certificate, its device and that device's
-/// channels.
+/// channels. `queue_stamp` is the cache's queue stamp taken before the read, if any.
 pub async fn verify(
     store: &Store,
     migrated: &MigratedCas,
     certificate_der: &[u8],
+    queue_stamp: Option<Stamp>,
 ) -> Result<VerifiedDevice, IdentityError> {
-    match certificate_of_ours(store, certificate_der).await {
+    match certificate_of_ours(store, certificate_der, queue_stamp).await {
         Err(IdentityError::Unauthenticated(_)) if migrated.issued(certificate_der) => {
             migrated.record(store, certificate_der).await?;
-            certificate_of_ours(store, certificate_der).await
+            certificate_of_ours(store, certificate_der, queue_stamp).await
         }
         other => other,
     }
+}
+
+/// [`verify`], answered from the node's cache when it holds a current standing for these
+/// very bytes (no database read); otherwise read, and remembered.
+pub async fn verify_cached(
+    cache: &MdmCache,
+    store: &Store,
+    migrated: &MigratedCas,
+    certificate_der: Vec<u8>,
+) -> Result<VerifiedDevice, IdentityError> {
+    let key = cache::certificate_key(&certificate_der);
+    let queue_stamp = cache.queue_stamp();
+    if let Some(standing) = cache.standing(&key)
+        && standing.usable_at(Utc::now())
+    {
+        return Ok(VerifiedDevice {
+            standing,
+            work_read: Vec::new(),
+            queue_stamp,
+            cached: Some(certificate_der),
+        });
+    }
+    let stamp = cache.identity_stamp();
+    let device = verify(store, migrated, &certificate_der, queue_stamp).await?;
+    if let Some(stamp) = stamp {
+        cache.remember_standing(key, stamp, device.standing.clone());
+    }
+    Ok(device)
+}
+
+/// The standing of a device's certificate read from the store again (when one from the cache
+/// would refuse the request); the cache is updated with it. A device not from the cache is
+/// returned as it is: it was read by this request.
+pub async fn reread(
+    cache: &MdmCache,
+    store: &Store,
+    device: &VerifiedDevice,
+) -> Result<Option<VerifiedDevice>, IdentityError> {
+    let Some(der) = &device.cached else {
+        return Ok(None);
+    };
+    let queue_stamp = cache.queue_stamp();
+    let stamp = cache.identity_stamp();
+    let fresh = certificate_of_ours(store, der, queue_stamp).await?;
+    if let Some(stamp) = stamp {
+        cache.remember_standing(cache::certificate_key(der), stamp, fresh.standing.clone());
+    }
+    Ok(Some(fresh))
 }
 
 /// The CAs of another MDM whose devices are moving here: certificates they issued are device
@@ -230,9 +358,21 @@ pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigne
             "the Mdm-Signature header is too long".into(),
         ));
     }
-    let compact: String = header.chars().filter(|c| !c.is_whitespace()).collect();
+    // Devices send one line; folded whitespace is dropped only when there is some (copying
+    // the header char by char was 3% of a signed Idle's CPU).
+    let bytes = header.as_bytes();
+    let compact: std::borrow::Cow<'_, [u8]> = if bytes.iter().any(u8::is_ascii_whitespace) {
+        bytes
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect::<Vec<u8>>()
+            .into()
+    } else {
+        bytes.into()
+    };
     let der = base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
+        .decode(&compact)
         .map_err(|_| IdentityError::Malformed("the Mdm-Signature is not base64".into()))?;
     scep::verify_detached(&der, body).map_err(|e| match e {
         scep::ScepError::BadSignature => {
@@ -249,6 +389,7 @@ pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigne
 async fn certificate_of_ours(
     store: &Store,
     certificate_der: &[u8],
+    queue_stamp: Option<Stamp>,
 ) -> Result<VerifiedDevice, IdentityError> {
     let certificate = x509_cert::Certificate::from_der(certificate_der)
         .map_err(|e| IdentityError::Malformed(format!("signer certificate: {e}")))?;
@@ -265,13 +406,34 @@ async fn certificate_of_ours(
         })?;
     validity::usable_at(&standing.certificate, chrono::Utc::now())
         .map_err(|e| IdentityError::Unauthenticated(format!("signing certificate: {e}")))?;
-    let enrollment_id = standing.certificate.enrollment_id.clone().ok_or_else(|| {
+    let CertificateStanding {
+        certificate,
+        bound_udid,
+        channels,
+    } = standing;
+    let enrollment_id = certificate.enrollment_id.ok_or_else(|| {
         IdentityError::Unauthenticated("the signing certificate has no enrollment".into())
     })?;
+    let work_read = channels.iter().map(|c| c.has_work).collect();
+    let channels = channels
+        .into_iter()
+        .map(|c| Channel {
+            id: c.id,
+            status: c.status,
+            last_seen: AtomicI64::new(c.last_seen_at.map_or(i64::MIN, |t| t.timestamp())),
+        })
+        .collect();
     Ok(VerifiedDevice {
-        certificate: standing.certificate,
-        enrollment_id,
-        bound_udid: standing.bound_udid,
-        channels: standing.channels,
+        standing: Arc::new(Standing {
+            serial: certificate.serial,
+            not_before: certificate.not_before,
+            not_after: certificate.not_after,
+            enrollment_id,
+            bound_udid,
+            channels,
+        }),
+        work_read,
+        queue_stamp,
+        cached: None,
     })
 }

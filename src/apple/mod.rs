@@ -4,6 +4,7 @@
 //! keeps what devices report.
 
 pub mod apns;
+pub mod cache;
 pub mod commands;
 pub mod enrollment;
 pub mod identity;

@@ -8,14 +8,17 @@ use bytes::Bytes;
 use plist::Value;
 use tokio::sync::Semaphore;
 
-use super::identity::VerifiedDevice;
+use std::borrow::Cow;
+
+use super::cache::MdmCache;
+use super::identity::{Channel, IdentityError, VerifiedDevice};
 use super::messages::{CheckIn, Report, ReportStatus};
 use super::plist::{Limits, PlistError};
 use crate::config::ReenrollmentPolicy;
 use crate::secrets::MasterKey;
 use crate::store::{
-    BindRefusal, Bound, ChannelState, ChannelStatus, ChannelType, CommandOutcome, DeviceFacts,
-    Store, TokenUpdateRecord,
+    BindRefusal, Bound, ChannelStatus, ChannelType, CommandOutcome, DeviceFacts, Store,
+    TokenUpdateRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -77,17 +80,48 @@ pub struct MdmService {
     reenrollment: ReenrollmentPolicy,
     /// Wakes the policy reconciler after a device became reachable or reported drift.
     reconcile_wake: crate::policy::ReconcileWake,
+    /// Certificate standings and idle channels, so that most connects read no row.
+    cache: MdmCache,
 }
 
 impl MdmService {
     pub fn new(store: Store, master_key: Arc<MasterKey>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         MdmService {
-            store,
             master_key,
             large_reads: Arc::new(Semaphore::new(cores)),
             reenrollment: ReenrollmentPolicy::default(),
             reconcile_wake: crate::policy::ReconcileWake::default(),
+            cache: MdmCache::new(store.clone()),
+            store,
+        }
+    }
+
+    /// The node's MDM request caches (its poller is started with the server).
+    pub fn cache(&self) -> &MdmCache {
+        &self.cache
+    }
+
+    /// `identity`, or, when it came from the cache and `admits` says no, its standing read
+    /// again: the cache may be a second behind, and only the store may refuse a device.
+    async fn confirmed<'a>(
+        &self,
+        identity: &'a VerifiedDevice,
+        admits: impl Fn(&VerifiedDevice) -> bool,
+    ) -> Result<Cow<'a, VerifiedDevice>, MdmError> {
+        if admits(identity) {
+            return Ok(Cow::Borrowed(identity));
+        }
+        match super::identity::reread(&self.cache, &self.store, identity).await {
+            Ok(Some(fresh)) => Ok(Cow::Owned(fresh)),
+            Ok(None) => Ok(Cow::Borrowed(identity)),
+            Err(IdentityError::Unauthenticated(reason)) => {
+                tracing::info!(serial = %identity.serial(), reason = %reason,
+                    "MDM: request refused");
+                Err(MdmError::Unauthorized(NOT_ENROLLED_HERE.into()))
+            }
+            Err(IdentityError::Malformed(e)) => Err(MdmError::BadRequest(e)),
+            Err(IdentityError::Internal(e)) => Err(MdmError::Internal(e)),
         }
     }
 
@@ -173,13 +207,13 @@ impl MdmService {
                 match bound {
                     Ok(Bound::Reenrolled { previous }) => {
                         tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
-                            previous = %previous, serial = %identity.certificate().serial,
+                            previous = %previous, serial = %identity.serial(),
                             "MDM: Authenticate: re-enrolled, the previous enrollment is retired");
                         Ok(MdmReply::Empty)
                     }
                     Ok(_) => {
                         tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
-                            serial = %identity.certificate().serial, "MDM: Authenticate");
+                            serial = %identity.serial(), "MDM: Authenticate");
                         Ok(MdmReply::Empty)
                     }
                     Err(refusal) => {
@@ -190,7 +224,10 @@ impl MdmService {
                 }
             }
             other => {
-                bound_device(identity, &device_id)?;
+                let identity = self
+                    .confirmed(identity, |i| i.bound_device() == Some(device_id.as_str()))
+                    .await?;
+                bound_device(&identity, &device_id)?;
                 self.handle_check_in(other, &device_id).await
             }
         }
@@ -299,23 +336,48 @@ impl MdmService {
     ) -> Result<MdmReply, MdmError> {
         let report = Report::from_value(message)?;
         let (device_id, enrollment_id) = channel_ids(&report)?;
-        bound_device(identity, &device_id)?;
-        let channel = identity
+        let open = |i: &VerifiedDevice| {
+            i.channel(&enrollment_id, &device_id)
+                .is_some_and(|(_, c)| c.status != ChannelStatus::CheckedOut)
+        };
+        let identity = self.confirmed(identity, open).await?;
+        bound_device(&identity, &device_id)?;
+        let (index, channel) = identity
             .channel(&enrollment_id, &device_id)
-            .filter(|c| c.status != ChannelStatus::CheckedOut)
+            .filter(|(_, c)| c.status != ChannelStatus::CheckedOut)
             .ok_or_else(|| {
                 tracing::info!(device = %device_id, channel = %enrollment_id,
                     "MDM: connect refused: the channel has no TokenUpdate or checked out");
                 MdmError::Unauthorized(NOT_ENROLLED_HERE.into())
             })?;
-        self.serve_connect(channel, &report, &device_id, &enrollment_id, message, body)
-            .await
+        // Whether anything may be queued: as this request read it, or the cache's idle view.
+        let may_have_work = match identity.work_read(index) {
+            Some(work) => {
+                if let (false, Some(stamp)) = (work, identity.queue_stamp()) {
+                    self.cache.note_idle(&channel.id, stamp);
+                }
+                work
+            }
+            None => !self.cache.known_idle(&channel.id),
+        };
+        self.serve_connect(
+            channel,
+            may_have_work,
+            &report,
+            &device_id,
+            &enrollment_id,
+            message,
+            body,
+        )
+        .await
     }
 
     /// The rest of a connect, once the channel and the device's right to it are established.
+    #[allow(clippy::too_many_arguments)]
     async fn serve_connect(
         &self,
-        channel: &ChannelState,
+        channel: &Channel,
+        may_have_work: bool,
         report: &Report,
         device_id: &str,
         enrollment_id: &str,
@@ -365,12 +427,23 @@ impl MdmService {
                 status != ReportStatus::NotNow
             }
         };
-        // Without work at the read above, there is none to send: a command queued since then
-        // is not lost, its push wakes the device for another connect.
-        let next = if channel.has_work {
-            self.store
+        // Without work at the read above (or in the idle view), there is none to send: a
+        // command queued since then moved the queue generation, so the next connect reads the
+        // queue, and its push wakes the device for that connect.
+        let next = if may_have_work {
+            let stamp = self.cache.queue_stamp();
+            let next = self
+                .store
                 .next_command(enrollment_id, include_not_now)
-                .await?
+                .await?;
+            // Read empty, NotNow commands included: idle until the queue moves.
+            if next.is_none()
+                && include_not_now
+                && let Some(stamp) = stamp
+            {
+                self.cache.note_idle(&channel.id, stamp);
+            }
+            next
         } else {
             None
         };
@@ -390,7 +463,7 @@ impl MdmService {
         refusal: &BindRefusal,
     ) {
         tracing::warn!(device = %device_id, enrollment = %identity.enrollment_id(),
-            serial = %identity.certificate().serial, reason = %refusal,
+            serial = %identity.serial(), reason = %refusal,
             "MDM: Authenticate refused");
         if let BindRefusal::DeviceBoundElsewhere(policy) = refusal {
             let entry = crate::store::NewAuditEntry {
@@ -425,11 +498,9 @@ impl MdmService {
         Ok(self.master_key.seal(&purpose(what, device_id), secret))
     }
 
-    async fn note_seen(&self, channel: &ChannelState) {
+    async fn note_seen(&self, channel: &Channel) {
         let now = crate::store::now();
-        if channel
-            .last_seen_at
-            .is_none_or(|seen| now - seen >= SEEN_RESOLUTION)
+        if channel.claim_seen(now, SEEN_RESOLUTION)
             && let Err(e) = self.store.touch_enrollment(&channel.id, now).await
         {
             tracing::warn!(error = %e, "MDM: could not record last_seen_at");
@@ -463,7 +534,7 @@ fn bound_device(identity: &VerifiedDevice, device_id: &str) -> Result<(), MdmErr
         None => "the certificate's enrollment has no device: no Authenticate yet",
     };
     tracing::info!(device = %device_id, enrollment = %identity.enrollment_id(),
-        serial = %identity.certificate().serial, reason, "MDM: request refused");
+        serial = %identity.serial(), reason, "MDM: request refused");
     Err(MdmError::Unauthorized(NOT_ENROLLED_HERE.into()))
 }
 

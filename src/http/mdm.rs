@@ -46,9 +46,14 @@ impl FromRequest<AppState> for SignedRequest {
             .await
             .map_err(IntoResponse::into_response)?;
         let certificate = presented(state, transport, &headers, &body).map_err(refusal)?;
-        let device = identity::verify(&state.store, &state.migrated_cas, &certificate)
-            .await
-            .map_err(refusal)?;
+        let device = identity::verify_cached(
+            state.mdm.cache(),
+            &state.store,
+            &state.migrated_cas,
+            certificate,
+        )
+        .await
+        .map_err(refusal)?;
         Ok(SignedRequest { device, body })
     }
 }

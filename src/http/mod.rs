@@ -36,9 +36,27 @@ use crate::pki::service::ScepService;
 use crate::secrets::MasterKey;
 use crate::store::Store;
 
-/// What every handler may reach. Cheap to clone.
+/// What every handler may reach, behind one reference count: axum clones a route's state for
+/// every request, and cloning a dozen reference counts shared by every core is measurable on
+/// the cheap routes (docs/benchmarks.md). Fields are reached through `Deref`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppContext>);
+
+impl AppState {
+    pub fn new(context: AppContext) -> AppState {
+        AppState(Arc::new(context))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppContext;
+    fn deref(&self) -> &AppContext {
+        &self.0
+    }
+}
+
+/// The application state's contents (see [`AppState`]).
+pub struct AppContext {
     pub config: Arc<Config>,
     pub store: Store,
     pub metrics: PrometheusHandle,
@@ -103,7 +121,10 @@ pub fn router(state: AppState) -> Router {
             outage::OutageGuard::new(store),
             outage::database_outage_is_503,
         ))
-        .layer(middleware::from_fn(observe::record_metrics))
+        .layer(middleware::from_fn_with_state(
+            observe::RouteMetrics::default(),
+            observe::record_metrics,
+        ))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -113,12 +134,13 @@ pub fn router(state: AppState) -> Router {
         // Everything inside answers errors in the API's JSON shape.
         .layer(middleware::map_response(error::json_error_bodies))
         .layer(
+            // Fields as borrowed text: nothing is formatted or copied when the span is off.
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 tracing::info_span!(
                     "request",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                    request_id = observe::request_id_of(request).unwrap_or_default(),
+                    method = request.method().as_str(),
+                    path = request.uri().path(),
+                    request_id = observe::request_id_str(request),
                 )
             }),
         )

@@ -255,10 +255,12 @@ impl Store {
         policy: ReenrollmentPolicy,
     ) -> StoreResult<Result<Bound, BindRefusal>> {
         for _ in 0..BIND_ATTEMPTS {
-            match self
+            let attempt = self
                 .try_authenticate(udid, record_id, topic, facts, policy)
-                .await?
-            {
+                .await;
+            // Whatever happened, this node's MDM caches look again (cache hook).
+            self.local_changes().identity_changed();
+            match attempt? {
                 Attempt::Done(outcome) => return Ok(outcome),
                 Attempt::LostRace => continue,
             }
@@ -612,6 +614,8 @@ impl Store {
             Ok(Some(retirement))
         }
         .await);
+        // This node's MDM caches drop the retired device at once (cache hook).
+        self.local_changes().identity_changed();
         Ok(outcome?)
     }
 

@@ -248,6 +248,7 @@ impl Store {
             .execute(pool)
             .await?
             .rows_affected());
+        self.local_changes().identity_changed();
         Ok(())
     }
 
@@ -261,6 +262,7 @@ impl Store {
             .execute(pool)
             .await?
             .rows_affected());
+        self.local_changes().identity_changed();
         Ok(())
     }
 
@@ -478,6 +480,8 @@ impl Store {
             Ok(out)
         }
         .await);
+        // This node's "has work" view looks at the queue again (apple::cache).
+        self.local_changes().queue_changed();
         outcome.map_err(|e| StoreError::conflict_on_unique(e, "a command with that UUID exists"))
     }
 

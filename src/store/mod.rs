@@ -11,6 +11,7 @@ mod audit;
 mod backup;
 mod device_tokens;
 mod directory;
+mod generation;
 mod leases;
 mod lifecycle;
 mod mdm;
@@ -40,6 +41,7 @@ pub use device_tokens::{
     UnknownSigningKeyStatus,
 };
 pub use directory::{DirectoryDetails, DirectoryUser, MembershipDelta, StatusChange};
+pub use generation::{Generations, LocalChanges};
 pub use leases::LeaseRow;
 pub use lifecycle::{
     AUDIT_ENROLL, AUDIT_REENROLL, AUDIT_RETIRE, BindRefusal, Bound, EnrollmentSpan, RetireRequest,
@@ -207,6 +209,8 @@ impl Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// Changes this node made, for the MDM caches (`generation`).
+    changes: std::sync::Arc<LocalChanges>,
 }
 
 impl Store {
@@ -227,6 +231,7 @@ impl Store {
             .await?;
         Ok(Store {
             pool: Pool::Sqlite(pool),
+            changes: Default::default(),
         })
     }
 
@@ -243,6 +248,7 @@ impl Store {
             .await?;
         Ok(Store {
             pool: Pool::Postgres(pool),
+            changes: Default::default(),
         })
     }
 

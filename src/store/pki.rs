@@ -329,6 +329,8 @@ impl Store {
                 Ok(Ok(()))
             }
             .await);
+        // The renewed certificate's shortened life, to this node's MDM caches (apple::cache).
+        self.local_changes().identity_changed();
         match outcome {
             Ok(Ok(())) => Ok(Ok(Recorded::Issued)),
             Ok(Err(refusal)) => Ok(Err(refusal)),
@@ -445,6 +447,8 @@ impl Store {
             .execute(pool)
             .await?
             .rows_affected());
+        // This node's MDM caches refuse the certificate at once (apple::cache).
+        self.local_changes().identity_changed();
         if changed == 1 {
             Ok(())
         } else {

@@ -536,6 +536,8 @@ impl Store {
             Ok(made)
         }
         .await);
+        // This node's "has work" view looks at the queue again (apple::cache).
+        self.local_changes().queue_changed();
         Ok(outcome?)
     }
 }

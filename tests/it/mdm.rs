@@ -795,3 +795,114 @@ async fn plist_bombs_are_refused_before_or_while_reading_and_health_stays_fast()
     let answered = history.iter().find(|c| c["uuid"] == uuid.as_str()).unwrap();
     assert_eq!(answered["status"], "acknowledged");
 }
+
+/// Two nodes on one PostgreSQL database, each with its own MDM request caches: a command
+/// queued through one reaches the device's next Idle on the other within a second, and a
+/// retirement through one refuses the device on the other within a second — after the other
+/// has cached the device's certificate and its empty queue.
+#[tokio::test]
+async fn caches_follow_changes_made_on_another_node_within_a_second() {
+    use std::time::{Duration, Instant};
+    let Some(pg) = crate::harness::PgTestDb::create().await else {
+        return;
+    };
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("secret.key");
+    let node = || {
+        let (url, key_file) = (pg.url.clone(), key_file.clone());
+        TestServer::start_with(move |args| {
+            args.database_url = Some(url);
+            args.secret_key_file = Some(key_file);
+        })
+    };
+    let first = node().await;
+    let admin = first.admin_key("mdm-admin", &["admin"]).await;
+    let a = Mdm {
+        server: first,
+        admin,
+    };
+    let b = node().await;
+    let device = a.enrolled_device().await;
+    let other = a.enrolled_device().await;
+    // Node B has read both certificates and found both queues empty; from here on it answers
+    // their Idles from its caches.
+    for _ in 0..3 {
+        assert!(device.idle(&b).await.is_none());
+        assert!(other.idle(&b).await.is_none());
+    }
+
+    // Queued through A: B's next Idle after its poll gets it (never later than a second).
+    let queued_at = Instant::now();
+    let uuid = a
+        .enqueue_one(&device.udid, json!({"RequestType": "SecurityInfo"}))
+        .await;
+    let command = loop {
+        if let Some(command) = device.idle(&b).await {
+            break command;
+        }
+        assert!(
+            queued_at.elapsed() < Duration::from_millis(1000),
+            "node B did not offer the command queued through node A within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        uuid_and_type(&command),
+        (uuid.clone(), "SecurityInfo".into())
+    );
+    // Answered on B; the queue is empty again on both nodes.
+    let (status, next) = device
+        .report(&b, "Acknowledged", Some(&uuid), Dictionary::new())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(next.is_none());
+    assert!(device.idle(&b).await.is_none());
+    assert!(device.idle(&a.server).await.is_none());
+    assert_eq!(a.history(&device.udid).await[0]["status"], "acknowledged");
+
+    // Retired through A: B refuses the device within a second; the other device still speaks.
+    let response = a
+        .server
+        .client
+        .post(
+            a.server
+                .url(&format!("/api/v1/enrollments/{}/retire", device.udid)),
+        )
+        .bearer_auth(&a.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let retired_at = Instant::now();
+    loop {
+        let (status, _) = device.report(&b, "Idle", None, Dictionary::new()).await;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            retired_at.elapsed() < Duration::from_millis(1000),
+            "node B still served a device retired through node A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // On A, at once.
+    let (status, _) = device
+        .report(&a.server, "Idle", None, Dictionary::new())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(other.idle(&b).await.is_none());
+
+    // A channel made on A (a TokenUpdate) is served on B at once: a cached standing that
+    // would refuse is read again first.
+    let third = Device::enroll(&a.server, &a.challenge().await).await;
+    assert_eq!(third.authenticate(&a.server).await.status(), StatusCode::OK);
+    // B caches the certificate before the channel exists (the connect is refused: no
+    // TokenUpdate yet).
+    let (status, _) = third.report(&b, "Idle", None, Dictionary::new()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(third.token_update(&a.server).await.status(), StatusCode::OK);
+    assert!(third.idle(&b).await.is_none());
+    b.stop().await;
+    a.server.stop().await;
+}
