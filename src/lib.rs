@@ -20,6 +20,7 @@ pub mod apple;
 pub mod audit;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod enroll;
 pub mod fsutil;
 #[doc(hidden)]

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use self::session::{
-    CSRF_COOKIE, LOGIN_COOKIE, LOGIN_TTL_SECS, PendingLogin, SESSION_COOKIE, Session,
+    CSRF_COOKIE, LOGIN_COOKIE, LOGIN_TTL_SECS, PendingLogin, SESSION_COOKIE, Session, SignInTarget,
 };
 use crate::apple::enrollment::ProfileError;
 use crate::audit::{self, OUTCOME_DENIED, OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -79,19 +79,52 @@ fn sign_in_page(
     status: StatusCode,
     error: Option<&str>,
 ) -> Response {
+    let (csrf, cookie) = sign_in_csrf(state, headers);
+    let mut response = (status, Html(page::sign_in(&state.identity, &csrf, error))).into_response();
+    if let Some(cookie) = cookie {
+        session::append(response.headers_mut(), cookie);
+    }
+    response
+}
+
+/// The anti-CSRF token the sign-in forms (portal and console alike) post back, and the cookie
+/// to set when the browser has none yet (double submit).
+pub(crate) fn sign_in_csrf(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
     let existing = state
         .cookies
         .get(headers, CSRF_COOKIE)
         .filter(|t| t.len() >= 32);
-    let csrf = existing.map_or_else(session::random_token, str::to_owned);
-    let mut response = (status, Html(page::sign_in(&state.identity, &csrf, error))).into_response();
-    if existing.is_none() {
-        let cookie = state
-            .cookies
-            .set(CSRF_COOKIE, &csrf, LOGIN_TTL_SECS * 6, false);
-        session::append(response.headers_mut(), cookie);
+    match existing {
+        Some(token) => (token.to_owned(), None),
+        None => {
+            let csrf = session::random_token();
+            let cookie = state
+                .cookies
+                .set(CSRF_COOKIE, &csrf, LOGIN_TTL_SECS * 6, false);
+            (csrf, Some(cookie))
+        }
     }
-    response
+}
+
+/// The page a failed password sign-in goes back to: the portal's or the console's.
+fn retry_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    target: SignInTarget,
+    status: StatusCode,
+    error: &str,
+) -> Response {
+    match target {
+        SignInTarget::Portal => sign_in_page(state, headers, status, Some(error)),
+        SignInTarget::Console => crate::console::sign_in_page(state, headers, status, Some(error)),
+    }
+}
+
+/// `?for=admin` on the SSO login routes: the sign-in is for the admin console.
+#[derive(Deserialize)]
+struct LoginFor {
+    #[serde(rename = "for")]
+    target: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +132,9 @@ struct LdapForm {
     csrf: String,
     login: String,
     password: String,
+    /// `admin` when posted from the console's sign-in page.
+    #[serde(rename = "for")]
+    target: Option<String>,
 }
 
 async fn ldap_sign_in(
@@ -125,12 +161,14 @@ async fn ldap_sign_in(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such directory sign-in.");
     };
+    let target = SignInTarget::from_param(form.target.as_deref());
     if form.login.len() > 256 || form.password.len() > 1024 {
-        return sign_in_page(
+        return retry_page(
             &state,
             &headers,
+            target,
             StatusCode::UNAUTHORIZED,
-            Some(WRONG_PASSWORD),
+            WRONG_PASSWORD,
         );
     }
     let address =
@@ -143,26 +181,28 @@ async fn ldap_sign_in(
             "Too many failed sign-ins. Wait {minutes} minute{} and try again.",
             if minutes == 1 { "" } else { "s" }
         );
-        return sign_in_page(
+        return retry_page(
             &state,
             &headers,
+            target,
             StatusCode::TOO_MANY_REQUESTS,
-            Some(&message),
+            &message,
         );
     }
     match ldap.authenticate(login, &form.password).await {
         Ok(identity) => {
             state.sign_in_throttle.succeeded(&name, login);
-            complete_sign_in(&state, identity).await
+            complete_sign_in(&state, identity, target).await
         }
         Err(IdpError::Refused(reason)) => {
             state.sign_in_throttle.failed(&name, login, address);
             tracing::info!(provider = %name, %reason, "LDAP sign-in refused");
-            sign_in_page(
+            retry_page(
                 &state,
                 &headers,
+                target,
                 StatusCode::UNAUTHORIZED,
-                Some(WRONG_PASSWORD),
+                WRONG_PASSWORD,
             )
         }
         Err(e) => provider_failure(&name, &e),
@@ -171,7 +211,12 @@ async fn ldap_sign_in(
 
 const WRONG_PASSWORD: &str = "The user name or password is not right.";
 
-async fn oidc_login(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn oidc_login(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(login_for): Query<LoginFor>,
+) -> Response {
+    let target = SignInTarget::from_param(login_for.target.as_deref());
     let Some(ConfiguredProvider {
         provider: Provider::Oidc(oidc),
         ..
@@ -185,6 +230,7 @@ async fn oidc_login(State(state): State<AppState>, Path(name): Path<String>) -> 
             &url,
             PendingLogin {
                 provider: name,
+                target,
                 oidc: Some(pending),
                 saml_request_id: None,
                 expires_at: chrono::Utc::now().timestamp() + LOGIN_TTL_SECS,
@@ -219,9 +265,9 @@ async fn oidc_callback(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such sign-in method.");
     };
-    let Some(pending) = session::open_login(&state.master_key, &state.cookies, &headers)
+    let Some((target, pending)) = session::open_login(&state.master_key, &state.cookies, &headers)
         .filter(|p| p.provider == name)
-        .and_then(|p| p.oidc)
+        .and_then(|p| Some((p.target, p.oidc?)))
     else {
         return page::problem(StatusCode::BAD_REQUEST, EXPIRED_LOGIN);
     };
@@ -240,7 +286,7 @@ async fn oidc_callback(
         );
     };
     match oidc.finish(&pending, &returned_state, &code).await {
-        Ok(identity) => complete_sign_in(&state, identity).await,
+        Ok(identity) => complete_sign_in(&state, identity, target).await,
         Err(e) => sign_in_refused(&name, &e),
     }
 }
@@ -248,7 +294,12 @@ async fn oidc_callback(
 const EXPIRED_LOGIN: &str =
     "This sign-in expired or was started in another browser. Start again from the portal.";
 
-async fn saml_login(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn saml_login(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(login_for): Query<LoginFor>,
+) -> Response {
+    let target = SignInTarget::from_param(login_for.target.as_deref());
     let Some(ConfiguredProvider {
         provider: Provider::Saml(slot),
         ..
@@ -266,6 +317,7 @@ async fn saml_login(State(state): State<AppState>, Path(name): Path<String>) -> 
             &url,
             PendingLogin {
                 provider: name,
+                target,
                 oidc: None,
                 saml_request_id: Some(request_id),
                 expires_at: chrono::Utc::now().timestamp() + LOGIN_TTL_SECS,
@@ -306,9 +358,11 @@ async fn saml_acs(
         Err(e) => return provider_failure(&name, &e),
     };
     // Absent for an IdP-initiated sign-in, which the provider refuses unless enabled.
-    let expected = session::open_login(&state.master_key, &state.cookies, &headers)
-        .filter(|p| p.provider == name)
-        .and_then(|p| p.saml_request_id);
+    let pending = session::open_login(&state.master_key, &state.cookies, &headers)
+        .filter(|p| p.provider == name);
+    // An IdP-initiated sign-in (no login in flight) can only be for the portal.
+    let target = pending.as_ref().map(|p| p.target).unwrap_or_default();
+    let expected = pending.and_then(|p| p.saml_request_id);
     // XML parsing and signature checks are CPU work in C libraries: off the async workers.
     let verified =
         tokio::task::spawn_blocking(move || saml.finish(&form.saml_response, expected.as_deref()))
@@ -323,7 +377,7 @@ async fn saml_acs(
         .consume_saml_assertion(&name, &login.assertion_id, login.not_on_or_after)
         .await
     {
-        Ok(true) => complete_sign_in(&state, login.identity).await,
+        Ok(true) => complete_sign_in(&state, login.identity, target).await,
         Ok(false) => sign_in_refused(
             &name,
             &IdpError::Refused(format!("assertion {} was already used", login.assertion_id)),
@@ -353,8 +407,16 @@ async fn saml_metadata(State(state): State<AppState>, Path(name): Path<String>) 
     }
 }
 
+/// Hands a verified identity to what the sign-in was for.
+async fn complete_sign_in(state: &AppState, identity: Identity, target: SignInTarget) -> Response {
+    match target {
+        SignInTarget::Portal => complete_portal_sign_in(state, identity).await,
+        SignInTarget::Console => crate::console::complete_sign_in(state, identity).await,
+    }
+}
+
 /// Records the person and their groups, and starts their portal session.
-async fn complete_sign_in(state: &AppState, identity: Identity) -> Response {
+async fn complete_portal_sign_in(state: &AppState, identity: Identity) -> Response {
     let actor = format!("user:{}:{}", identity.provider, identity.subject);
     let allowed = &state.config.portal.allowed_groups;
     if !allowed.is_empty()
@@ -634,7 +696,7 @@ fn redirect_with_login(
     response
 }
 
-fn see_other(location: &str) -> Response {
+pub(crate) fn see_other(location: &str) -> Response {
     let mut response = StatusCode::SEE_OTHER.into_response();
     if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(LOCATION, value);

@@ -8,6 +8,7 @@
 
 mod admin_keys;
 mod audit;
+mod console;
 mod device_tokens;
 mod directory;
 mod lifecycle;
@@ -30,6 +31,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
+pub use console::{AuditSearch, CONSOLE_PAGE_MAX, DeviceCount, DeviceFilter, DeviceRow};
 pub use device_tokens::{
     DEVICE_TOKEN_ACTIVE, DEVICE_TOKEN_REVOKED, DeviceTokenInsert, DeviceTokenRow,
     DeviceTokenStanding, NewTokenSigningKey, SigningKeyStatus, TokenSigningKeyRow,

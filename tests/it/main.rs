@@ -8,6 +8,7 @@ mod apns;
 mod ca;
 mod cli;
 mod connections;
+mod console;
 mod device;
 mod device_identity;
 mod device_tokens;

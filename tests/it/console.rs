@@ -1,0 +1,587 @@
+//! The admin console at `/admin`: admins sign in through the test OpenID provider with the
+//! portal's provider code, get scopes from their groups (`[admin.groups]`), and read and act on
+//! a device the simulator enrolled. Also its guards: scopes checked on the server whatever the
+//! page shows, CSRF tokens, idle and absolute session ends, and audit records in the admin's
+//! name.
+
+use plist::{Dictionary, Value};
+use reqwest::StatusCode;
+use reqwest::header::SET_COOKIE;
+use serde_json::Value as Json;
+
+use crate::device::{self, Device, uuid_and_type};
+use crate::harness::{TestDb, TestServer, peer_env};
+use crate::portal::{
+    Browser, PUBLIC_URL, hidden_input, location, oidc_toml, sign_in_at_op, to_server,
+};
+use crate::profiles::{import_push, push_certificate};
+use trustbroker::console::session::{AdminSession, seal};
+
+/// alice is in `admins` (everything); bob and carol in `mdm-users` (the help desk: read and
+/// lock); nobody's `staff` group grants anything.
+const GROUPS: &str =
+    "[admin.groups]\nadmins = [\"*\"]\n\"mdm-users\" = [\"devices:read\", \"devices:lock\"]\n";
+
+const KEY_HEX: &str = "6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b";
+
+pub struct Console {
+    pub server: TestServer,
+    /// An admin API key holding every scope (to enroll devices and read back).
+    pub admin: String,
+    key: trustbroker::secrets::MasterKey,
+    _key_dir: tempfile::TempDir,
+}
+
+impl Console {
+    /// A server on `db` with the OIDC provider (when `issuer` is given), the console's groups,
+    /// a known master key and a push certificate.
+    pub async fn start(db: &TestDb, issuer: Option<&str>, extra: &str) -> Console {
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = key_dir.path().join("secret.key");
+        std::fs::write(&key_file, KEY_HEX).unwrap();
+        let url = db.database_url();
+        let idp = issuer.map(|i| oidc_toml(i, "")).unwrap_or_default();
+        let server = TestServer::start_configured(
+            move |args| {
+                args.database_url = url;
+                args.public_url = Some(PUBLIC_URL.into());
+                args.secret_key_file = Some(key_file);
+            },
+            &format!("{idp}{extra}"),
+        )
+        .await;
+        let admin = server.admin_key("console-test", &["admin"]).await;
+        let (cert, key) = push_certificate(device::TOPIC);
+        assert_eq!(
+            import_push(&server, &admin, &cert, &key).await.status(),
+            StatusCode::OK
+        );
+        Console {
+            server,
+            admin,
+            key: trustbroker::secrets::MasterKey::parse(KEY_HEX).unwrap(),
+            _key_dir: key_dir,
+        }
+    }
+
+    /// A device enrolled by the simulator, checked in (Authenticate, TokenUpdate).
+    pub async fn device(&self) -> Device {
+        let challenge = self.server.challenge(&self.admin).await;
+        let device = Device::enroll(&self.server, &challenge).await;
+        device.check_in(&self.server).await;
+        device
+    }
+
+    /// A browser holding a console session sealed here (not through a provider).
+    pub fn browser_with(&self, session: &AdminSession) -> Browser {
+        let mut browser = Browser::new(&self.server);
+        browser.set_cookie("tb_admin", &seal(&self.key, session));
+        browser
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.server.url(path)
+    }
+
+    pub async fn audit(&self, query: &str) -> Vec<Json> {
+        let body = self
+            .server
+            .get_json(&format!("/api/v1/audit?{query}"), Some(&self.admin))
+            .await;
+        body["entries"].as_array().unwrap().clone()
+    }
+
+    pub async fn commands_of(&self, udid: &str) -> Vec<Json> {
+        let body = self
+            .server
+            .get_json(
+                &format!("/api/v1/enrollments/{udid}/commands"),
+                Some(&self.admin),
+            )
+            .await;
+        body["commands"].as_array().unwrap().clone()
+    }
+}
+
+/// A session as a sign-in would make it, with deadlines `idle` and `max` seconds from now.
+fn session(grants: &[&str], idle: i64, max: i64) -> AdminSession {
+    let now = chrono::Utc::now().timestamp();
+    AdminSession {
+        provider: "test".into(),
+        subject: "dana".into(),
+        name: "Dana".into(),
+        grants: grants.iter().map(|g| g.to_string()).collect(),
+        csrf: trustbroker::enroll::session::random_token(),
+        idle_until: now + idle,
+        expires_at: now + max,
+    }
+}
+
+/// Signs `user` in at the console through the test OP; returns the page `/admin` answers.
+pub async fn sign_in(console: &Console, browser: &mut Browser, user: &str, pw: &str) -> String {
+    let page = browser.page(&console.url("/admin")).await;
+    assert!(page.contains("Sign in to the admin console"), "{page}");
+    let href = "/auth/oidc/oidc/login?for=admin";
+    assert!(page.contains(href), "{page}");
+    let login = browser.get(&console.url(href)).await;
+    assert_eq!(login.status(), StatusCode::SEE_OTHER);
+    let back = sign_in_at_op(browser, &location(&login), user, pw).await;
+    let done = browser.get(&to_server(&console.server, &back)).await;
+    if done.status() != StatusCode::SEE_OTHER {
+        return done.text().await.unwrap();
+    }
+    assert_eq!(location(&done), "/admin");
+    let cookie = done
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("tb_admin="))
+        .expect("a console session cookie");
+    // Plain http (the test OP's registered URL): no `__Host-` prefix and no Secure, as in the
+    // portal; on HTTPS both (see `cookies_carry_the_host_prefix_on_https_and_plain_names_on_http`).
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    assert!(cookie.contains("Max-Age=900"), "{cookie}");
+    browser.page(&console.url("/admin")).await
+}
+
+fn query_responses() -> Dictionary {
+    let mut responses = Dictionary::new();
+    responses.insert("OSVersion".into(), "14.7".into());
+    responses.insert("DeviceName".into(), "Simulated Mac".into());
+    responses.insert("SerialNumber".into(), "C02SIMULATED".into());
+    responses.insert("BatteryLevel".into(), Value::Real(0.5));
+    let mut extra = Dictionary::new();
+    extra.insert("QueryResponses".into(), Value::Dictionary(responses));
+    extra
+}
+
+fn device_path(udid: &str) -> String {
+    format!("/admin/devices/{udid}")
+}
+
+#[tokio::test]
+async fn an_admin_signs_in_with_sso_and_queues_device_information() {
+    let Some(issuer) = peer_env("TRUSTBROKER_TEST_OIDC_ISSUER") else {
+        return;
+    };
+    for db in TestDb::all().await {
+        let console = Console::start(&db, Some(&issuer), GROUPS).await;
+        let device = console.device().await;
+        let mut browser = Browser::new(&console.server);
+        let overview = sign_in(&console, &mut browser, "alice", "alicepw").await;
+        assert!(overview.contains("<h1>Overview</h1>"), "{overview}");
+        assert!(overview.contains("Alice Anderson"), "{overview}");
+        assert!(overview.contains("href=\"/admin/audit\""), "{overview}");
+        assert!(overview.contains("Devices: 1"), "{overview}");
+        assert!(overview.contains("<svg"), "a chart: {overview}");
+
+        // Found by the search, by name and by owner-less status filter.
+        let list = browser
+            .page(&console.url("/admin/devices?q=simulated&status=active"))
+            .await;
+        assert!(list.contains(&device_path(&device.udid)), "{list}");
+        let none = browser
+            .page(&console.url("/admin/devices?q=nothing-like-it"))
+            .await;
+        assert!(!none.contains(&device_path(&device.udid)), "{none}");
+
+        let page = browser.page(&console.url(&device_path(&device.udid))).await;
+        assert!(page.contains("<h1>Simulated Mac</h1>"), "{page}");
+        assert!(page.contains("id=\"wipe\"") && page.contains("id=\"queue-information\""));
+        let csrf = hidden_input(&page, "csrf");
+        let queued = browser
+            .post_form(
+                &console.url(&format!("{}/actions", device_path(&device.udid))),
+                &[("csrf", &csrf), ("action", "information")],
+            )
+            .await;
+        assert_eq!(queued.status(), StatusCode::SEE_OTHER);
+        let page = browser.page(&console.url(&location(&queued))).await;
+        assert!(page.contains("Command queued"), "{page}");
+        let live = browser
+            .get(&console.url(&format!("{}/live", device_path(&device.udid))))
+            .await;
+        assert_eq!(live.status(), StatusCode::OK);
+        let live: Json = live.json().await.unwrap();
+        assert_eq!(live["commands"][0]["status"], "queued", "{live}");
+
+        // The device asks for work, gets it, and answers.
+        let command = device.idle(&console.server).await.expect("a command");
+        let (uuid, kind) = uuid_and_type(&command);
+        assert_eq!(kind, "DeviceInformation");
+        assert_eq!(live["commands"][0]["uuid"], uuid.as_str());
+        let (status, _) = device
+            .report(
+                &console.server,
+                "Acknowledged",
+                Some(&uuid),
+                query_responses(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let live: Json = browser
+            .get(&console.url(&format!("{}/live", device_path(&device.udid))))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(live["commands"][0]["status"], "acknowledged", "{live}");
+        let page = browser.page(&console.url(&device_path(&device.udid))).await;
+        assert!(page.contains("status acknowledged"), "{page}");
+        assert!(page.contains("BatteryLevel"), "the inventory: {page}");
+
+        // Audited in alice's name, like an API key's action.
+        let entries = console
+            .audit("actor=admin:oidc:alice&action=command.enqueue")
+            .await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0]["outcome"], "success");
+        assert_eq!(entries[0]["target"], "DeviceInformation");
+        let detail: Json = serde_json::from_str(entries[0]["detail"].as_str().unwrap()).unwrap();
+        assert_eq!(detail["commands"][0]["command_uuid"], uuid.as_str());
+        let signed_in = console
+            .audit("actor=admin:oidc:alice&action=console.sign-in")
+            .await;
+        assert_eq!(signed_in[0]["outcome"], "success");
+        assert_eq!(
+            console.commands_of(&device.udid).await[0]["created_by"],
+            "admin:oidc:alice"
+        );
+
+        // And found in the console's own audit search.
+        let audit = browser
+            .page(&console.url("/admin/audit?actor=admin%3Aoidc%3Aalice&action=command."))
+            .await;
+        assert!(audit.contains("command.enqueue"), "{audit}");
+        assert!(!audit.contains("console.sign-in"), "{audit}");
+        let bad = browser
+            .get(&console.url("/admin/audit?since=yesterday"))
+            .await;
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+        // Signing out ends the session.
+        let out = browser
+            .post_form(&console.url("/admin/sign-out"), &[("csrf", &csrf)])
+            .await;
+        assert_eq!(out.status(), StatusCode::SEE_OTHER);
+        assert!(browser.cookie("tb_admin").is_none());
+        let page = browser.page(&console.url("/admin")).await;
+        assert!(page.contains("Sign in to the admin console"), "{page}");
+    }
+}
+
+#[tokio::test]
+async fn a_help_desk_admin_cannot_wipe_and_a_forged_wipe_is_refused_and_audited() {
+    let Some(issuer) = peer_env("TRUSTBROKER_TEST_OIDC_ISSUER") else {
+        return;
+    };
+    let console = Console::start(&TestDb::Sqlite, Some(&issuer), GROUPS).await;
+    let device = console.device().await;
+    let mut browser = Browser::new(&console.server);
+    let overview = sign_in(&console, &mut browser, "bob", "bobpw").await;
+    assert!(overview.contains("Bob Brown"), "{overview}");
+    assert!(
+        !overview.contains("href=\"/admin/audit\""),
+        "no audit:read: {overview}"
+    );
+    let page = browser.page(&console.url(&device_path(&device.udid))).await;
+    assert!(page.contains("id=\"lock\""), "{page}");
+    assert!(!page.contains("id=\"wipe\""), "{page}");
+    assert!(!page.contains("id=\"queue-information\""), "{page}");
+    assert!(!page.contains("id=\"retire\""), "{page}");
+    let csrf = hidden_input(&page, "csrf");
+    let actions = console.url(&format!("{}/actions", device_path(&device.udid)));
+
+    // The form the page did not show, posted anyway with a valid token and the name typed.
+    let forged = browser
+        .post_form(
+            &actions,
+            &[
+                ("csrf", &csrf),
+                ("action", "wipe"),
+                ("confirm", "Simulated Mac"),
+            ],
+        )
+        .await;
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let text = forged.text().await.unwrap();
+    assert!(text.contains("commands:write"), "{text}");
+    assert!(console.commands_of(&device.udid).await.is_empty());
+    let denied = console
+        .audit("actor=admin:oidc:bob&action=command.enqueue")
+        .await;
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["outcome"], "denied");
+    assert_eq!(denied[0]["target"], "EraseDevice");
+    assert!(
+        denied[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("commands:write")
+    );
+    // Retire is refused the same way.
+    let retire = browser
+        .post_form(
+            &actions,
+            &[
+                ("csrf", &csrf),
+                ("action", "retire"),
+                ("confirm", "Simulated Mac"),
+            ],
+        )
+        .await;
+    assert_eq!(retire.status(), StatusCode::FORBIDDEN);
+    // The audit page is refused too, though its link was not shown.
+    let audit = browser.get(&console.url("/admin/audit")).await;
+    assert_eq!(audit.status(), StatusCode::FORBIDDEN);
+
+    // What the help desk may do, it can.
+    let lock = browser
+        .post_form(
+            &actions,
+            &[("csrf", &csrf), ("action", "lock"), ("message", "Call IT")],
+        )
+        .await;
+    assert_eq!(lock.status(), StatusCode::SEE_OTHER);
+    let commands = console.commands_of(&device.udid).await;
+    assert_eq!(commands.len(), 1);
+    assert_eq!(commands[0]["request_type"], "DeviceLock");
+    assert_eq!(commands[0]["command"]["Message"], "Call IT");
+    // But not cancel it (commands:write).
+    let uuid = commands[0]["uuid"].as_str().unwrap();
+    let cancel = browser
+        .post_form(
+            &console.url(&format!("/admin/commands/{uuid}/cancel")),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(cancel.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        console.commands_of(&device.udid).await[0]["status"],
+        "queued"
+    );
+}
+
+#[tokio::test]
+async fn a_person_in_no_admin_group_is_refused_with_a_clear_page() {
+    let Some(issuer) = peer_env("TRUSTBROKER_TEST_OIDC_ISSUER") else {
+        return;
+    };
+    let console = Console::start(
+        &TestDb::Sqlite,
+        Some(&issuer),
+        "[admin.groups]\nadmins = [\"*\"]\n",
+    )
+    .await;
+    let mut browser = Browser::new(&console.server);
+    let page = sign_in(&console, &mut browser, "carol", "carolpw").await;
+    assert!(page.contains("none of your groups"), "{page}");
+    assert!(browser.cookie("tb_admin").is_none());
+    let entries = console.audit("actor=admin:oidc:carol").await;
+    assert_eq!(entries[0]["action"], "console.sign-in");
+    assert_eq!(entries[0]["outcome"], "denied");
+    // The portal's own sign-in is unchanged by the shared flow.
+    let login = browser.get(&console.url("/auth/oidc/oidc/login")).await;
+    let back = sign_in_at_op(&mut browser, &location(&login), "carol", "carolpw").await;
+    let done = browser.get(&to_server(&console.server, &back)).await;
+    assert_eq!(location(&done), "/enroll");
+}
+
+#[tokio::test]
+async fn console_forms_need_the_session_s_csrf_token() {
+    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let device = console.device().await;
+    let admin = session(&["admin"], 600, 3600);
+    let mut browser = console.browser_with(&admin);
+    let page = browser.page(&console.url(&device_path(&device.udid))).await;
+    assert_eq!(hidden_input(&page, "csrf"), admin.csrf);
+    let actions = console.url(&format!("{}/actions", device_path(&device.udid)));
+    let other = trustbroker::enroll::session::random_token();
+    for fields in [
+        vec![("action", "information")],
+        vec![("csrf", ""), ("action", "information")],
+        vec![("csrf", other.as_str()), ("action", "information")],
+    ] {
+        let response = browser.post_form(&actions, &fields).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{fields:?}");
+    }
+    assert!(console.commands_of(&device.udid).await.is_empty());
+    let refused = console.audit("actor=admin:test:dana").await;
+    assert_eq!(refused.len(), 3);
+    assert!(refused.iter().all(|e| e["outcome"] == "denied"));
+    // Sign-out needs it too.
+    let out = browser
+        .post_form(&console.url("/admin/sign-out"), &[])
+        .await;
+    assert_eq!(out.status(), StatusCode::FORBIDDEN);
+    // Without a session at all: 401, nothing done.
+    let mut stranger = Browser::new(&console.server);
+    let response = stranger
+        .post_form(
+            &actions,
+            &[("csrf", &admin.csrf), ("action", "information")],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(console.commands_of(&device.udid).await.is_empty());
+    // With the token, it works.
+    let response = browser
+        .post_form(
+            &actions,
+            &[("csrf", &admin.csrf), ("action", "information")],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(console.commands_of(&device.udid).await.len(), 1);
+}
+
+#[tokio::test]
+async fn console_sessions_end_when_idle_or_too_old() {
+    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let device = console.device().await;
+    let actions = console.url(&format!("{}/actions", device_path(&device.udid)));
+    for (what, stale) in [
+        ("idle", session(&["admin"], -1, 3600)),
+        ("too old", session(&["admin"], 600, -1)),
+    ] {
+        let mut browser = console.browser_with(&stale);
+        let page = browser.get(&console.url("/admin/devices")).await;
+        assert_eq!(page.status(), StatusCode::OK, "{what}");
+        let clears = page
+            .headers()
+            .get_all(SET_COOKIE)
+            .iter()
+            .any(|c| c.to_str().unwrap().starts_with("tb_admin=;"));
+        assert!(clears, "{what}: the stale cookie is dropped");
+        let text = page.text().await.unwrap();
+        assert!(
+            text.contains("Sign in to the admin console"),
+            "{what}: {text}"
+        );
+        let mut browser = console.browser_with(&stale);
+        let response = browser
+            .post_form(
+                &actions,
+                &[("csrf", &stale.csrf), ("action", "information")],
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+        let live = browser
+            .get(&console.url(&format!("{}/live", device_path(&device.udid))))
+            .await;
+        assert_eq!(live.status(), StatusCode::UNAUTHORIZED, "{what}");
+    }
+    assert!(console.commands_of(&device.udid).await.is_empty());
+
+    // A live session's pages move its idle deadline; the live endpoint does not.
+    let fresh = session(&["devices:read"], 120, 3600);
+    let mut browser = console.browser_with(&fresh);
+    let page = browser.get(&console.url("/admin/devices")).await;
+    let cookie = page
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|c| c.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("tb_admin="))
+        .expect("the session is re-sealed");
+    assert!(cookie.contains("Max-Age=900"), "{cookie}");
+    let live = browser
+        .get(&console.url(&format!("{}/live", device_path(&device.udid))))
+        .await;
+    assert_eq!(live.status(), StatusCode::OK);
+    assert!(live.headers().get(SET_COOKIE).is_none());
+    // A session never outlives its absolute deadline, however active.
+    let ending = session(&["devices:read"], 120, 200);
+    let mut browser = console.browser_with(&ending);
+    let page = browser.get(&console.url("/admin/devices")).await;
+    let cookie = page.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    let max_age: i64 = cookie
+        .split("Max-Age=")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(max_age <= 200, "{cookie}");
+
+    // A portal session, or a forged value, is no console session.
+    let mut browser = Browser::new(&console.server);
+    browser.set_cookie("tb_admin", "AAAA");
+    let page = browser.page(&console.url("/admin")).await;
+    assert!(page.contains("Sign in to the admin console"), "{page}");
+}
+
+#[tokio::test]
+async fn console_pages_carry_a_strict_content_security_policy() {
+    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let device = console.device().await;
+    let mut browser = console.browser_with(&session(&["admin"], 600, 3600));
+    let mut stranger = Browser::new(&console.server);
+    let sign_in_page = stranger.get(&console.url("/admin/sign-in")).await;
+    assert!(
+        sign_in_page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("form-action 'self'")
+    );
+    for path in [
+        "/admin".to_owned(),
+        "/admin/devices".to_owned(),
+        device_path(&device.udid),
+        "/admin/audit".to_owned(),
+        "/admin/devices/NOPE".to_owned(),
+    ] {
+        let response = browser.get(&console.url(&path)).await;
+        let headers = response.headers();
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(headers["cache-control"], "no-store", "{path}");
+        let text = response.text().await.unwrap();
+        assert!(
+            !text.contains("style=\"") && !text.contains("<script>"),
+            "{path}: {text}"
+        );
+        assert!(text.contains("name=\"viewport\""), "{path}");
+    }
+    let css = browser.get(&console.url("/admin/assets/console.css")).await;
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    let page = browser.page(&console.url(&device_path(&device.udid))).await;
+    assert!(page.contains("<script src=\"/admin/assets/console.js\" defer></script>"));
+    // A wipe needs the device's name typed.
+    let csrf = hidden_input(&page, "csrf");
+    let response = browser
+        .post_form(
+            &console.url(&format!("{}/actions", device_path(&device.udid))),
+            &[
+                ("csrf", &csrf),
+                ("action", "wipe"),
+                ("confirm", "simulated"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(console.commands_of(&device.udid).await.is_empty());
+    let response = browser
+        .post_form(
+            &console.url(&format!("{}/actions", device_path(&device.udid))),
+            &[
+                ("csrf", &csrf),
+                ("action", "wipe"),
+                ("confirm", "Simulated Mac"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        console.commands_of(&device.udid).await[0]["request_type"],
+        "EraseDevice"
+    );
+}
