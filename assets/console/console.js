@@ -27,6 +27,9 @@
       if (answered) { answered.textContent = c.answered_at; }
       var detail = row.querySelector('[data-detail]');
       if (detail) { detail.textContent = c.detail; }
+      // Answered: nothing left to cancel (a reload offers re-send).
+      var cancel = row.querySelector('[data-cancel]');
+      if (cancel && !c.pending) { cancel.hidden = true; }
     });
   }
   function poll() {

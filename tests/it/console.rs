@@ -585,3 +585,123 @@ async fn console_pages_carry_a_strict_content_security_policy() {
         "EraseDevice"
     );
 }
+
+/// The whole flow as an admin does it, in headless Chromium: the console's SSO button, the
+/// provider's login page, the device list's search, "Queue DeviceInformation", and the status
+/// turning to acknowledged without a reload when the simulator answers; axe-core finds no
+/// serious or critical violation on any page. The broker listens on the public URL itself
+/// (the browser follows every redirect), so this waits for port 8080 to be free (the portal's
+/// browser test uses it too).
+#[tokio::test]
+async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged_live() {
+    let (Some(issuer), Some(portal_flow)) = (
+        peer_env("TRUSTBROKER_TEST_OIDC_ISSUER"),
+        peer_env("TRUSTBROKER_TEST_BROWSER_FLOW"),
+    ) else {
+        return;
+    };
+    let flow = std::path::Path::new(&portal_flow).with_file_name("console-flow.mjs");
+    assert!(
+        flow.exists(),
+        "{} is missing: run tests/peers/browser.sh install",
+        flow.display()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::net::TcpListener::bind("127.0.0.1:8080").is_err() {
+        assert!(std::time::Instant::now() < deadline, "port 8080 stays busy");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let server = TestServer::start_configured(
+        |args| {
+            args.public_url = Some(PUBLIC_URL.into());
+            args.http_listen = Some("127.0.0.1:8080".parse().unwrap());
+        },
+        &format!("{}{GROUPS}", oidc_toml(&issuer, "")),
+    )
+    .await;
+    let admin = server.admin_key("console-test", &["admin"]).await;
+    let (cert, key) = push_certificate(device::TOPIC);
+    assert_eq!(
+        import_push(&server, &admin, &cert, &key).await.status(),
+        StatusCode::OK
+    );
+    let challenge = server.challenge(&admin).await;
+    let device = Device::enroll(&server, &challenge).await;
+    device.check_in(&server).await;
+
+    let shots = std::env::var("TRUSTBROKER_TEST_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .ok();
+    let scratch = tempfile::tempdir().unwrap();
+    let out_dir = shots.unwrap_or_else(|| scratch.path().to_path_buf());
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let node = tokio::process::Command::new("node")
+        .arg(&flow)
+        .args([
+            PUBLIC_URL,
+            "Sign in with Example SSO",
+            "alice",
+            "alicepw",
+            "Simulated Mac",
+        ])
+        .arg(&out_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs the console flow");
+
+    // Meanwhile the device checks for work, as a device woken by a push would, and answers.
+    let answered = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            if let Some(command) = device.idle(&server).await {
+                let (uuid, kind) = uuid_and_type(&command);
+                assert_eq!(kind, "DeviceInformation");
+                let (status, _) = device
+                    .report(&server, "Acknowledged", Some(&uuid), query_responses())
+                    .await;
+                assert_eq!(status, StatusCode::OK);
+                return uuid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no command came");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    };
+    let (out, uuid) = tokio::join!(node.wait_with_output(), answered);
+    let out = out.unwrap();
+    assert!(
+        out.status.success(),
+        "console browser flow failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Json = serde_json::from_slice(&out.stdout).expect("the flow's JSON line");
+    assert_eq!(result["status"], "acknowledged", "{result}");
+    assert_eq!(result["reloaded"], false, "updated in place: {result}");
+    assert_eq!(
+        result["cancelShown"], false,
+        "an answered command: {result}"
+    );
+    // The style sheet applied (the Content-Security-Policy allows 'self').
+    assert_eq!(result["styled"], "rgb(10, 88, 194)", "{result}");
+    let pages = result["violations"].as_object().unwrap();
+    assert_eq!(pages.len(), 6, "{result}");
+    for (page, found) in pages {
+        let serious: Vec<&Json> = found
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
+            .collect();
+        assert!(serious.is_empty(), "axe on {page}: {serious:#?}");
+    }
+    let entries = server
+        .get_json(
+            "/api/v1/audit?actor=admin:oidc:alice&action=command.enqueue",
+            Some(&admin),
+        )
+        .await;
+    let detail = entries["entries"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains(&uuid), "{detail}");
+    server.stop().await;
+}
