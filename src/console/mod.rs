@@ -7,6 +7,7 @@
 pub mod chart;
 pub mod grants;
 mod pages;
+mod people;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -100,6 +101,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/devices/{udid}/actions", post(pages::device_action))
         .route("/admin/commands/{uuid}/cancel", post(pages::cancel_command))
         .route("/admin/commands/{uuid}/resend", post(pages::resend_command))
+        .route("/admin/people", get(people::people))
+        .route("/admin/people/{id}", get(people::person))
+        .route("/admin/groups", get(people::groups))
         .route("/admin/audit", get(pages::audit))
         .route("/admin/sign-out", post(sign_out))
         .route_layer(middleware::from_fn_with_state(

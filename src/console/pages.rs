@@ -34,16 +34,18 @@ pub struct Chrome {
     /// Which section is current (`overview`, `devices`, `audit`).
     pub section: &'static str,
     pub devices: bool,
+    pub people: bool,
     pub audit: bool,
 }
 
 impl Chrome {
-    fn of(admin: &SignedIn, section: &'static str) -> Chrome {
+    pub(super) fn of(admin: &SignedIn, section: &'static str) -> Chrome {
         Chrome {
             name: admin.session.name.clone(),
             csrf: admin.session.csrf.clone(),
             section,
             devices: admin.allows(Need::Scope(Scope::DevicesRead)),
+            people: admin.allows(Need::Scope(Scope::UsersRead)),
             audit: admin.allows(Need::Scope(Scope::AuditRead)),
         }
     }
@@ -76,7 +78,7 @@ pub struct ProblemPage<'a> {
     pub signed_in: bool,
 }
 
-fn when(at: &DateTime<Utc>) -> String {
+pub(super) fn when(at: &DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
@@ -338,11 +340,16 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-fn device_href(udid: &str) -> String {
-    format!("/admin/devices/{}", utf8_percent_encode(udid, SEGMENT))
+/// `text` escaped for a path segment or a query value.
+pub(super) fn segment(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT).to_string()
 }
 
-fn bounded(text: &str) -> Option<String> {
+pub(super) fn device_href(udid: &str) -> String {
+    format!("/admin/devices/{}", segment(udid))
+}
+
+pub(super) fn bounded(text: &str) -> Option<String> {
     let text = text.trim();
     (!text.is_empty()).then(|| crate::audit::truncated(text, 256))
 }

@@ -65,6 +65,20 @@ pub struct AuditSearch {
     pub limit: u32,
 }
 
+/// A person as the console's list shows them.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PersonRow {
+    pub id: String,
+    pub provider: String,
+    pub subject: String,
+    pub login: Option<String>,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub last_sign_in_at: DateTime<Utc>,
+    /// Devices bound to them.
+    pub devices: i64,
+}
+
 /// `text` as a LIKE pattern matching it anywhere (`%`, `_` and `\` escaped), lower-cased.
 fn contains_pattern(text: &str) -> String {
     format!("%{}%", like_escape(&text.to_lowercase()))
@@ -116,6 +130,35 @@ impl Store {
             .bind(&filter.group)
             .bind(filter.status)
             .bind(filter.seen_since)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// People whose login, e-mail or name contains `text`, in `group` (its name, the
+    /// provider's id for it, or ours), by name; at most `limit` (capped).
+    pub async fn console_people(
+        &self,
+        text: Option<&str>,
+        group: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<PersonRow>> {
+        let sql = "SELECT u.id, u.provider, u.subject, u.login, u.email, u.display_name, \
+                   u.last_sign_in_at, \
+                   (SELECT COUNT(*) FROM mdm_devices d WHERE d.owner_id = u.id) AS devices \
+                   FROM users u \
+                   WHERE ($1 IS NULL OR LOWER(COALESCE(u.login, '')) LIKE $1 ESCAPE '\\' \
+                          OR LOWER(COALESCE(u.email, '')) LIKE $1 ESCAPE '\\' \
+                          OR LOWER(COALESCE(u.display_name, '')) LIKE $1 ESCAPE '\\') \
+                     AND ($2 IS NULL OR u.id IN (SELECT ug.user_id FROM user_groups ug \
+                          JOIN groups g ON g.id = ug.group_id \
+                          WHERE g.name = $2 OR g.external_id = $2 OR g.id = $2)) \
+                   ORDER BY LOWER(COALESCE(u.display_name, u.login, u.subject)), u.id LIMIT $3";
+        let text = text.map(contains_pattern);
+        let limit = i64::from(limit.clamp(1, CONSOLE_PAGE_MAX));
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(&text)
+            .bind(group)
             .bind(limit)
             .fetch_all(pool)
             .await?))

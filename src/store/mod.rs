@@ -31,7 +31,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
-pub use console::{AuditSearch, CONSOLE_PAGE_MAX, DeviceCount, DeviceFilter, DeviceRow};
+pub use console::{AuditSearch, CONSOLE_PAGE_MAX, DeviceCount, DeviceFilter, DeviceRow, PersonRow};
 pub use device_tokens::{
     DEVICE_TOKEN_ACTIVE, DEVICE_TOKEN_REVOKED, DeviceTokenInsert, DeviceTokenRow,
     DeviceTokenStanding, NewTokenSigningKey, SigningKeyStatus, TokenSigningKeyRow,

@@ -533,6 +533,8 @@ async fn console_pages_carry_a_strict_content_security_policy() {
         "/admin/devices".to_owned(),
         device_path(&device.udid),
         "/admin/audit".to_owned(),
+        "/admin/people".to_owned(),
+        "/admin/groups".to_owned(),
         "/admin/devices/NOPE".to_owned(),
     ] {
         let response = browser.get(&console.url(&path)).await;
@@ -685,7 +687,7 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     // The style sheet applied (the Content-Security-Policy allows 'self').
     assert_eq!(result["styled"], "rgb(10, 88, 194)", "{result}");
     let pages = result["violations"].as_object().unwrap();
-    assert_eq!(pages.len(), 6, "{result}");
+    assert_eq!(pages.len(), 8, "{result}");
     for (page, found) in pages {
         let serious: Vec<&Json> = found
             .as_array()
@@ -704,4 +706,144 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     let detail = entries["entries"][0]["detail"].as_str().unwrap();
     assert!(detail.contains(&uuid), "{detail}");
     server.stop().await;
+}
+
+/// The directory's password form on the console's page posts to the portal's LDAP route with
+/// `for=admin`: a wrong password comes back to the console's page, the right one opens a console
+/// session (and no portal session); groups match by their DN.
+#[tokio::test]
+async fn ldap_admins_sign_in_with_the_directory_form() {
+    let (Some(url), Some(ca)) = (
+        peer_env("TRUSTBROKER_TEST_LDAP_URL"),
+        peer_env("TRUSTBROKER_TEST_LDAP_CA"),
+    ) else {
+        return;
+    };
+    let console = Console::start(
+        &TestDb::Sqlite,
+        None,
+        &format!(
+            "{}[admin.groups]\n\"cn=admins,ou=groups,dc=example,dc=org\" = [\"devices:read\", \"audit:read\"]\n",
+            crate::portal::ldap_toml(&url, &ca, "brokerpw")
+        ),
+    )
+    .await;
+    let mut browser = Browser::new(&console.server);
+    let page = browser.page(&console.url("/admin")).await;
+    assert!(page.contains("Company directory"), "{page}");
+    assert!(page.contains("action=\"/auth/ldap/ldap\""), "{page}");
+    assert!(page.contains("name=\"for\" value=\"admin\""), "{page}");
+    let csrf = hidden_input(&page, "csrf");
+    let form = console.url("/auth/ldap/ldap");
+    let wrong = browser
+        .post_form(
+            &form,
+            &[
+                ("csrf", &csrf),
+                ("for", "admin"),
+                ("login", "alice"),
+                ("password", "nope"),
+            ],
+        )
+        .await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let text = wrong.text().await.unwrap();
+    assert!(
+        text.contains("Sign in to the admin console") && text.contains("not right"),
+        "{text}"
+    );
+    let done = browser
+        .post_form(
+            &form,
+            &[
+                ("csrf", &csrf),
+                ("for", "admin"),
+                ("login", "alice"),
+                ("password", "alicepw"),
+            ],
+        )
+        .await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&done), "/admin");
+    assert!(browser.cookie("tb_admin").is_some());
+    assert!(browser.cookie("tb_session").is_none(), "no portal session");
+    let overview = browser.page(&console.url("/admin")).await;
+    assert!(overview.contains("<h1>Overview</h1>"), "{overview}");
+    // devices:read and audit:read, nothing else: no action on devices.
+    let audit = browser
+        .get(&console.url("/admin/audit?action=console."))
+        .await;
+    assert_eq!(audit.status(), StatusCode::OK);
+    assert!(audit.text().await.unwrap().contains("console.sign-in"));
+}
+
+#[tokio::test]
+async fn people_and_groups_show_memberships_and_need_users_read() {
+    use trustbroker::identity::{Group, Identity};
+    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let person = |login: &str, group: &str| Identity {
+        provider: "test".into(),
+        subject: login.into(),
+        login: Some(login.into()),
+        email: Some(format!("{login}@example.org")),
+        display_name: Some(format!("{login} Example")),
+        groups: vec![Group {
+            id: format!("cn={group},ou=groups,dc=example,dc=org"),
+            name: group.into(),
+        }],
+    };
+    let erin = console
+        .server
+        .store()
+        .record_sign_in(&person("erin", "eng"), "sign-in")
+        .await
+        .unwrap();
+    console
+        .server
+        .store()
+        .record_sign_in(&person("frank", "ops"), "sign-in")
+        .await
+        .unwrap();
+
+    let mut browser = console.browser_with(&session(&["users:read"], 600, 3600));
+    let all = browser.page(&console.url("/admin/people")).await;
+    assert!(all.contains("href=\"/admin/people\""), "{all}");
+    assert!(
+        all.contains("erin Example") && all.contains("frank Example"),
+        "{all}"
+    );
+    let found = browser.page(&console.url("/admin/people?q=ERIN")).await;
+    assert!(
+        found.contains("erin Example") && !found.contains("frank Example"),
+        "{found}"
+    );
+    let in_group = browser
+        .page(&console.url("/admin/people?group=cn%3Dops%2Cou%3Dgroups%2Cdc%3Dexample%2Cdc%3Dorg"))
+        .await;
+    assert!(in_group.contains("frank Example") && !in_group.contains("erin Example"));
+    let page = browser
+        .page(&console.url(&format!("/admin/people/{}", erin.id)))
+        .await;
+    assert!(page.contains("<h1>erin Example</h1>"), "{page}");
+    assert!(page.contains("cn=eng,ou=groups,dc=example,dc=org") && page.contains("sign-in"));
+    let groups = browser.page(&console.url("/admin/groups")).await;
+    assert!(
+        groups.contains(">eng</a>") && groups.contains(">ops</a>"),
+        "{groups}"
+    );
+    // No devices:read: no device links.
+    assert!(!groups.contains("/admin/devices?group="), "{groups}");
+
+    // Without users:read: no link, and the pages are refused.
+    let mut browser = console.browser_with(&session(&["devices:read"], 600, 3600));
+    let overview = browser.page(&console.url("/admin")).await;
+    assert!(!overview.contains("href=\"/admin/people\""), "{overview}");
+    for path in [
+        "/admin/people",
+        "/admin/groups",
+        &format!("/admin/people/{}", erin.id),
+    ] {
+        let response = browser.get(&console.url(path)).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+    }
 }

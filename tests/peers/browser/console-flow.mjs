@@ -114,6 +114,12 @@ try {
   await shot('device-phone');
   await page.setViewport({ width: 1280, height: 900 });
 
+  step('people and groups');
+  await go(page.click('nav a[href="/admin/people"]'));
+  await check('people');
+  await go(page.click('nav a[href="/admin/groups"]'));
+  await check('groups');
+
   step('audit log');
   await go(page.click('nav a[href="/admin/audit"]'));
   await check('audit');
