@@ -8,6 +8,7 @@ pub mod chart;
 pub mod grants;
 mod pages;
 mod people;
+mod policies;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -94,6 +95,7 @@ impl ConsoleSettings {
 /// routes merged after them.
 pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
+    let max_body = state.config.max_body_bytes;
     let signed_in = Router::new()
         .route("/admin", get(pages::overview))
         .route("/admin/devices", get(pages::devices))
@@ -104,6 +106,12 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/people", get(people::people))
         .route("/admin/people/{id}", get(people::person))
         .route("/admin/groups", get(people::groups))
+        .route("/admin/policies", get(policies::policies))
+        .route(
+            "/admin/policies/plan",
+            // A policy file, not a few fields.
+            post(policies::plan).layer(DefaultBodyLimit::max(max_body)),
+        )
         .route("/admin/audit", get(pages::audit))
         .route("/admin/sign-out", post(sign_out))
         .route_layer(middleware::from_fn_with_state(

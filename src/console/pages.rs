@@ -35,6 +35,7 @@ pub struct Chrome {
     pub section: &'static str,
     pub devices: bool,
     pub people: bool,
+    pub policies: bool,
     pub audit: bool,
 }
 
@@ -46,6 +47,7 @@ impl Chrome {
             section,
             devices: admin.allows(Need::Scope(Scope::DevicesRead)),
             people: admin.allows(Need::Scope(Scope::UsersRead)),
+            policies: admin.allows(Need::Scope(Scope::PoliciesRead)),
             audit: admin.allows(Need::Scope(Scope::AuditRead)),
         }
     }

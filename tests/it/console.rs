@@ -687,7 +687,7 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     // The style sheet applied (the Content-Security-Policy allows 'self').
     assert_eq!(result["styled"], "rgb(10, 88, 194)", "{result}");
     let pages = result["violations"].as_object().unwrap();
-    assert_eq!(pages.len(), 8, "{result}");
+    assert_eq!(pages.len(), 10, "{result}");
     for (page, found) in pages {
         let serious: Vec<&Json> = found
             .as_array()
@@ -846,4 +846,145 @@ async fn people_and_groups_show_memberships_and_need_users_read() {
         let response = browser.get(&console.url(path)).await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
     }
+}
+
+/// Policies: the version in force and its history, and the plan of a changed file with its
+/// line diff and what it would queue on the one device in scope. Nothing is applied.
+#[tokio::test]
+async fn the_policies_page_plans_a_changed_file_without_applying_it() {
+    use trustbroker::identity::{Group, Identity};
+    use trustbroker::pki::challenge::{self, ChallengeRequest};
+    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let group = "cn=engineering,ou=groups,dc=example,dc=org";
+    let applied = console
+        .server
+        .client
+        .post(console.url("/api/v1/policies/apply"))
+        .bearer_auth(&console.admin)
+        .json(&serde_json::json!({
+            "files": crate::policy::files(&[("engineering.yaml", crate::policy::engineering(group, 8, ""))]),
+            "git_commit": "0123abcd",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.status(),
+        StatusCode::CREATED,
+        "{}",
+        applied.text().await.unwrap()
+    );
+    let user = console
+        .server
+        .store()
+        .record_sign_in(
+            &Identity {
+                provider: "corp".into(),
+                subject: "erin".into(),
+                login: Some("erin".into()),
+                email: Some("erin@example.org".into()),
+                display_name: None,
+                groups: vec![Group {
+                    id: group.into(),
+                    name: "engineering".into(),
+                }],
+            },
+            "sign-in",
+        )
+        .await
+        .unwrap();
+    let issued = challenge::create(
+        console.server.store(),
+        std::time::Duration::from_secs(600),
+        ChallengeRequest {
+            requested_by: "test".into(),
+            for_user: user.login.clone(),
+            for_device: None,
+            user_id: Some(user.id.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let device = Device::enroll(&console.server, &issued.challenge).await;
+    device.check_in(&console.server).await;
+
+    let mut browser = console.browser_with(&session(&["policies:read"], 600, 3600));
+    let page = browser.page(&console.url("/admin/policies")).await;
+    assert!(
+        page.contains("Version in force: <strong>1</strong>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("0123abcd") && page.contains("engineering.yaml"),
+        "{page}"
+    );
+    let csrf = hidden_input(&page, "csrf");
+    let plan_url = console.url("/admin/policies/plan");
+    let changed = crate::policy::engineering(group, 12, "");
+    let plan = browser
+        .post_form(
+            &plan_url,
+            &[
+                ("csrf", &csrf),
+                ("path", "engineering.yaml"),
+                ("content", &changed),
+            ],
+        )
+        .await;
+    assert_eq!(plan.status(), StatusCode::OK);
+    let plan = plan.text().await.unwrap();
+    assert!(plan.contains("<span class=\"removed\">-"), "{plan}");
+    assert!(plan.contains("minLength: 12"), "{plan}");
+    assert!(plan.contains("1 device(s) in scope"), "{plan}");
+    assert!(plan.contains(">changed<"), "{plan}");
+    // Nothing was applied.
+    let versions = console
+        .server
+        .get_json("/api/v1/policies/versions", Some(&console.admin))
+        .await;
+    assert_eq!(
+        versions["versions"].as_array().unwrap().len(),
+        1,
+        "{versions}"
+    );
+
+    // A broken file: the loader's problems, with file and line.
+    let broken = browser
+        .post_form(
+            &plan_url,
+            &[
+                ("csrf", &csrf),
+                ("path", "engineering.yaml"),
+                ("content", "name: ["),
+            ],
+        )
+        .await;
+    assert_eq!(broken.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(broken.text().await.unwrap().contains("engineering.yaml"));
+    for path in ["../etc/passwd.yaml", "/abs.yaml", "notes.txt", ""] {
+        let response = browser
+            .post_form(
+                &plan_url,
+                &[("csrf", &csrf), ("path", path), ("content", "x")],
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}"
+        );
+    }
+    let forged = browser
+        .post_form(
+            &plan_url,
+            &[("path", "engineering.yaml"), ("content", &changed)],
+        )
+        .await;
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    // Without policies:read.
+    let mut browser = console.browser_with(&session(&["devices:read"], 600, 3600));
+    assert_eq!(
+        browser.get(&console.url("/admin/policies")).await.status(),
+        StatusCode::FORBIDDEN
+    );
 }

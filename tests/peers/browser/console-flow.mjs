@@ -120,6 +120,14 @@ try {
   await go(page.click('nav a[href="/admin/groups"]'));
   await check('groups');
 
+  step('policies and a plan');
+  await go(page.click('nav a[href="/admin/policies"]'));
+  await check('policies');
+  await page.type('#plan-path', 'example.yaml');
+  await page.type('#plan-content', 'name: example\ndescription: [unclosed\n');
+  await go(page.click('#plan'));
+  await check('plan');
+
   step('audit log');
   await go(page.click('nav a[href="/admin/audit"]'));
   await check('audit');
