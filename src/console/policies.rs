@@ -123,25 +123,26 @@ pub async fn policies(
 
 /// The files of the applied version (path → bytes); empty before the first apply.
 async fn applied_files(state: &AppState) -> Result<BTreeMap<String, Vec<u8>>, Response> {
-    let latest = match state.store.latest_policy_version().await {
-        Ok(latest) => latest,
-        Err(e) => return Err(internal(&e)),
-    };
-    let Some(latest) = latest else {
+    read_applied_files(state).await.map_err(|e| internal(&e))
+}
+
+async fn read_applied_files(state: &AppState) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let Some(latest) = state
+        .store
+        .latest_policy_version()
+        .await
+        .map_err(|e| e.to_string())?
+    else {
         return Ok(BTreeMap::new());
     };
-    let encoded: BTreeMap<String, String> = match serde_json::from_str(&latest.files) {
-        Ok(encoded) => encoded,
-        Err(e) => return Err(internal(&e)),
-    };
+    let encoded: BTreeMap<String, String> =
+        serde_json::from_str(&latest.files).map_err(|e| format!("applied files: {e}"))?;
     let engine = base64::engine::general_purpose::STANDARD;
     encoded
         .into_iter()
-        .map(|(path, b64)| {
-            engine
-                .decode(b64)
-                .map(|bytes| (path, bytes))
-                .map_err(|e| internal(&e))
+        .map(|(path, b64)| match engine.decode(b64) {
+            Ok(bytes) => Ok((path, bytes)),
+            Err(e) => Err(format!("applied file {path}: {e}")),
         })
         .collect()
 }
