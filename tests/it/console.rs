@@ -258,6 +258,18 @@ async fn an_admin_signs_in_with_sso_and_queues_device_information() {
             .await;
         assert!(audit.contains("command.enqueue"), "{audit}");
         assert!(!audit.contains("console.sign-in"), "{audit}");
+        // A time range (both databases compare timestamps).
+        let since = browser
+            .page(
+                &console
+                    .url("/admin/audit?action=command.&since=2000-01-01&until=2999-01-01T00:00"),
+            )
+            .await;
+        assert!(since.contains("command.enqueue"), "{since}");
+        let future = browser
+            .page(&console.url("/admin/audit?action=command.&since=2999-01-01"))
+            .await;
+        assert!(!future.contains("command.enqueue"), "{future}");
         let bad = browser
             .get(&console.url("/admin/audit?since=yesterday"))
             .await;
@@ -779,8 +791,14 @@ async fn ldap_admins_sign_in_with_the_directory_form() {
 
 #[tokio::test]
 async fn people_and_groups_show_memberships_and_need_users_read() {
+    for db in TestDb::all().await {
+        people_and_groups_on(&db).await;
+    }
+}
+
+async fn people_and_groups_on(db: &TestDb) {
     use trustbroker::identity::{Group, Identity};
-    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let console = Console::start(db, None, GROUPS).await;
     let person = |login: &str, group: &str| Identity {
         provider: "test".into(),
         subject: login.into(),
