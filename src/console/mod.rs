@@ -10,6 +10,7 @@ mod pages;
 mod people;
 mod policies;
 pub mod session;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -111,6 +112,13 @@ pub fn router(state: AppState) -> Router {
             "/admin/policies/plan",
             // A policy file, not a few fields.
             post(policies::plan).layer(DefaultBodyLimit::max(max_body)),
+        )
+        .route("/admin/tokens", get(tokens::integrations))
+        .route("/admin/tokens/{name}", get(tokens::integration))
+        .route("/admin/tokens/{name}/rotate", post(tokens::rotate))
+        .route(
+            "/admin/tokens/{name}/tokens/{id}/revoke",
+            post(tokens::revoke),
         )
         .route("/admin/audit", get(pages::audit))
         .route("/admin/sign-out", post(sign_out))

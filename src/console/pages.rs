@@ -36,6 +36,7 @@ pub struct Chrome {
     pub devices: bool,
     pub people: bool,
     pub policies: bool,
+    pub tokens: bool,
     pub audit: bool,
 }
 
@@ -48,6 +49,7 @@ impl Chrome {
             devices: admin.allows(Need::Scope(Scope::DevicesRead)),
             people: admin.allows(Need::Scope(Scope::UsersRead)),
             policies: admin.allows(Need::Scope(Scope::PoliciesRead)),
+            tokens: admin.allows(Need::Scope(Scope::TokensRead)),
             audit: admin.allows(Need::Scope(Scope::AuditRead)),
         }
     }

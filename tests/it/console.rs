@@ -642,6 +642,19 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     let challenge = server.challenge(&admin).await;
     let device = Device::enroll(&server, &challenge).await;
     device.check_in(&server).await;
+    // A token integration, for the tokens pages.
+    let created = server
+        .client
+        .post(server.url("/api/v1/token-integrations"))
+        .bearer_auth(&admin)
+        .json(
+            &serde_json::json!({"name": "pingid", "bundle_id": "com.pingidentity.pingid",
+                                  "config_key": "token"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
 
     let shots = std::env::var("TRUSTBROKER_TEST_SCREENSHOTS")
         .map(std::path::PathBuf::from)
@@ -699,7 +712,7 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     // The style sheet applied (the Content-Security-Policy allows 'self').
     assert_eq!(result["styled"], "rgb(10, 88, 194)", "{result}");
     let pages = result["violations"].as_object().unwrap();
-    assert_eq!(pages.len(), 10, "{result}");
+    assert_eq!(pages.len(), 12, "{result}");
     for (page, found) in pages {
         let serious: Vec<&Json> = found
             .as_array()
@@ -1005,4 +1018,126 @@ async fn the_policies_page_plans_a_changed_file_without_applying_it() {
         browser.get(&console.url("/admin/policies")).await.status(),
         StatusCode::FORBIDDEN
     );
+}
+
+/// Tokens: the integration and its tokens with delivery counts; rotation shows the generated
+/// value once; revocation keeps the API's rule (the last active token only with force) and
+/// asks for the integration's name; each is audited in the admin's name.
+#[tokio::test]
+async fn tokens_rotate_and_revoke_with_the_api_s_rules() {
+    let console = Console::start(&TestDb::Sqlite, None, GROUPS).await;
+    let created = console
+        .server
+        .client
+        .post(console.url("/api/v1/token-integrations"))
+        .bearer_auth(&console.admin)
+        .json(
+            &serde_json::json!({"name": "pingid", "bundle_id": "com.pingidentity.pingid",
+                                  "config_key": "token"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        created.status(),
+        StatusCode::CREATED,
+        "{}",
+        created.text().await.unwrap()
+    );
+
+    // Reading only: no rotate form, and a rotation posted anyway is refused.
+    let reader = session(&["tokens:read"], 600, 3600);
+    let mut browser = console.browser_with(&reader);
+    let list = browser.page(&console.url("/admin/tokens")).await;
+    assert!(list.contains("href=\"/admin/tokens/pingid\""), "{list}");
+    let page = browser.page(&console.url("/admin/tokens/pingid")).await;
+    assert!(page.contains("com.pingidentity.pingid") && !page.contains("id=\"rotate\""));
+    let refused = browser
+        .post_form(
+            &console.url("/admin/tokens/pingid/rotate"),
+            &[("csrf", &reader.csrf)],
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+
+    let writer = session(&["tokens:read", "tokens:write"], 600, 3600);
+    let mut browser = console.browser_with(&writer);
+    let rotated = browser
+        .post_form(
+            &console.url("/admin/tokens/pingid/rotate"),
+            &[("csrf", &writer.csrf), ("label", "first")],
+        )
+        .await;
+    assert_eq!(rotated.status(), StatusCode::OK);
+    assert_eq!(rotated.headers()["cache-control"], "no-store");
+    let page = rotated.text().await.unwrap();
+    let value = page
+        .split("<code id=\"new-token\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .expect("the new value, shown once")
+        .to_owned();
+    assert!(value.len() >= 20, "{value}");
+    assert!(
+        page.contains(&format!("…{}", &value[value.len() - 4..])),
+        "{page}"
+    );
+    // Shown once: the page loaded again does not have it.
+    let again = browser.page(&console.url("/admin/tokens/pingid")).await;
+    assert!(!again.contains(&value));
+    let tokens = console
+        .server
+        .get_json(
+            "/api/v1/token-integrations/pingid/tokens",
+            Some(&console.admin),
+        )
+        .await;
+    let id = tokens["tokens"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        tokens["tokens"][0]["created_by"], "admin:test:dana",
+        "{tokens}"
+    );
+
+    let revoke = console.url(&format!("/admin/tokens/pingid/tokens/{id}/revoke"));
+    let unconfirmed = browser
+        .post_form(&revoke, &[("csrf", &writer.csrf), ("confirm", "ping")])
+        .await;
+    assert_eq!(unconfirmed.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let last = browser
+        .post_form(&revoke, &[("csrf", &writer.csrf), ("confirm", "pingid")])
+        .await;
+    assert_eq!(last.status(), StatusCode::CONFLICT);
+    let forced = browser
+        .post_form(
+            &revoke,
+            &[
+                ("csrf", &writer.csrf),
+                ("confirm", "pingid"),
+                ("force", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(forced.status(), StatusCode::OK);
+    assert!(forced.text().await.unwrap().contains("status revoked"));
+    let entries = console.audit("actor=admin:test:dana").await;
+    let seen: Vec<(String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("token.rotate", "denied"),
+        ("token.rotate", "success"),
+        ("token.revoke", "failure"),
+        ("token.revoke", "success"),
+    ] {
+        assert!(
+            seen.contains(&(expected.0.to_owned(), expected.1.to_owned())),
+            "{expected:?} in {seen:?}"
+        );
+    }
 }

@@ -128,6 +128,13 @@ try {
   await go(page.click('#plan'));
   await check('plan');
 
+  step('tokens');
+  await go(page.click('nav a[href="/admin/tokens"]'));
+  await check('tokens');
+  await go(page.click('table a[href^="/admin/tokens/"]'));
+  await check('integration');
+  await shot('integration');
+
   step('audit log');
   await go(page.click('nav a[href="/admin/audit"]'));
   await check('audit');
