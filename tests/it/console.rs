@@ -655,6 +655,14 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
         .await
         .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
+    let rotated = server
+        .client
+        .post(server.url("/api/v1/token-integrations/pingid/tokens/rotate"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), StatusCode::CREATED);
 
     let shots = std::env::var("TRUSTBROKER_TEST_SCREENSHOTS")
         .map(std::path::PathBuf::from)
