@@ -205,7 +205,7 @@ async fn ldap_sign_in(
                 WRONG_PASSWORD,
             )
         }
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(target, &name, &e),
     }
 }
 
@@ -237,7 +237,7 @@ async fn oidc_login(
             },
             false,
         ),
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(target, &name, &e),
     }
 }
 
@@ -274,20 +274,22 @@ async fn oidc_callback(
     if let Some(error) = query.error {
         let detail = query.error_description.unwrap_or_default();
         tracing::info!(provider = %name, %error, %detail, "OpenID provider refused the sign-in");
-        return page::problem(
+        return problem_for(
+            target,
             StatusCode::UNAUTHORIZED,
             &format!("The sign-in was not completed ({error})."),
         );
     }
     let (Some(code), Some(returned_state)) = (query.code, query.state) else {
-        return page::problem(
+        return problem_for(
+            target,
             StatusCode::BAD_REQUEST,
             "The sign-in answer was incomplete.",
         );
     };
     match oidc.finish(&pending, &returned_state, &code).await {
         Ok(identity) => complete_sign_in(&state, identity, target).await,
-        Err(e) => sign_in_refused(&name, &e),
+        Err(e) => sign_in_refused(target, &name, &e),
     }
 }
 
@@ -324,7 +326,7 @@ async fn saml_login(
             },
             true,
         ),
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(target, &name, &e),
     }
 }
 
@@ -353,23 +355,23 @@ async fn saml_acs(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such sign-in method.");
     };
-    let saml = match slot.get().await {
-        Ok(saml) => saml,
-        Err(e) => return provider_failure(&name, &e),
-    };
     // Absent for an IdP-initiated sign-in, which the provider refuses unless enabled.
     let pending = session::open_login(&state.master_key, &state.cookies, &headers)
         .filter(|p| p.provider == name);
     // An IdP-initiated sign-in (no login in flight) can only be for the portal.
     let target = pending.as_ref().map(|p| p.target).unwrap_or_default();
     let expected = pending.and_then(|p| p.saml_request_id);
+    let saml = match slot.get().await {
+        Ok(saml) => saml,
+        Err(e) => return provider_failure(target, &name, &e),
+    };
     // XML parsing and signature checks are CPU work in C libraries: off the async workers.
     let verified =
         tokio::task::spawn_blocking(move || saml.finish(&form.saml_response, expected.as_deref()))
             .await;
     let login = match verified {
         Ok(Ok(login)) => login,
-        Ok(Err(e)) => return sign_in_refused(&name, &e),
+        Ok(Err(e)) => return sign_in_refused(target, &name, &e),
         Err(e) => return page::problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
     match state
@@ -379,6 +381,7 @@ async fn saml_acs(
     {
         Ok(true) => complete_sign_in(&state, login.identity, target).await,
         Ok(false) => sign_in_refused(
+            target,
             &name,
             &IdpError::Refused(format!("assertion {} was already used", login.assertion_id)),
         ),
@@ -403,7 +406,7 @@ async fn saml_metadata(State(state): State<AppState>, Path(name): Path<String>) 
             xml,
         )
             .into_response(),
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(SignInTarget::Portal, &name, &e),
     }
 }
 
@@ -704,25 +707,40 @@ pub(crate) fn see_other(location: &str) -> Response {
     response
 }
 
+/// A page saying what went wrong with a sign-in, in the look of what it was for (the portal's
+/// page links back to the portal, the console's to its sign-in page).
+fn problem_for(target: SignInTarget, status: StatusCode, message: &str) -> Response {
+    match target {
+        SignInTarget::Portal => page::problem(status, message),
+        SignInTarget::Console => crate::console::problem(status, "Sign-in failed", message, false),
+    }
+}
+
 /// The person's sign-in failed: the reason goes to the log, they get a plain message.
-fn sign_in_refused(name: &str, e: &IdpError) -> Response {
+fn sign_in_refused(target: SignInTarget, name: &str, e: &IdpError) -> Response {
     match e {
         IdpError::Refused(reason) => {
             tracing::info!(provider = %name, %reason, "sign-in refused");
-            page::problem(
-                StatusCode::UNAUTHORIZED,
-                "The sign-in could not be verified. Start again from the portal.",
-            )
+            let message = match target {
+                SignInTarget::Portal => {
+                    "The sign-in could not be verified. Start again from the portal."
+                }
+                SignInTarget::Console => {
+                    "The sign-in could not be verified. Start again from the sign-in page."
+                }
+            };
+            problem_for(target, StatusCode::UNAUTHORIZED, message)
         }
-        other => provider_failure(name, other),
+        other => provider_failure(target, name, other),
     }
 }
 
 /// The provider is unreachable or misconfigured: the operator's problem, said plainly in the
 /// log; the person is told to try later.
-fn provider_failure(name: &str, e: &IdpError) -> Response {
+fn provider_failure(target: SignInTarget, name: &str, e: &IdpError) -> Response {
     tracing::error!(provider = %name, error = %e, "identity provider failure");
-    page::problem(
+    problem_for(
+        target,
         StatusCode::BAD_GATEWAY,
         "The sign-in service is not available right now. Try again later, or tell your IT team.",
     )

@@ -396,6 +396,21 @@ async fn a_person_in_no_admin_group_is_refused_with_a_clear_page() {
     let entries = console.audit("actor=admin:oidc:carol").await;
     assert_eq!(entries[0]["action"], "console.sign-in");
     assert_eq!(entries[0]["outcome"], "denied");
+    // A sign-in for the console that the provider turns down ends on the console's page.
+    let mut other = Browser::new(&console.server);
+    let login = other
+        .get(&console.url("/auth/oidc/oidc/login?for=admin"))
+        .await;
+    assert_eq!(login.status(), StatusCode::SEE_OTHER);
+    let refused = other
+        .get(&console.url("/auth/oidc/oidc/callback?error=access_denied&state=whatever"))
+        .await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let text = refused.text().await.unwrap();
+    assert!(
+        text.contains("trustbroker admin") && text.contains("/admin/sign-in"),
+        "{text}"
+    );
     // The portal's own sign-in is unchanged by the shared flow.
     let login = browser.get(&console.url("/auth/oidc/oidc/login")).await;
     let back = sign_in_at_op(&mut browser, &location(&login), "carol", "carolpw").await;
@@ -597,6 +612,34 @@ async fn console_pages_carry_a_strict_content_security_policy() {
     assert_eq!(
         console.commands_of(&device.udid).await[0]["request_type"],
         "EraseDevice"
+    );
+    // The device refuses it: the overview warns of a failed command, with its chart.
+    let overview = browser.page(&console.url("/admin")).await;
+    assert!(overview.contains("Nothing needs attention"), "{overview}");
+    let command = device.idle(&console.server).await.expect("the wipe");
+    let (uuid, _) = uuid_and_type(&command);
+    let mut chain = Dictionary::new();
+    chain.insert("ErrorCode".into(), Value::Integer(12021.into()));
+    chain.insert("LocalizedDescription".into(), "Not allowed here".into());
+    let mut extra = Dictionary::new();
+    extra.insert(
+        "ErrorChain".into(),
+        Value::Array(vec![Value::Dictionary(chain)]),
+    );
+    let (status, _) = device
+        .report(&console.server, "Error", Some(&uuid), extra)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let overview = browser.page(&console.url("/admin")).await;
+    assert!(
+        overview.contains("1 command(s) failed on devices in the last 24 hours"),
+        "{overview}"
+    );
+    assert!(overview.contains("failed: 1"), "{overview}");
+    let page = browser.page(&console.url(&device_path(&device.udid))).await;
+    assert!(
+        page.contains("Not allowed here"),
+        "the device's error: {page}"
     );
 }
 
