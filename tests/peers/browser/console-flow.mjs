@@ -3,7 +3,11 @@
 // wait, without reloading, for the page to show the device's answer. axe-core checks every page
 // on the way (WCAG 2 A/AA rules and best practices).
 //
-//   node console-flow.mjs BASE_URL BUTTON_TEXT USER PASSWORD DEVICE_NAME OUT_DIR
+//   node console-flow.mjs BASE_URL BUTTON_TEXT USER PASSWORD DEVICE_NAME OUT_DIR [SERVED_AT]
+//
+// BASE_URL is the broker's public URL (the one the identity provider redirects to). With
+// SERVED_AT, the broker listens there instead: every request the browser makes to BASE_URL is
+// sent to SERVED_AT instead (so the test needs no fixed port of its own).
 //
 // Prints one JSON line: {"violations": {page: [{id, impact, help, targets}]}, "status": <the
 // command's status the page shows at the end>, "reloaded": <whether the page was reloaded
@@ -14,12 +18,16 @@ import path from 'node:path';
 import axe from 'axe-core';
 import puppeteer from 'puppeteer-core';
 
-const [base, buttonText, user, password, deviceName, outDir] = process.argv.slice(2);
+const [base, buttonText, user, password, deviceName, outDir, servedAt] = process.argv.slice(2);
 if (!outDir) {
   console.error('usage: console-flow.mjs BASE_URL BUTTON_TEXT USER PASSWORD DEVICE_NAME OUT_DIR');
   process.exit(2);
 }
 const chromium = process.env.CHROMIUM || '/usr/bin/chromium';
+// A page of the broker's, at the public URL or (once a rewritten navigation landed there)
+// where it is served.
+const ours = (url, path = '') =>
+  url.startsWith(`${base}${path}`) || Boolean(servedAt && url.startsWith(`${servedAt}${path}`));
 const step = (what) => console.error(`browser: ${what}`);
 const violations = {};
 const screenshots = [];
@@ -31,6 +39,17 @@ const browser = await puppeteer.launch({
 });
 try {
   const page = await browser.newPage();
+  if (servedAt && servedAt !== base) {
+    await page.setRequestInterception(true);
+    page.on('request', (request) => {
+      const url = request.url();
+      if (url === base || url.startsWith(`${base}/`)) {
+        request.continue({ url: servedAt + url.slice(base.length) });
+      } else {
+        request.continue();
+      }
+    });
+  }
   await page.setViewport({ width: 1280, height: 900 });
   page.setDefaultTimeout(20000);
 
@@ -55,8 +74,10 @@ try {
   };
   const go = (action) => Promise.all([page.waitForNavigation({ waitUntil: 'load' }), action]);
 
-  step(`open ${base}/admin`);
-  await page.goto(`${base}/admin`, { waitUntil: 'load' });
+  // Where the broker is served; only the provider's redirect back uses the public URL.
+  const home = servedAt || base;
+  step(`open ${home}/admin`);
+  await page.goto(`${home}/admin`, { waitUntil: 'load' });
   await check('sign-in');
   const [button] = await page.$$(`xpath/.//a[contains(., ${JSON.stringify(buttonText)})]`);
   if (!button) throw new Error(`no "${buttonText}" on the console's sign-in page`);
@@ -68,11 +89,11 @@ try {
   await page.type('input[name=login]', user);
   await page.type('input[name=password]', password);
   await go(page.click('button[type=submit], input[type=submit]'));
-  if (!page.url().startsWith(base) && (await page.$('button[type=submit]'))) {
+  if (!ours(page.url()) && (await page.$('button[type=submit]'))) {
     step('consent');
     await go(page.click('button[type=submit]'));
   }
-  if (page.url() !== `${base}/admin`) {
+  if (!ours(page.url(), '/admin') || new URL(page.url()).pathname !== '/admin') {
     throw new Error(`expected the console's overview, at ${page.url()}: ${await page.content()}`);
   }
   await check('overview');
