@@ -1190,3 +1190,64 @@ async fn tokens_rotate_and_revoke_with_the_api_s_rules() {
         );
     }
 }
+
+/// SAML through the same ACS as the portal: the sign-in state carries the console as its
+/// target; a replayed Response is refused on the console's page.
+#[tokio::test]
+async fn saml_admins_sign_in_through_the_shared_acs() {
+    let Some(metadata) = peer_env("TRUSTBROKER_TEST_SAML_METADATA_URL") else {
+        return;
+    };
+    let console = Console::start(
+        &TestDb::Sqlite,
+        None,
+        &format!(
+            "[idp.saml]\ntype = \"saml\"\nlabel = \"SimpleSAMLphp\"\nmetadata_url = \"{metadata}\"\n{GROUPS}"
+        ),
+    )
+    .await;
+    let mut browser = Browser::new(&console.server);
+    let page = browser.page(&console.url("/admin/sign-in")).await;
+    assert!(page.contains("/auth/saml/saml/login?for=admin"), "{page}");
+    let login = browser
+        .get(&console.url("/auth/saml/saml/login?for=admin"))
+        .await;
+    assert_eq!(login.status(), StatusCode::SEE_OTHER);
+    let (response, relay) = crate::saml::idp_login(&location(&login), "carol", "carolpw").await;
+    let pending = browser
+        .cookie("tb_login")
+        .expect("sign-in state")
+        .to_owned();
+    let mut fields = vec![("SAMLResponse", response.as_str())];
+    if let Some(relay) = &relay {
+        fields.push(("RelayState", relay));
+    }
+    let acs = console.url("/auth/saml/saml/acs");
+    let done = browser.post_form(&acs, &fields).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&done), "/admin");
+    assert!(browser.cookie("tb_admin").is_some());
+    assert!(browser.cookie("tb_session").is_none(), "no portal session");
+    let overview = browser.page(&console.url("/admin")).await;
+    assert!(overview.contains("<h1>Overview</h1>"), "{overview}");
+    assert!(
+        !overview.contains("href=\"/admin/audit\""),
+        "help desk: {overview}"
+    );
+    let entries = console.audit("action=console.sign-in").await;
+    assert_eq!(entries[0]["outcome"], "success");
+    assert!(
+        entries[0]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin:saml:")
+    );
+
+    let mut attacker = Browser::new(&console.server);
+    attacker.set_cookie("tb_login", &pending);
+    let replayed = attacker.post_form(&acs, &fields).await;
+    assert_eq!(replayed.status(), StatusCode::UNAUTHORIZED);
+    assert!(attacker.cookie("tb_admin").is_none());
+    let text = replayed.text().await.unwrap();
+    assert!(text.contains("trustbroker admin"), "{text}");
+}
