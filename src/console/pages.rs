@@ -445,6 +445,8 @@ pub struct CommandLine {
     pub request_type: String,
     pub status: &'static str,
     pub pending: bool,
+    /// Whether the re-send button may offer it (never a wipe: that needs its form).
+    pub resendable: bool,
     pub created_by: String,
     pub queued_at: String,
     pub answered_at: String,
@@ -539,6 +541,7 @@ fn command_line(command: &CommandRecord) -> CommandLine {
             command.status,
             CommandStatus::Queued | CommandStatus::Sent | CommandStatus::NotNow
         ),
+        resendable: command.request_type != "EraseDevice",
         created_by: command.created_by.clone(),
         queued_at: when(&command.queued_at),
         answered_at: when_opt(&command.answered_at),
@@ -1100,6 +1103,16 @@ pub async fn resend_command(
         .await
     {
         return refused;
+    }
+    if record.request_type == "EraseDevice" {
+        // A wipe is only ever queued by the form that asks for the device's name.
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Use the wipe form",
+            "A wipe is not re-sent with one click: use the device's Wipe form, which asks for \
+             its name.",
+            true,
+        );
     }
     if channel.status == ChannelStatus::CheckedOut {
         return problem(

@@ -234,15 +234,41 @@ async fn an_admin_signs_in_with_sso_and_queues_device_information() {
         assert!(page.contains("status acknowledged"), "{page}");
         assert!(page.contains("BatteryLevel"), "the inventory: {page}");
 
+        // Re-sent: a fresh copy with a new UUID, linked to the first in the audit record.
+        let resent = browser
+            .post_form(
+                &console.url(&format!("/admin/commands/{uuid}/resend")),
+                &[("csrf", &csrf)],
+            )
+            .await;
+        assert_eq!(resent.status(), StatusCode::SEE_OTHER);
+        let commands = console.commands_of(&device.udid).await;
+        assert_eq!(commands.len(), 2, "{commands:?}");
+        let again = device.idle(&console.server).await.expect("the copy");
+        let (copy, kind) = uuid_and_type(&again);
+        assert_eq!(kind, "DeviceInformation");
+        assert_ne!(copy, uuid);
+        device
+            .report(
+                &console.server,
+                "Acknowledged",
+                Some(&copy),
+                query_responses(),
+            )
+            .await;
+
         // Audited in alice's name, like an API key's action.
         let entries = console
             .audit("actor=admin:oidc:alice&action=command.enqueue")
             .await;
-        assert_eq!(entries.len(), 1, "{entries:?}");
-        assert_eq!(entries[0]["outcome"], "success");
-        assert_eq!(entries[0]["target"], "DeviceInformation");
-        let detail: Json = serde_json::from_str(entries[0]["detail"].as_str().unwrap()).unwrap();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert!(entries.iter().all(|e| e["outcome"] == "success"));
+        assert_eq!(entries[1]["target"], "DeviceInformation");
+        let detail: Json = serde_json::from_str(entries[1]["detail"].as_str().unwrap()).unwrap();
         assert_eq!(detail["commands"][0]["command_uuid"], uuid.as_str());
+        let detail: Json = serde_json::from_str(entries[0]["detail"].as_str().unwrap()).unwrap();
+        assert_eq!(detail["resent_from"], uuid.as_str());
+        assert_eq!(detail["commands"][0]["command_uuid"], copy.as_str());
         let signed_in = console
             .audit("actor=admin:oidc:alice&action=console.sign-in")
             .await;
@@ -641,6 +667,19 @@ async fn console_pages_carry_a_strict_content_security_policy() {
         page.contains("Not allowed here"),
         "the device's error: {page}"
     );
+    // An answered wipe is not re-sent with one click (no button, and refused if posted).
+    assert!(
+        !page.contains(&format!("/admin/commands/{uuid}/resend")),
+        "{page}"
+    );
+    let resend = browser
+        .post_form(
+            &console.url(&format!("/admin/commands/{uuid}/resend")),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(resend.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(console.commands_of(&device.udid).await.len(), 1);
 }
 
 /// The whole flow as an admin does it, in headless Chromium: the console's SSO button, the
