@@ -348,6 +348,9 @@ pub struct FileConfig {
     /// App-config tokens and their validation, `[tokens]`.
     #[serde(default)]
     pub tokens: TokenSettings,
+    /// The admin console at `/admin`: who may sign in and with which scopes, `[admin]`.
+    #[serde(default)]
+    pub admin: crate::console::ConsoleSettings,
 }
 
 /// App-config tokens, `[tokens]`.
@@ -767,6 +770,8 @@ pub struct Config {
     pub limits: LimitSettings,
     pub policy: PolicySettings,
     pub tokens: TokenSettings,
+    /// The admin console (`[admin]`): group → scopes, session lifetimes.
+    pub console: crate::console::ConsoleSettings,
 }
 
 /// One `[idp.NAME]` table: the provider's own settings (by `type`), plus how its SCIM users
@@ -953,6 +958,7 @@ impl Config {
         file.server.validate()?;
         file.limits.validate()?;
         file.tokens.validate()?;
+        file.admin.validate().map_err(ConfigError::Invalid)?;
         if !(1..=1000).contains(&file.enroll.max_unredeemed_profiles) {
             return Err(ConfigError::Invalid(
                 "enroll.max_unredeemed_profiles must be between 1 and 1000".into(),
@@ -1034,6 +1040,7 @@ impl Config {
                 ..file.policy
             },
             tokens: file.tokens,
+            console: file.admin,
         })
     }
 

@@ -21,6 +21,7 @@ pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod enroll;
 pub mod fsutil;
 #[doc(hidden)]

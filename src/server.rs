@@ -246,7 +246,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tokens: tokens.clone(),
         device_tokens: device_tokens.clone(),
     });
-    let app = http::router(state);
+    // The admin console brings its own middleware (see `console::router`).
+    let app = crate::console::router(state.clone()).merge(http::router(state));
     let (stop, stopped) = watch::channel(false);
     let node = crate::cluster::NodeId::generate();
     tracing::info!(node = node.as_str(), "cluster node name");

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use self::session::{
-    CSRF_COOKIE, LOGIN_COOKIE, LOGIN_TTL_SECS, PendingLogin, SESSION_COOKIE, Session,
+    CSRF_COOKIE, LOGIN_COOKIE, LOGIN_TTL_SECS, PendingLogin, SESSION_COOKIE, Session, SignInTarget,
 };
 use crate::apple::enrollment::ProfileError;
 use crate::audit::{self, OUTCOME_DENIED, OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -79,19 +79,52 @@ fn sign_in_page(
     status: StatusCode,
     error: Option<&str>,
 ) -> Response {
+    let (csrf, cookie) = sign_in_csrf(state, headers);
+    let mut response = (status, Html(page::sign_in(&state.identity, &csrf, error))).into_response();
+    if let Some(cookie) = cookie {
+        session::append(response.headers_mut(), cookie);
+    }
+    response
+}
+
+/// The anti-CSRF token the sign-in forms (portal and console alike) post back, and the cookie
+/// to set when the browser has none yet (double submit).
+pub(crate) fn sign_in_csrf(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
     let existing = state
         .cookies
         .get(headers, CSRF_COOKIE)
         .filter(|t| t.len() >= 32);
-    let csrf = existing.map_or_else(session::random_token, str::to_owned);
-    let mut response = (status, Html(page::sign_in(&state.identity, &csrf, error))).into_response();
-    if existing.is_none() {
-        let cookie = state
-            .cookies
-            .set(CSRF_COOKIE, &csrf, LOGIN_TTL_SECS * 6, false);
-        session::append(response.headers_mut(), cookie);
+    match existing {
+        Some(token) => (token.to_owned(), None),
+        None => {
+            let csrf = session::random_token();
+            let cookie = state
+                .cookies
+                .set(CSRF_COOKIE, &csrf, LOGIN_TTL_SECS * 6, false);
+            (csrf, Some(cookie))
+        }
     }
-    response
+}
+
+/// The page a failed password sign-in goes back to: the portal's or the console's.
+fn retry_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    target: SignInTarget,
+    status: StatusCode,
+    error: &str,
+) -> Response {
+    match target {
+        SignInTarget::Portal => sign_in_page(state, headers, status, Some(error)),
+        SignInTarget::Console => crate::console::sign_in_page(state, headers, status, Some(error)),
+    }
+}
+
+/// `?for=admin` on the SSO login routes: the sign-in is for the admin console.
+#[derive(Deserialize)]
+struct LoginFor {
+    #[serde(rename = "for")]
+    target: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +132,9 @@ struct LdapForm {
     csrf: String,
     login: String,
     password: String,
+    /// `admin` when posted from the console's sign-in page.
+    #[serde(rename = "for")]
+    target: Option<String>,
 }
 
 async fn ldap_sign_in(
@@ -125,12 +161,14 @@ async fn ldap_sign_in(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such directory sign-in.");
     };
+    let target = SignInTarget::from_param(form.target.as_deref());
     if form.login.len() > 256 || form.password.len() > 1024 {
-        return sign_in_page(
+        return retry_page(
             &state,
             &headers,
+            target,
             StatusCode::UNAUTHORIZED,
-            Some(WRONG_PASSWORD),
+            WRONG_PASSWORD,
         );
     }
     let address =
@@ -143,35 +181,42 @@ async fn ldap_sign_in(
             "Too many failed sign-ins. Wait {minutes} minute{} and try again.",
             if minutes == 1 { "" } else { "s" }
         );
-        return sign_in_page(
+        return retry_page(
             &state,
             &headers,
+            target,
             StatusCode::TOO_MANY_REQUESTS,
-            Some(&message),
+            &message,
         );
     }
     match ldap.authenticate(login, &form.password).await {
         Ok(identity) => {
             state.sign_in_throttle.succeeded(&name, login);
-            complete_sign_in(&state, identity).await
+            complete_sign_in(&state, identity, target).await
         }
         Err(IdpError::Refused(reason)) => {
             state.sign_in_throttle.failed(&name, login, address);
             tracing::info!(provider = %name, %reason, "LDAP sign-in refused");
-            sign_in_page(
+            retry_page(
                 &state,
                 &headers,
+                target,
                 StatusCode::UNAUTHORIZED,
-                Some(WRONG_PASSWORD),
+                WRONG_PASSWORD,
             )
         }
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(target, &name, &e),
     }
 }
 
 const WRONG_PASSWORD: &str = "The user name or password is not right.";
 
-async fn oidc_login(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn oidc_login(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(login_for): Query<LoginFor>,
+) -> Response {
+    let target = SignInTarget::from_param(login_for.target.as_deref());
     let Some(ConfiguredProvider {
         provider: Provider::Oidc(oidc),
         ..
@@ -185,13 +230,14 @@ async fn oidc_login(State(state): State<AppState>, Path(name): Path<String>) -> 
             &url,
             PendingLogin {
                 provider: name,
+                target,
                 oidc: Some(pending),
                 saml_request_id: None,
                 expires_at: chrono::Utc::now().timestamp() + LOGIN_TTL_SECS,
             },
             false,
         ),
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(target, &name, &e),
     }
 }
 
@@ -219,36 +265,43 @@ async fn oidc_callback(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such sign-in method.");
     };
-    let Some(pending) = session::open_login(&state.master_key, &state.cookies, &headers)
+    let Some((target, pending)) = session::open_login(&state.master_key, &state.cookies, &headers)
         .filter(|p| p.provider == name)
-        .and_then(|p| p.oidc)
+        .and_then(|p| Some((p.target, p.oidc?)))
     else {
         return page::problem(StatusCode::BAD_REQUEST, EXPIRED_LOGIN);
     };
     if let Some(error) = query.error {
         let detail = query.error_description.unwrap_or_default();
         tracing::info!(provider = %name, %error, %detail, "OpenID provider refused the sign-in");
-        return page::problem(
+        return problem_for(
+            target,
             StatusCode::UNAUTHORIZED,
             &format!("The sign-in was not completed ({error})."),
         );
     }
     let (Some(code), Some(returned_state)) = (query.code, query.state) else {
-        return page::problem(
+        return problem_for(
+            target,
             StatusCode::BAD_REQUEST,
             "The sign-in answer was incomplete.",
         );
     };
     match oidc.finish(&pending, &returned_state, &code).await {
-        Ok(identity) => complete_sign_in(&state, identity).await,
-        Err(e) => sign_in_refused(&name, &e),
+        Ok(identity) => complete_sign_in(&state, identity, target).await,
+        Err(e) => sign_in_refused(target, &name, &e),
     }
 }
 
 const EXPIRED_LOGIN: &str =
     "This sign-in expired or was started in another browser. Start again from the portal.";
 
-async fn saml_login(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn saml_login(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(login_for): Query<LoginFor>,
+) -> Response {
+    let target = SignInTarget::from_param(login_for.target.as_deref());
     let Some(ConfiguredProvider {
         provider: Provider::Saml(slot),
         ..
@@ -266,13 +319,14 @@ async fn saml_login(State(state): State<AppState>, Path(name): Path<String>) -> 
             &url,
             PendingLogin {
                 provider: name,
+                target,
                 oidc: None,
                 saml_request_id: Some(request_id),
                 expires_at: chrono::Utc::now().timestamp() + LOGIN_TTL_SECS,
             },
             true,
         ),
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(target, &name, &e),
     }
 }
 
@@ -301,21 +355,23 @@ async fn saml_acs(
     else {
         return page::problem(StatusCode::NOT_FOUND, "There is no such sign-in method.");
     };
+    // Absent for an IdP-initiated sign-in, which the provider refuses unless enabled.
+    let pending = session::open_login(&state.master_key, &state.cookies, &headers)
+        .filter(|p| p.provider == name);
+    // An IdP-initiated sign-in (no login in flight) can only be for the portal.
+    let target = pending.as_ref().map(|p| p.target).unwrap_or_default();
+    let expected = pending.and_then(|p| p.saml_request_id);
     let saml = match slot.get().await {
         Ok(saml) => saml,
-        Err(e) => return provider_failure(&name, &e),
+        Err(e) => return provider_failure(target, &name, &e),
     };
-    // Absent for an IdP-initiated sign-in, which the provider refuses unless enabled.
-    let expected = session::open_login(&state.master_key, &state.cookies, &headers)
-        .filter(|p| p.provider == name)
-        .and_then(|p| p.saml_request_id);
     // XML parsing and signature checks are CPU work in C libraries: off the async workers.
     let verified =
         tokio::task::spawn_blocking(move || saml.finish(&form.saml_response, expected.as_deref()))
             .await;
     let login = match verified {
         Ok(Ok(login)) => login,
-        Ok(Err(e)) => return sign_in_refused(&name, &e),
+        Ok(Err(e)) => return sign_in_refused(target, &name, &e),
         Err(e) => return page::problem(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
     match state
@@ -323,8 +379,9 @@ async fn saml_acs(
         .consume_saml_assertion(&name, &login.assertion_id, login.not_on_or_after)
         .await
     {
-        Ok(true) => complete_sign_in(&state, login.identity).await,
+        Ok(true) => complete_sign_in(&state, login.identity, target).await,
         Ok(false) => sign_in_refused(
+            target,
             &name,
             &IdpError::Refused(format!("assertion {} was already used", login.assertion_id)),
         ),
@@ -349,12 +406,20 @@ async fn saml_metadata(State(state): State<AppState>, Path(name): Path<String>) 
             xml,
         )
             .into_response(),
-        Err(e) => provider_failure(&name, &e),
+        Err(e) => provider_failure(SignInTarget::Portal, &name, &e),
+    }
+}
+
+/// Hands a verified identity to what the sign-in was for.
+async fn complete_sign_in(state: &AppState, identity: Identity, target: SignInTarget) -> Response {
+    match target {
+        SignInTarget::Portal => complete_portal_sign_in(state, identity).await,
+        SignInTarget::Console => crate::console::complete_sign_in(state, identity).await,
     }
 }
 
 /// Records the person and their groups, and starts their portal session.
-async fn complete_sign_in(state: &AppState, identity: Identity) -> Response {
+async fn complete_portal_sign_in(state: &AppState, identity: Identity) -> Response {
     let actor = format!("user:{}:{}", identity.provider, identity.subject);
     let allowed = &state.config.portal.allowed_groups;
     if !allowed.is_empty()
@@ -634,7 +699,7 @@ fn redirect_with_login(
     response
 }
 
-fn see_other(location: &str) -> Response {
+pub(crate) fn see_other(location: &str) -> Response {
     let mut response = StatusCode::SEE_OTHER.into_response();
     if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(LOCATION, value);
@@ -642,25 +707,40 @@ fn see_other(location: &str) -> Response {
     response
 }
 
+/// A page saying what went wrong with a sign-in, in the look of what it was for (the portal's
+/// page links back to the portal, the console's to its sign-in page).
+fn problem_for(target: SignInTarget, status: StatusCode, message: &str) -> Response {
+    match target {
+        SignInTarget::Portal => page::problem(status, message),
+        SignInTarget::Console => crate::console::problem(status, "Sign-in failed", message, false),
+    }
+}
+
 /// The person's sign-in failed: the reason goes to the log, they get a plain message.
-fn sign_in_refused(name: &str, e: &IdpError) -> Response {
+fn sign_in_refused(target: SignInTarget, name: &str, e: &IdpError) -> Response {
     match e {
         IdpError::Refused(reason) => {
             tracing::info!(provider = %name, %reason, "sign-in refused");
-            page::problem(
-                StatusCode::UNAUTHORIZED,
-                "The sign-in could not be verified. Start again from the portal.",
-            )
+            let message = match target {
+                SignInTarget::Portal => {
+                    "The sign-in could not be verified. Start again from the portal."
+                }
+                SignInTarget::Console => {
+                    "The sign-in could not be verified. Start again from the sign-in page."
+                }
+            };
+            problem_for(target, StatusCode::UNAUTHORIZED, message)
         }
-        other => provider_failure(name, other),
+        other => provider_failure(target, name, other),
     }
 }
 
 /// The provider is unreachable or misconfigured: the operator's problem, said plainly in the
 /// log; the person is told to try later.
-fn provider_failure(name: &str, e: &IdpError) -> Response {
+fn provider_failure(target: SignInTarget, name: &str, e: &IdpError) -> Response {
     tracing::error!(provider = %name, error = %e, "identity provider failure");
-    page::problem(
+    problem_for(
+        target,
         StatusCode::BAD_GATEWAY,
         "The sign-in service is not available right now. Try again later, or tell your IT team.",
     )

@@ -32,10 +32,34 @@ pub struct Session {
     pub expires_at: i64,
 }
 
+/// Where a sign-in leads once the provider vouched for the person: the enrollment portal, or
+/// the admin console (`?for=admin` on the login routes, `for=admin` in the LDAP form). The
+/// provider flows are the same; only what the identity is used for differs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignInTarget {
+    #[default]
+    Portal,
+    Console,
+}
+
+impl SignInTarget {
+    /// `for=admin` selects the console; anything else (or nothing) the portal.
+    pub fn from_param(value: Option<&str>) -> SignInTarget {
+        match value {
+            Some("admin") => SignInTarget::Console,
+            _ => SignInTarget::Portal,
+        }
+    }
+}
+
 /// A sign-in in flight at an OpenID or SAML provider.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PendingLogin {
     pub provider: String,
+    /// What the sign-in is for (sealed with the rest, so it cannot be switched on the way).
+    #[serde(default)]
+    pub target: SignInTarget,
     pub oidc: Option<crate::identity::oidc::OidcPending>,
     /// The AuthnRequest ID a SAML Response must answer.
     pub saml_request_id: Option<String>,
@@ -142,13 +166,13 @@ pub fn open_login(
     (login.expires_at > chrono::Utc::now().timestamp()).then_some(login)
 }
 
-fn seal<T: Serialize>(key: &MasterKey, purpose: &str, value: &T) -> String {
+pub(crate) fn seal<T: Serialize>(key: &MasterKey, purpose: &str, value: &T) -> String {
     let json = serde_json::to_vec(value).unwrap_or_default();
     // The sealed form is base64 already; URL-safe keeps it a valid cookie value.
     URL_SAFE_NO_PAD.encode(key.seal(purpose, &json))
 }
 
-fn open<T: DeserializeOwned>(key: &MasterKey, purpose: &str, value: &str) -> Option<T> {
+pub(crate) fn open<T: DeserializeOwned>(key: &MasterKey, purpose: &str, value: &str) -> Option<T> {
     let sealed = URL_SAFE_NO_PAD.decode(value).ok()?;
     let sealed = String::from_utf8(sealed).ok()?;
     let json = key.open(purpose, &sealed).ok()?;

@@ -9,6 +9,7 @@
 mod admin_keys;
 mod audit;
 mod backup;
+mod console;
 mod device_tokens;
 mod directory;
 mod generation;
@@ -35,6 +36,7 @@ use sqlx::{PgPool, SqlitePool};
 pub use admin_keys::{AdminKeyRecord, NewAdminKey};
 pub use audit::{AuditEntry, AuditQuery, NewAuditEntry};
 pub use backup::BackupReport;
+pub use console::{AuditSearch, CONSOLE_PAGE_MAX, DeviceCount, DeviceFilter, DeviceRow, PersonRow};
 pub use device_tokens::{
     DEVICE_TOKEN_ACTIVE, DEVICE_TOKEN_REVOKED, DeviceTokenInsert, DeviceTokenRow,
     DeviceTokenStanding, NewTokenSigningKey, SigningKeyStatus, TokenSigningKeyRow,

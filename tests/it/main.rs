@@ -10,6 +10,7 @@ mod ca;
 mod cli;
 mod cluster;
 mod connections;
+mod console;
 mod device;
 mod device_identity;
 mod device_tokens;

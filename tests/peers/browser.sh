@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Headless Chromium (Debian's `chromium`) driven by puppeteer-core, for the test that clicks
-# through the enrollment portal as a person would. Nothing runs in the background: `install`
-# puts chromium and the node modules in place, and prints the command the test runs.
+# Headless Chromium (Debian's `chromium`) driven by puppeteer-core, for the tests that click
+# through the enrollment portal and the admin console as a person would (the console's also runs
+# axe-core on each page). Nothing runs in the background: `install` puts chromium and the node
+# modules in place, and prints the portal flow's path; the console's, console-flow.mjs, is
+# beside it.
 #
 #   tests/peers/browser.sh install
 #
@@ -21,11 +23,18 @@ esac
 apt_install chromium
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then apt_install nodejs npm; fi
 mkdir -p "$DIR"
-cp "$HERE/browser/enroll-flow.mjs" "$HERE/browser/package.json" "$HERE/browser/package-lock.json" "$DIR/"
+cp "$HERE/browser/enroll-flow.mjs" "$HERE/browser/console-flow.mjs" "$HERE/browser/package.json" \
+  "$HERE/browser/package-lock.json" "$DIR/"
 cd "$DIR"
-want=$(node -p "require('./package.json').dependencies['puppeteer-core']")
-if [[ ! -f node_modules/puppeteer-core/package.json ]] ||
-  [[ $(node -p "require('./node_modules/puppeteer-core/package.json').version") != "$want" ]]; then
+# Every dependency installed at the version package.json pins, or a fresh `npm ci`.
+stale=$(node -e '
+  const deps = require("./package.json").dependencies;
+  for (const [name, want] of Object.entries(deps)) {
+    let have = null;
+    try { have = require(`./node_modules/${name}/package.json`).version; } catch {}
+    if (have !== want) console.log(name);
+  }')
+if [[ -n $stale ]]; then
   # The browser is Debian's: never let puppeteer download one.
   PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >npm.log 2>&1 ||
     { cat npm.log >&2; exit 1; }
