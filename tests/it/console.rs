@@ -1186,6 +1186,8 @@ async fn tokens_rotate_and_revoke_with_the_api_s_rules() {
         "{tokens}"
     );
 
+    // A policy delivers the token: its last active token is not revoked without "force".
+    crate::tokens::apply_delivering(&console.server, &console.admin, &["pingid"]).await;
     let revoke = console.url(&format!("/admin/tokens/pingid/tokens/{id}/revoke"));
     let unconfirmed = browser
         .post_form(&revoke, &[("csrf", &writer.csrf), ("confirm", "ping")])

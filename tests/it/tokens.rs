@@ -183,7 +183,7 @@ apps:
     )
 }
 
-async fn apply_delivering(server: &TestServer, admin: &str, integrations: &[&str]) {
+pub async fn apply_delivering(server: &TestServer, admin: &str, integrations: &[&str]) {
     let files = if integrations.is_empty() {
         json!({})
     } else {
