@@ -35,6 +35,8 @@ use crate::tokens::shared::TokenService;
 /// Devices read, decided and written together: one transaction each, and the memory bound of
 /// a pass (no fleet is ever held whole).
 pub const PAGE: i64 = 500;
+/// How many people's devices one request-driven pass reads at a time.
+const USERS_PER_BATCH: usize = 200;
 
 /// Requests claimed at a time.
 const CLAIM: i64 = 200;
@@ -202,13 +204,18 @@ impl Reconciler {
                 TargetScope::All { .. } => TargetScope::All {
                     after: after.as_deref(),
                 },
+                TargetScope::Users { user_ids, .. } => TargetScope::Users {
+                    user_ids,
+                    after: after.as_deref(),
+                },
                 other => other,
             };
             let targets = self.inner.store.reconcile_targets(page_scope, PAGE).await?;
             let full = targets.len() as i64 == PAGE;
             after = targets.last().map(|t| t.udid.clone());
             report.add(&self.reconcile_page(&set, targets).await?);
-            if !full || !matches!(scope, TargetScope::All { .. }) {
+            let paged = matches!(scope, TargetScope::All { .. } | TargetScope::Users { .. });
+            if !full || !paged {
                 break;
             }
         }
@@ -674,8 +681,14 @@ impl Reconciler {
             if full {
                 report.add(&self.reconcile(TargetScope::All { after: None }).await?);
             } else {
-                for user in &users {
-                    report.add(&self.reconcile(TargetScope::User(user)).await?);
+                // People in batches: one query and one write per page of their devices.
+                let users: Vec<String> = users.into_iter().collect();
+                for batch in users.chunks(USERS_PER_BATCH) {
+                    let scope = TargetScope::Users {
+                        user_ids: batch,
+                        after: None,
+                    };
+                    report.add(&self.reconcile(scope).await?);
                 }
                 for udid in &devices {
                     report.add(&self.reconcile(TargetScope::Device(udid)).await?);

@@ -47,6 +47,11 @@ pub enum TargetScope<'a> {
     All { after: Option<&'a str> },
     /// The devices of one person.
     User(&'a str),
+    /// The devices of these people (at most a few hundred), in UDID order after the given one.
+    Users {
+        user_ids: &'a [String],
+        after: Option<&'a str>,
+    },
     /// One device.
     Device(&'a str),
 }
@@ -306,7 +311,11 @@ impl Store {
         scope: TargetScope<'_>,
         limit: i64,
     ) -> StoreResult<Vec<DeviceTarget>> {
+        if let TargetScope::Users { user_ids, after } = scope {
+            return self.targets_of_users(user_ids, after, limit).await;
+        }
         let (sql, key) = match scope {
+            TargetScope::Users { .. } => unreachable!("answered above"),
             TargetScope::All { after } => (
                 select_targets!("WHERE d.udid > $1 ORDER BY d.udid LIMIT $4"),
                 after.unwrap_or(""),
@@ -328,6 +337,38 @@ impl Store {
             .bind(CertificateStatus::Valid)
             .fetch_all(pool)
             .await?))
+    }
+
+    /// The managed devices of `user_ids`, `limit` at most, in UDID order after `after`: one
+    /// query for a batch of people (a group push of thousands is served page by page, not
+    /// person by person).
+    async fn targets_of_users(
+        &self,
+        user_ids: &[String],
+        after: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<DeviceTarget>> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "{}WHERE d.owner_id IN ({}) AND d.udid > $1 ORDER BY d.udid LIMIT $4",
+            select_targets!(""),
+            placeholders(6, user_ids.len())
+        );
+        Ok(on_pool!(self, |pool| {
+            // Only placeholders are formatted in; every value is bound.
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(after.unwrap_or(""))
+                .bind(PushStatus::Unregistered)
+                .bind(EnrollmentStatus::Active)
+                .bind(limit)
+                .bind(CertificateStatus::Valid);
+            for user in user_ids {
+                query = query.bind(user);
+            }
+            query.fetch_all(pool).await?
+        }))
     }
 
     /// The groups of each of `user_ids`: (user_id, provider, group external ID).
