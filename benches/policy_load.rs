@@ -33,8 +33,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use trustbroker::config::{Config, ConfigArgs, Database, FileConfig};
+use trustbroker::config::{Config, ConfigArgs, FileConfig};
+
+#[path = "common/bench_db.rs"]
+mod bench_db;
+use bench_db::Db;
 use trustbroker::identity::{Group, Identity};
 use trustbroker::store::TargetScope;
 
@@ -173,62 +176,7 @@ fn udid(i: usize) -> String {
     format!("00008120-{i:016X}")
 }
 
-/// The bench's own connection to the broker's database.
-enum Db {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
-macro_rules! on_db {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match $db {
-            Db::Sqlite($pool) => $body,
-            Db::Postgres($pool) => $body,
-        }
-    };
-}
-
 impl Db {
-    async fn open(database: &Database) -> anyhow::Result<Db> {
-        Ok(match database {
-            Database::Sqlite { path } => {
-                let options = SqliteConnectOptions::new()
-                    .filename(path)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .busy_timeout(Duration::from_secs(30));
-                Db::Sqlite(
-                    SqlitePoolOptions::new()
-                        .max_connections(2)
-                        .connect_with(options)
-                        .await?,
-                )
-            }
-            Database::Postgres { url } => Db::Postgres(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(2)
-                    .connect(url)
-                    .await?,
-            ),
-        })
-    }
-
-    async fn scalar(&self, sql: &'static str) -> anyhow::Result<i64> {
-        Ok(on_db!(self, |pool| sqlx::query_scalar::<_, Option<i64>>(
-            sql
-        )
-        .fetch_one(pool)
-        .await?
-        .unwrap_or(0)))
-    }
-
-    async fn commands_of(&self, udid: &str) -> anyhow::Result<i64> {
-        let sql = "SELECT COUNT(*) FROM mdm_commands WHERE enrollment_id = $1";
-        Ok(on_db!(self, |pool| sqlx::query_scalar::<_, i64>(sql)
-            .bind(udid)
-            .fetch_one(pool)
-            .await?))
-    }
-
     /// Writes the fleet: N people in one group, each with an active enrollment record, a
     /// device and an active device channel. Returns nothing: nothing is kept.
     async fn generate(&self, devices: usize, push_tokens: bool) -> anyhow::Result<()> {

@@ -27,8 +27,11 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use clap::Parser;
 use serde_json::{Value as Json, json};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use trustbroker::config::{Config, ConfigArgs, Database, FileConfig};
+use trustbroker::config::{Config, ConfigArgs, FileConfig};
+
+#[path = "common/bench_db.rs"]
+mod bench_db;
+use bench_db::Db;
 
 #[derive(Parser)]
 struct Args {
@@ -114,62 +117,7 @@ impl Client {
     }
 }
 
-/// The bench's own connection to the broker's database.
-enum Db {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
-macro_rules! on_db {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match $db {
-            Db::Sqlite($pool) => $body,
-            Db::Postgres($pool) => $body,
-        }
-    };
-}
-
 impl Db {
-    async fn open(database: &Database) -> anyhow::Result<Db> {
-        Ok(match database {
-            Database::Sqlite { path } => {
-                let options = SqliteConnectOptions::new()
-                    .filename(path)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .busy_timeout(Duration::from_secs(30));
-                Db::Sqlite(
-                    SqlitePoolOptions::new()
-                        .max_connections(2)
-                        .connect_with(options)
-                        .await?,
-                )
-            }
-            Database::Postgres { url } => Db::Postgres(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(2)
-                    .connect(url)
-                    .await?,
-            ),
-        })
-    }
-
-    async fn scalar(&self, sql: &'static str) -> anyhow::Result<i64> {
-        Ok(on_db!(self, |pool| sqlx::query_scalar::<_, Option<i64>>(
-            sql
-        )
-        .fetch_one(pool)
-        .await?
-        .unwrap_or(0)))
-    }
-
-    async fn commands_of(&self, udid: &str) -> anyhow::Result<i64> {
-        let sql = "SELECT COUNT(*) FROM mdm_commands WHERE enrollment_id = $1";
-        Ok(on_db!(self, |pool| sqlx::query_scalar::<_, i64>(sql)
-            .bind(udid)
-            .fetch_one(pool)
-            .await?))
-    }
-
     /// Gives each person (user ID) an enrolled device: an active enrollment record, the device
     /// owned by them, an active channel without a push token. Returns the UDIDs, in order.
     async fn enroll(&self, user_ids: &[String]) -> anyhow::Result<Vec<String>> {
