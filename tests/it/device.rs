@@ -160,6 +160,28 @@ pub async fn scep_enroll(server: &TestServer, key: &ClientIdentity, challenge: &
     outcome.certificates[0].clone()
 }
 
+/// A SCEP PKCSReq message from `key` to the CA `ca` (DER) with `challenge`: a fresh
+/// transaction each call, so resending the same bytes is a replay.
+pub fn pkcs_req(key: &ClientIdentity, ca: &[u8], challenge: &str) -> Vec<u8> {
+    let csr = key
+        .csr("device", Some(challenge), DigestAlgorithm::Sha256)
+        .unwrap();
+    let txn = uuid::Uuid::new_v4().to_string();
+    client::build_request(
+        key,
+        &Request {
+            message_type: MessageType::PkcsReq,
+            content: &csr,
+            recipient_der: ca,
+            cipher: ContentCipher::Aes256Cbc,
+            digest: DigestAlgorithm::Sha256,
+            transaction_id: &txn,
+            sender_nonce: &uuid::Uuid::new_v4().into_bytes(),
+        },
+    )
+    .unwrap()
+}
+
 /// SCEP PKCSReq with `challenge`; the server's CertRep, opened, whatever it says.
 pub async fn scep_request(
     server: &TestServer,
@@ -167,23 +189,7 @@ pub async fn scep_request(
     challenge: &str,
 ) -> client::CertRepOutcome {
     let ca = server.ca_der().await;
-    let csr = key
-        .csr("device", Some(challenge), DigestAlgorithm::Sha256)
-        .unwrap();
-    let txn = uuid::Uuid::new_v4().to_string();
-    let body = client::build_request(
-        key,
-        &Request {
-            message_type: MessageType::PkcsReq,
-            content: &csr,
-            recipient_der: &ca,
-            cipher: ContentCipher::Aes256Cbc,
-            digest: DigestAlgorithm::Sha256,
-            transaction_id: &txn,
-            sender_nonce: &uuid::Uuid::new_v4().into_bytes(),
-        },
-    )
-    .unwrap();
+    let body = pkcs_req(key, &ca, challenge);
     let reply = server
         .client
         .post(server.url("/scep?operation=PKIOperation"))

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use plist::Dictionary;
 use reqwest::StatusCode;
 use serde_json::{Value as Json, json};
-use trustbroker::pki::scep::client::{self, ClientIdentity, Request};
-use trustbroker::pki::scep::{ContentCipher, DigestAlgorithm, MessageType, PkiStatus};
+use trustbroker::pki::scep::PkiStatus;
+use trustbroker::pki::scep::client::{self, ClientIdentity};
 
-use crate::device::{Device, uuid_and_type};
+use crate::device::{Device, pkcs_req, uuid_and_type};
 use crate::harness::{BrokerProcess, PgTestDb, TestDb, TestServer, client_trusting, peer_env};
 use crate::nginx::{Nginx, free_port};
 
@@ -125,24 +125,8 @@ async fn scep_with_retries(
     challenge: &str,
     retries: &AtomicUsize,
 ) -> Vec<u8> {
-    let csr = key
-        .csr("device", Some(challenge), DigestAlgorithm::Sha256)
-        .unwrap();
-    let txn = uuid::Uuid::new_v4().to_string();
     // The same message each time: a retry is a replay the CA must answer, not a new request.
-    let body = client::build_request(
-        key,
-        &Request {
-            message_type: MessageType::PkcsReq,
-            content: &csr,
-            recipient_der: ca,
-            cipher: ContentCipher::Aes256Cbc,
-            digest: DigestAlgorithm::Sha256,
-            transaction_id: &txn,
-            sender_nonce: &uuid::Uuid::new_v4().into_bytes(),
-        },
-    )
-    .unwrap();
+    let body = pkcs_req(key, ca, challenge);
     let reply = with_retries(retries, || {
         front
             .client
