@@ -246,8 +246,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tokens: tokens.clone(),
         device_tokens: device_tokens.clone(),
     });
-    // The admin console brings its own middleware (see `console::router`).
-    let app = crate::console::router(state.clone()).merge(http::router(state));
+    // The admin console brings its own middleware (see `console::router`); one outage breaker
+    // serves both.
+    let outage = http::outage::OutageGuard::new(store.clone());
+    let app = crate::console::router(state.clone(), &outage).merge(http::router(state, outage));
     let (stop, stopped) = watch::channel(false);
     let node = crate::cluster::NodeId::generate();
     tracing::info!(node = node.as_str(), "cluster node name");

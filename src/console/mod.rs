@@ -37,6 +37,7 @@ use crate::audit::{self, OUTCOME_DENIED, OUTCOME_SUCCESS};
 use crate::enroll::session::LOGIN_COOKIE;
 use crate::http::AppState;
 use crate::http::observe::{self, REQUEST_ID_HEADER};
+use crate::http::outage::{OutageGuard, database_outage_is_503};
 use crate::identity::{Identity, Provider};
 use crate::store::NewAuditEntry;
 
@@ -94,7 +95,7 @@ impl ConsoleSettings {
 /// The console's routes with their own middleware (request id, timeout, body limit, metrics,
 /// security headers): `server` merges them beside `http::router`'s, whose layers do not reach
 /// routes merged after them.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, outage: &OutageGuard) -> Router {
     let timeout = state.config.request_timeout;
     let max_body = state.config.max_body_bytes;
     let signed_in = Router::new()
@@ -138,6 +139,10 @@ pub fn router(state: AppState) -> Router {
         .merge(signed_in)
         .merge(live)
         .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            outage.rendering(outage_page),
+            database_outage_is_503,
+        ))
         .layer(middleware::map_response(secure_headers))
         .layer(middleware::from_fn_with_state(
             observe::RouteMetrics::default(),
@@ -559,6 +564,16 @@ pub(crate) fn render<T: Template>(status: StatusCode, page: &T) -> Response {
 }
 
 /// A page that says what went wrong.
+/// A database outage or a full disk, as a page (the layer adds `Retry-After`).
+fn outage_page(status: StatusCode, _code: &'static str, message: &'static str) -> Response {
+    let title = if status == StatusCode::INSUFFICIENT_STORAGE {
+        "The database's disk is full"
+    } else {
+        "The database does not answer"
+    };
+    problem(status, title, message, false)
+}
+
 pub(crate) fn problem(status: StatusCode, title: &str, message: &str, signed_in: bool) -> Response {
     render(
         status,

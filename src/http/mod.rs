@@ -88,11 +88,11 @@ pub struct AppContext {
 #[derive(Clone, Debug)]
 pub struct TlsClientCertificate(pub Arc<Vec<u8>>);
 
-/// The whole application: every route, wrapped in the common middleware.
-pub fn router(state: AppState) -> Router {
+/// The whole application but the console: every route, wrapped in the common middleware.
+/// `outage` is the database-outage breaker, shared with the console's router.
+pub fn router(state: AppState, outage: outage::OutageGuard) -> Router {
     let config = state.config.clone();
     let caps = limit::RouteCaps::new(&config.limits);
-    let store = state.store.clone();
     let capped = |cap: &limit::Cap| middleware::from_fn_with_state(cap.clone(), limit::guard);
     Router::new()
         .route("/healthz", get(ops::healthz))
@@ -118,7 +118,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .with_state(state)
         .layer(middleware::from_fn_with_state(
-            outage::OutageGuard::new(store),
+            outage,
             outage::database_outage_is_503,
         ))
         .layer(middleware::from_fn_with_state(

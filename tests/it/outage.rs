@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 
+use trustbroker::console::session::{AdminSession, seal};
+
 use crate::device::{Device, uuid_and_type};
 use crate::harness::{TestServer, peers_required};
 
@@ -110,6 +112,35 @@ impl Drop for PrivatePostgres {
     }
 }
 
+const KEY_HEX: &str = "6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f";
+
+/// A console page, read with a session sealed here with the server's master key.
+async fn console_page(server: &TestServer, path: &str) -> reqwest::Response {
+    let key = trustbroker::secrets::MasterKey::parse(KEY_HEX).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let session = AdminSession {
+        provider: "test".into(),
+        subject: "ops".into(),
+        name: "Ops".into(),
+        grants: vec!["*".into()],
+        csrf: trustbroker::enroll::session::random_token(),
+        idle_until: now + 600,
+        expires_at: now + 3600,
+    };
+    let sealed = seal(&key, &session);
+    // Under both names: which one counts depends on the server's scheme.
+    server
+        .client
+        .get(server.url(path))
+        .header(
+            "cookie",
+            format!("tb_admin={sealed}; __Host-tb_admin={sealed}"),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_database_outage_is_503_at_once_and_the_node_recovers_by_itself() {
     let Some(pg) = PrivatePostgres::start() else {
@@ -117,7 +148,14 @@ async fn a_database_outage_is_503_at_once_and_the_node_recovers_by_itself() {
         return;
     };
     let url = pg.url();
-    let server = TestServer::start_with(move |args| args.database_url = Some(url)).await;
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("secret.key");
+    std::fs::write(&key_file, KEY_HEX).unwrap();
+    let server = TestServer::start_with(move |args| {
+        args.database_url = Some(url);
+        args.secret_key_file = Some(key_file);
+    })
+    .await;
     let admin = server.admin_key("ops", &["admin"]).await;
     let device = Device::enroll(&server, &server.challenge(&admin).await).await;
     device.check_in(&server).await;
@@ -187,6 +225,18 @@ async fn a_database_outage_is_503_at_once_and_the_node_recovers_by_itself() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let metrics = server.get_text("/metrics").await;
     assert!(metrics.contains("trustbroker_database_up 0"), "{metrics}");
+    // The console shares the breaker and says the same, as a page.
+    let console = console_page(&server, "/admin/devices").await;
+    assert_eq!(console.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(console.headers()["retry-after"], "5");
+    assert!(
+        console.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = console.text().await.unwrap();
+    assert!(page.contains("The database does not answer"), "{page}");
 
     // PostgreSQL comes back: the same node serves again without a restart.
     assert!(pg.resume(), "PostgreSQL starts again");
@@ -209,6 +259,10 @@ async fn a_database_outage_is_503_at_once_and_the_node_recovers_by_itself() {
     // Nothing was lost: the command queued before the outage is delivered now.
     let command = device.idle(&server).await.expect("the queued command");
     assert_eq!(uuid_and_type(&command).0, uuid);
+    assert_eq!(
+        console_page(&server, "/admin/devices").await.status(),
+        StatusCode::OK
+    );
     eprintln!(
         "outage {outage:?}: first 503s after {admin_took:?} and {device_took:?}, then after \
          {while_open:?}; ready again {recovered:?} after PostgreSQL started"
