@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use crate::store::Store;
 
-/// This node's name in leases: host name and a random part, new at each start, so a restarted
-/// node does not inherit a lease it cannot know it had.
+/// This node's name in leases and claims: host name, process id and a random part, new at each
+/// start, so a restarted node does not inherit a lease it cannot know it had.
 #[derive(Clone, Debug)]
 pub struct NodeId(Arc<str>);
 
@@ -25,8 +25,10 @@ impl NodeId {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "node".into());
+        // The process id lets an operator find the holder; the random part keeps two runs
+        // (or two containers with the same host name and pid) apart.
         let random = uuid::Uuid::new_v4().simple().to_string();
-        NodeId(format!("{host}/{}", &random[..12]).into())
+        NodeId(format!("{host}/{}/{}", std::process::id(), &random[..8]).into())
     }
 
     pub fn as_str(&self) -> &str {

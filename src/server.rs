@@ -204,6 +204,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             challenge_ttl: config.pki.challenge_ttl,
         },
     );
+    let node = crate::cluster::NodeId::generate();
+    tracing::info!(node = node.as_str(), "cluster node name");
     let reconciler = Reconciler::new(
         store.clone(),
         profiles.clone(),
@@ -212,7 +214,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         reconcile_wake.clone(),
         config.policy.clone(),
     )
-    .with_tokens(tokens.clone(), device_tokens.clone());
+    .with_tokens(tokens.clone(), device_tokens.clone())
+    .on_node(node.clone());
     if let Some(dir) = &config.policy.dir {
         apply_policy_dir(&store, &reconciler, dir, config.policy.allow_destructive).await?;
     }
@@ -251,8 +254,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let outage = http::outage::OutageGuard::new(store.clone());
     let app = crate::console::router(state.clone(), &outage).merge(http::router(state, outage));
     let (stop, stopped) = watch::channel(false);
-    let node = crate::cluster::NodeId::generate();
-    tracing::info!(node = node.as_str(), "cluster node name");
     let lease = |name: &str| crate::cluster::Lease::new(store.clone(), name, node.clone());
     let mut background = vec![
         reconciler

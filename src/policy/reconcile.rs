@@ -23,11 +23,11 @@ use crate::apple::apns::Pusher;
 use crate::apple::commands::Command;
 use crate::apple::enrollment::ProfileService;
 use crate::audit::OUTCOME_SUCCESS;
-use crate::cluster::Lease;
+use crate::cluster::{Lease, NodeId};
 use crate::config::{AccountDisabledAction, PolicySettings};
 use crate::store::{
     AccountStatus, ChannelStatus, DeviceTarget, ItemChange, ItemKind, ManagedItemRow,
-    NewAuditEntry, NewCommand, Store, StoreError, TargetScope,
+    NewAuditEntry, NewCommand, ReconcileRequest, Store, StoreError, TargetScope,
 };
 use crate::tokens::device::{DeviceTokenRequest, DeviceTokens};
 use crate::tokens::shared::TokenService;
@@ -40,6 +40,10 @@ const USERS_PER_BATCH: usize = 200;
 
 /// Requests claimed at a time.
 const CLAIM: i64 = 200;
+
+/// How long claimed requests stay this node's without renewal: a node killed while serving
+/// them leaves them to another node this long after its last renewal.
+const CLAIM_HOLD: Duration = Duration::from_secs(30);
 
 /// How long a renewal's challenge stays redeemable: a device may be offline for days.
 const RENEWAL_CHALLENGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -103,6 +107,8 @@ struct Inner {
     /// App-config tokens that configurations carry (`${token.…}`, `${device_token.…}`).
     tokens: Option<TokenService>,
     device_tokens: Option<DeviceTokens>,
+    /// Whose claims on reconcile requests this node's are.
+    node: NodeId,
 }
 
 impl Reconciler {
@@ -126,6 +132,7 @@ impl Reconciler {
                 signed: Mutex::new(HashMap::new()),
                 tokens: None,
                 device_tokens: None,
+                node: NodeId::generate(),
             }),
         }
     }
@@ -136,6 +143,14 @@ impl Reconciler {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.tokens = Some(tokens);
             inner.device_tokens = Some(device_tokens);
+        }
+        self
+    }
+
+    /// The cluster node this reconciler claims requests as. Call before it is cloned.
+    pub fn on_node(mut self, node: NodeId) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.node = node;
         }
         self
     }
@@ -650,56 +665,101 @@ impl Reconciler {
     }
 
     /// Claims and serves reconcile requests until none are left; returns how many it served.
+    /// A request is deleted only once served: if this node dies (or a pass fails), its claims
+    /// run out and another node, or this one later, serves them again.
     pub async fn serve_requests(&self) -> Result<usize, ReconcileError> {
         let mut served = 0;
+        let hold_ms = i64::try_from(CLAIM_HOLD.as_millis()).unwrap_or(i64::MAX);
         loop {
-            let requests = self.inner.store.claim_reconcile_requests(CLAIM).await?;
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let requests = self
+                .inner
+                .store
+                .claim_reconcile_requests(
+                    CLAIM,
+                    self.inner.node.as_str(),
+                    now_ms,
+                    now_ms.saturating_add(hold_ms),
+                )
+                .await?;
             if requests.is_empty() {
                 return Ok(served);
             }
             served += requests.len();
-            // The set in force is read after the claim: an apply records its version and its
-            // request in one transaction, so a request claimed here (or on another node) before
-            // this node's poller saw the version must still be served with that version.
-            self.refresh().await?;
-            let mut full = false;
-            let mut users = BTreeSet::new();
-            let mut devices = BTreeSet::new();
-            for request in requests {
-                match (request.user_id, request.udid) {
-                    (Some(user), _) => {
-                        users.insert(user);
-                    }
-                    (None, Some(udid)) => {
-                        devices.insert(udid);
-                    }
-                    (None, None) => full = true,
-                }
-            }
-            let started = Instant::now();
-            let mut report = PassReport::default();
-            if full {
-                report.add(&self.reconcile(TargetScope::All { after: None }).await?);
-            } else {
-                // People in batches: one query and one write per page of their devices.
-                let users: Vec<String> = users.into_iter().collect();
-                for batch in users.chunks(USERS_PER_BATCH) {
-                    let scope = TargetScope::Users {
-                        user_ids: batch,
-                        after: None,
-                    };
-                    report.add(&self.reconcile(scope).await?);
-                }
-                for udid in &devices {
-                    report.add(&self.reconcile(TargetScope::Device(udid)).await?);
-                }
-            }
-            record_pass(
-                &report,
-                started.elapsed(),
-                if full { "full" } else { "request" },
-            );
+            let ids: Vec<i64> = requests.iter().map(|r| r.id).collect();
+            let renewal = self.keep_claimed(ids.clone());
+            let outcome = self.serve(requests).await;
+            drop(renewal);
+            outcome?;
+            self.inner.store.finish_reconcile_requests(&ids).await?;
         }
+    }
+
+    /// Renews this node's claim on `ids` every third of the hold until the guard is dropped.
+    fn keep_claimed(&self, ids: Vec<i64>) -> AbortOnDrop {
+        let inner = self.inner.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let hold_ms = i64::try_from(CLAIM_HOLD.as_millis()).unwrap_or(i64::MAX);
+            loop {
+                tokio::time::sleep(CLAIM_HOLD / 3).await;
+                let until = chrono::Utc::now()
+                    .timestamp_millis()
+                    .saturating_add(hold_ms);
+                if let Err(e) = inner
+                    .store
+                    .renew_reconcile_claims(&ids, inner.node.as_str(), until)
+                    .await
+                {
+                    tracing::warn!(error = %e, "policy: could not renew reconcile claims");
+                }
+            }
+        }))
+    }
+
+    /// One claimed batch: the set in force, then the people, devices or fleet it names.
+    async fn serve(&self, requests: Vec<ReconcileRequest>) -> Result<(), ReconcileError> {
+        // The set in force is read after the claim: an apply records its version and its
+        // request in one transaction, so a request claimed here (or on another node) before
+        // this node's poller saw the version must still be served with that version.
+        self.refresh().await?;
+        let mut full = false;
+        let mut users = BTreeSet::new();
+        let mut devices = BTreeSet::new();
+        for request in requests {
+            match (request.user_id, request.udid) {
+                (Some(user), _) => {
+                    users.insert(user);
+                }
+                (None, Some(udid)) => {
+                    devices.insert(udid);
+                }
+                (None, None) => full = true,
+            }
+        }
+        let started = Instant::now();
+        let mut report = PassReport::default();
+        if full {
+            report.add(&self.reconcile(TargetScope::All { after: None }).await?);
+        } else {
+            // People in batches: one query and one write per page of their devices.
+            let users: Vec<String> = users.into_iter().collect();
+            for batch in users.chunks(USERS_PER_BATCH) {
+                let scope = TargetScope::Users {
+                    user_ids: batch,
+                    after: None,
+                };
+                report.add(&self.reconcile(scope).await?);
+            }
+            for udid in &devices {
+                report.add(&self.reconcile(TargetScope::Device(udid)).await?);
+            }
+        }
+        record_pass(
+            &report,
+            started.elapsed(),
+            if full { "full" } else { "request" },
+        );
+        Ok(())
     }
 
     /// Logs (and exports as a gauge) a push certificate within 30 days of expiry.
@@ -762,6 +822,15 @@ impl Reconciler {
                 }
             }
         })
+    }
+}
+
+/// A background task that stops when its guard is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -283,25 +283,87 @@ impl Store {
         Ok(())
     }
 
-    /// Takes up to `limit` requests, oldest first, for this node alone: a request is claimed
-    /// by deleting it, and on PostgreSQL rows another node is claiming are skipped, not waited
-    /// for.
-    pub async fn claim_reconcile_requests(&self, limit: i64) -> StoreResult<Vec<ReconcileRequest>> {
-        let requests = match &self.pool {
-            Pool::Sqlite(pool) => {
-                let sql = "DELETE FROM reconcile_requests WHERE id IN (SELECT id FROM \
-                           reconcile_requests ORDER BY id LIMIT $1) \
-                           RETURNING id, user_id, udid, reason";
-                sqlx::query_as(sql).bind(limit).fetch_all(pool).await?
+    /// Claims up to `limit` requests, oldest first, for `node` until `until_ms` (Unix
+    /// milliseconds): those nobody holds and those whose claim ran out before `now_ms` (their
+    /// node died or stalled). On PostgreSQL rows another node is claiming are skipped, not
+    /// waited for. A served request is deleted with [`Store::finish_reconcile_requests`];
+    /// serving one twice is harmless (the ledger queues each command once).
+    pub async fn claim_reconcile_requests(
+        &self,
+        limit: i64,
+        node: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<ReconcileRequest>> {
+        let sql = match &self.pool {
+            Pool::Sqlite(_) => {
+                "UPDATE reconcile_requests SET claimed_by = $2, claimed_until = $3 \
+                 WHERE id IN (SELECT id FROM reconcile_requests WHERE claimed_until < $4 \
+                 ORDER BY id LIMIT $1) RETURNING id, user_id, udid, reason"
             }
-            Pool::Postgres(pool) => {
-                let sql = "DELETE FROM reconcile_requests WHERE id IN (SELECT id FROM \
-                           reconcile_requests ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-                           RETURNING id, user_id, udid, reason";
-                sqlx::query_as(sql).bind(limit).fetch_all(pool).await?
+            Pool::Postgres(_) => {
+                "UPDATE reconcile_requests SET claimed_by = $2, claimed_until = $3 \
+                 WHERE id IN (SELECT id FROM reconcile_requests WHERE claimed_until < $4 \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING id, user_id, udid, reason"
             }
         };
+        let mut requests: Vec<ReconcileRequest> = on_pool!(self, |pool| sqlx::query_as(sql)
+            .bind(limit)
+            .bind(node)
+            .bind(until_ms)
+            .bind(now_ms)
+            .fetch_all(pool)
+            .await?);
+        // RETURNING does not keep the subquery's order.
+        requests.sort_by_key(|r| r.id);
         Ok(requests)
+    }
+
+    /// Moves `node`'s claim on `ids` to `until_ms` (a long pass still running); a claim
+    /// another node has taken over stays theirs.
+    pub async fn renew_reconcile_claims(
+        &self,
+        ids: &[i64],
+        node: &str,
+        until_ms: i64,
+    ) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE reconcile_requests SET claimed_until = $1 \
+             WHERE claimed_by = $2 AND id IN ({})",
+            placeholders(3, ids.len())
+        );
+        on_pool!(self, |pool| {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(until_ms)
+                .bind(node);
+            for id in ids {
+                query = query.bind(id);
+            }
+            query.execute(pool).await?.rows_affected()
+        });
+        Ok(())
+    }
+
+    /// Deletes served requests.
+    pub async fn finish_reconcile_requests(&self, ids: &[i64]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "DELETE FROM reconcile_requests WHERE id IN ({})",
+            placeholders(1, ids.len())
+        );
+        on_pool!(self, |pool| {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in ids {
+                query = query.bind(id);
+            }
+            query.execute(pool).await?.rows_affected()
+        });
+        Ok(())
     }
 
     /// Managed devices (their current enrollment record active), `limit` at most, in UDID

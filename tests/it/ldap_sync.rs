@@ -157,10 +157,14 @@ async fn sign_in(store: &Store, provider: &LdapProvider, uid: &str) -> String {
 
 /// The reconcile requests recorded since the last call, as (user ID, reason), sorted.
 async fn requests(store: &Store) -> Vec<(String, String)> {
-    let mut out: Vec<_> = store
-        .claim_reconcile_requests(100_000)
+    let now = chrono::Utc::now().timestamp_millis();
+    let claimed = store
+        .claim_reconcile_requests(100_000, "test", now, now + 600_000)
         .await
-        .unwrap()
+        .unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+    store.finish_reconcile_requests(&ids).await.unwrap();
+    let mut out: Vec<_> = claimed
         .into_iter()
         .map(|r| (r.user_id.unwrap_or_default(), r.reason))
         .collect();
