@@ -8,6 +8,7 @@
 #   TRUSTBROKER_SKIP_LINT=1    skip cargo fmt and clippy
 #   TRUSTBROKER_PEERS_ONLY=1   start the peers and print their environment, then stop
 #   TRUSTBROKER_KEEP_PEERS=1   leave the peers running afterwards
+#   TRUSTBROKER_SKIP_FAULTS=1  skip the long fault scenarios (tests/faults.sh) after the suite
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PEERS=$ROOT/tests/peers
@@ -102,3 +103,19 @@ fi
 
 step "cargo test"
 cargo test --locked "$@"
+
+# The long fault scenarios (a node killed during a 10,000-device fan-out, PostgreSQL stopped
+# for 30 s under load): about two minutes, run after the suite when it ran whole.
+if [[ $# -eq 0 && ${TRUSTBROKER_SKIP_FAULTS:-0} != 1 ]]; then
+  step "fault scenarios (tests/faults.sh)"
+  # The nodes' logs go to a file; the figures and the outcome are shown.
+  faults_log=$(mktemp)
+  faults_status=0
+  cargo test --locked --test it -- --ignored --nocapture faults:: >"$faults_log" 2>&1 ||
+    faults_status=$?
+  grep -E '^(kill -9|PostgreSQL stopped|test )' "$faults_log" || true
+  if [[ $faults_status -ne 0 ]]; then
+    tail -n 200 "$faults_log"
+    exit "$faults_status"
+  fi
+fi

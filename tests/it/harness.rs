@@ -355,6 +355,10 @@ impl BrokerProcess {
         client_trusting(&self.cert_path)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`: the process dies where it stands, nothing drained or released.
     pub fn kill_hard(mut self) {
         let _ = self.child.kill();

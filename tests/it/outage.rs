@@ -17,7 +17,7 @@ use trustbroker::console::session::{AdminSession, seal};
 use crate::device::{Device, uuid_and_type};
 use crate::harness::{TestServer, peers_required};
 
-struct PrivatePostgres {
+pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
@@ -25,7 +25,7 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     /// `None` where it cannot run (no Debian PostgreSQL binaries, not root).
-    fn start() -> Option<PrivatePostgres> {
+    pub fn start() -> Option<PrivatePostgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -78,15 +78,15 @@ impl PrivatePostgres {
             .is_ok_and(|s| s.success())
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    fn stop(&self) -> bool {
+    pub fn stop(&self) -> bool {
         self.as_postgres(&["pg_ctl", "-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
-    fn resume(&self) -> bool {
+    pub fn resume(&self) -> bool {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
