@@ -94,6 +94,20 @@ if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
   exit 0
 fi
 
+# The previous release, for the rolling-upgrade test (tests/it/upgrade.rs). Built before this
+# tree: cargo leaves each build's binary at target/debug/trustbroker, and the suite's build
+# must be the last.
+step "previous release (tests/previous-release.sh)"
+previous_status=0
+previous=$(bash tests/previous-release.sh) || previous_status=$?
+if [[ $previous_status -eq 0 ]]; then
+  export TRUSTBROKER_TEST_PREVIOUS_RELEASE=$previous
+elif [[ $previous_status -eq 3 ]]; then
+  export TRUSTBROKER_TEST_PREVIOUS_RELEASE_MISSING="not in this clone's history (shallow clone?)"
+else
+  exit "$previous_status"
+fi
+
 if [[ ${TRUSTBROKER_SKIP_LINT:-0} != 1 ]]; then
   step "cargo fmt --check"
   cargo fmt --check

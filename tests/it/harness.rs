@@ -282,7 +282,12 @@ pub struct BrokerProcess {
 }
 
 pub fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trustbroker"));
+    binary_at(Path::new(env!("CARGO_BIN_EXE_trustbroker")))
+}
+
+/// A broker binary (this build's or another release's) without the suite's environment.
+pub fn binary_at(path: &Path) -> Command {
+    let mut cmd = Command::new(path);
     // The suite's own environment must not leak into the child's configuration.
     for (key, _) in std::env::vars() {
         if key.starts_with("TRUSTBROKER_") || key == "DATABASE_URL" {
@@ -295,7 +300,11 @@ pub fn binary() -> Command {
 impl BrokerProcess {
     /// Runs `trustbroker serve` with `args` and waits until it prints its banner.
     pub fn serve(args: &[&str], envs: &[(&str, &str)]) -> BrokerProcess {
-        let mut cmd = binary();
+        Self::serve_with(binary(), args, envs)
+    }
+
+    /// `serve` with another binary (`binary_at`), e.g. the previous release.
+    pub fn serve_with(mut cmd: Command, args: &[&str], envs: &[(&str, &str)]) -> BrokerProcess {
         cmd.arg("serve")
             .args(args)
             .envs(envs.iter().copied())
@@ -391,13 +400,23 @@ impl Drop for BrokerProcess {
 
 /// Runs the binary to completion; returns (success, stdout, stderr).
 pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
-    let out = binary()
+    let (code, stdout, stderr) = run_binary(binary(), args, envs);
+    (code == Some(0), stdout, stderr)
+}
+
+/// Runs a binary to its end: exit code (None if killed by a signal), stdout, stderr.
+pub fn run_binary(
+    mut cmd: Command,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let out = cmd
         .args(args)
         .envs(envs.iter().copied())
         .output()
         .expect("run trustbroker");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )

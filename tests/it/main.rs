@@ -34,3 +34,4 @@ mod schema;
 mod scim;
 mod store;
 mod tokens;
+mod upgrade;
