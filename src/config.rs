@@ -313,6 +313,9 @@ pub struct FileConfig {
     pub scep_challenge_ttl_secs: Option<u64>,
     pub apns_url: Option<String>,
     pub apns_ca_file: Option<PathBuf>,
+    /// Seconds a device with commands waiting may stay silent before it is pushed again
+    /// (0: never) [default: 900].
+    pub apns_repush_after_secs: Option<u64>,
     pub cert_validity_days: Option<u32>,
     pub ca_key_bits: Option<usize>,
     pub ca_common_name: Option<String>,
@@ -735,6 +738,9 @@ pub struct ApnsConfig {
     /// Without a trailing slash.
     pub url: String,
     pub ca_file: Option<PathBuf>,
+    /// A device with commands waiting that has not been heard from for this long is pushed
+    /// again (then after twice as long, up to a day); `None`: never.
+    pub repush_after: Option<Duration>,
 }
 
 /// The validated runtime configuration.
@@ -924,6 +930,10 @@ impl Config {
                     .unwrap_or_else(|| DEFAULT_APNS_URL.into()),
             )?,
             ca_file: args.apns_ca_file.or(file.apns_ca_file),
+            repush_after: match file.apns_repush_after_secs.unwrap_or(900) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
         };
         if ![2048, 3072, 4096].contains(&pki.ca_key_bits) {
             return Err(ConfigError::Invalid(format!(

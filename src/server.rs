@@ -252,6 +252,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // The admin console brings its own middleware (see `console::router`); one outage breaker
     // serves both.
     let outage = http::outage::OutageGuard::new(store.clone());
+    let repusher = state.pusher.clone();
     let app = crate::console::router(state.clone(), &outage).merge(http::router(state, outage));
     let (stop, stopped) = watch::channel(false);
     let lease = |name: &str| crate::cluster::Lease::new(store.clone(), name, node.clone());
@@ -263,6 +264,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     background.push(tokens.clone().spawn(stopped.clone()));
     background.push(mdm_cache.spawn(stopped.clone()));
     background.push(device_tokens.spawn_purge(lease("device-tokens:purge"), stopped.clone()));
+    background.extend(crate::apple::repush::spawn(
+        repusher,
+        store.clone(),
+        lease("apns:repush"),
+        stopped.clone(),
+    ));
     background.extend(crate::identity::ldap::sync::spawn_all(
         group_syncs,
         &node,

@@ -74,6 +74,11 @@ impl Pusher {
         }
     }
 
+    /// How long a device with commands waiting may stay silent before it is pushed again.
+    pub fn repush_after(&self) -> Option<Duration> {
+        self.config.repush_after
+    }
+
     /// Wakes each enrollment in the background; returns at once.
     pub fn wake(&self, enrollment_ids: Vec<String>) {
         let pusher = self.clone();

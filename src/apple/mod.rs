@@ -14,4 +14,5 @@ pub mod messages;
 pub mod plist;
 pub mod profile;
 pub mod push_cert;
+pub mod repush;
 pub mod service;

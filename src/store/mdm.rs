@@ -387,6 +387,30 @@ impl Store {
         .await?))
     }
 
+    /// Active channels with a push token that have commands waiting (queued, or answered
+    /// NotNow) since before `cutoff` and have not been heard from since `cutoff`: the devices a
+    /// push did not bring back. `limit` at most, in ID order after `after`.
+    pub async fn silent_channels_with_work(
+        &self,
+        cutoff: DateTime<Utc>,
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<String>> {
+        let sql = "SELECT e.id FROM mdm_enrollments e \
+                   WHERE e.status = 'active' AND e.push_token IS NOT NULL \
+                   AND e.push_status <> 'unregistered' \
+                   AND (e.last_seen_at IS NULL OR e.last_seen_at < $1) AND e.id > $2 \
+                   AND e.id IN (SELECT c.enrollment_id FROM mdm_commands c \
+                   WHERE c.status IN ('queued', 'not-now') AND c.queued_at < $1) \
+                   ORDER BY e.id LIMIT $3";
+        Ok(on_pool!(self, |pool| sqlx::query_scalar(sql)
+            .bind(cutoff)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
     /// The command channels of device `udid` (device channel and user channels).
     pub async fn channels_of(&self, udid: &str) -> StoreResult<Vec<MdmEnrollment>> {
         Ok(on_pool!(self, |pool| sqlx::query_as(select_enrollments!(

@@ -349,4 +349,96 @@ mod flows {
         );
         server.stop().await;
     }
+
+    /// Pushes that reached `device`'s token so far.
+    fn pushes_to(apns: &ApnsStandIn, device: &Device) -> usize {
+        let token = hex::encode(&device.push_token);
+        apns.pushes().iter().filter(|p| p.token == token).count()
+    }
+
+    #[tokio::test]
+    async fn silent_devices_with_commands_waiting_are_pushed_again_until_heard_from() {
+        let apns = ApnsStandIn::start(device::TOPIC).await;
+        let (url, ca) = (apns.url.clone(), apns.ca_file.clone());
+        let server = TestServer::start_configured(
+            move |a| {
+                a.apns_url = Some(url);
+                a.apns_ca_file = Some(ca);
+            },
+            "apns_repush_after_secs = 2\n",
+        )
+        .await;
+        let admin = server.admin_key("apns", &["admin"]).await;
+        let imported = server
+            .client
+            .put(server.url("/api/v1/push-certificate"))
+            .bearer_auth(&admin)
+            .json(&json!({"certificate_pem": apns.push_cert_pem, "key_pem": apns.push_key_pem}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(imported.status(), StatusCode::OK);
+        let silent = Device::enroll(&server, &server.challenge(&admin).await).await;
+        silent.check_in(&server).await;
+        let answering = Device::enroll(&server, &server.challenge(&admin).await).await;
+        answering.check_in(&server).await;
+
+        enqueue(&server, &admin, &[&silent.udid, &answering.udid], false).await;
+        apns.wait_for(2).await;
+        // One device comes at once and clears its queue; the other stays silent.
+        let command = answering.idle(&server).await.expect("its command");
+        let (uuid, _) = device::uuid_and_type(&command);
+        let (status, _) = answering
+            .report(
+                &server,
+                "Acknowledged",
+                Some(&uuid),
+                plist::Dictionary::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+
+        // The silent one is pushed again after 2 s of silence, then after 4 s more.
+        let started = std::time::Instant::now();
+        while pushes_to(&apns, &silent) < 3 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "pushed {} times",
+                pushes_to(&apns, &silent)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= std::time::Duration::from_secs(4),
+            "the wait doubles: three pushes took {took:?}"
+        );
+        assert_eq!(
+            pushes_to(&apns, &answering),
+            1,
+            "a device heard from is left alone"
+        );
+
+        // Heard from at last: its queue done, it is not pushed again.
+        let command = silent.idle(&server).await.expect("the waiting command");
+        let (uuid, _) = device::uuid_and_type(&command);
+        let (status, _) = silent
+            .report(
+                &server,
+                "Acknowledged",
+                Some(&uuid),
+                plist::Dictionary::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let settled = pushes_to(&apns, &silent);
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert_eq!(pushes_to(&apns, &silent), settled);
+        let metrics = server.get_text("/metrics").await;
+        assert!(
+            metrics.contains("trustbroker_apns_repushes_total"),
+            "{metrics}"
+        );
+        server.stop().await;
+    }
 }
