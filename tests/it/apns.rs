@@ -238,21 +238,16 @@ mod flows {
             .collect()
     }
 
-    async fn push_status(server: &TestServer, admin: &str, id: &str) -> String {
-        let shown = server
-            .get_json(&format!("/api/v1/enrollments/{id}"), Some(admin))
-            .await;
-        shown["push_status"].as_str().unwrap().to_owned()
-    }
-
-    #[tokio::test]
-    async fn enqueueing_wakes_devices_over_apns_with_retries_and_dead_tokens() {
-        let apns = ApnsStandIn::start(device::TOPIC).await;
+    /// A server pushing through the stand-in, its push certificate imported; an admin key.
+    async fn pushing_through(apns: &ApnsStandIn, file_toml: &str) -> (TestServer, String) {
         let (url, ca) = (apns.url.clone(), apns.ca_file.clone());
-        let server = TestServer::start_with(move |a| {
-            a.apns_url = Some(url);
-            a.apns_ca_file = Some(ca);
-        })
+        let server = TestServer::start_configured(
+            move |a| {
+                a.apns_url = Some(url);
+                a.apns_ca_file = Some(ca);
+            },
+            file_toml,
+        )
         .await;
         let admin = server.admin_key("apns", &["admin"]).await;
         let imported = server
@@ -264,6 +259,20 @@ mod flows {
             .await
             .unwrap();
         assert_eq!(imported.status(), StatusCode::OK);
+        (server, admin)
+    }
+
+    async fn push_status(server: &TestServer, admin: &str, id: &str) -> String {
+        let shown = server
+            .get_json(&format!("/api/v1/enrollments/{id}"), Some(admin))
+            .await;
+        shown["push_status"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn enqueueing_wakes_devices_over_apns_with_retries_and_dead_tokens() {
+        let apns = ApnsStandIn::start(device::TOPIC).await;
+        let (server, admin) = pushing_through(&apns, "").await;
 
         let mut devices = Vec::new();
         for _ in 0..3 {
@@ -359,25 +368,7 @@ mod flows {
     #[tokio::test]
     async fn silent_devices_with_commands_waiting_are_pushed_again_until_heard_from() {
         let apns = ApnsStandIn::start(device::TOPIC).await;
-        let (url, ca) = (apns.url.clone(), apns.ca_file.clone());
-        let server = TestServer::start_configured(
-            move |a| {
-                a.apns_url = Some(url);
-                a.apns_ca_file = Some(ca);
-            },
-            "apns_repush_after_secs = 2\n",
-        )
-        .await;
-        let admin = server.admin_key("apns", &["admin"]).await;
-        let imported = server
-            .client
-            .put(server.url("/api/v1/push-certificate"))
-            .bearer_auth(&admin)
-            .json(&json!({"certificate_pem": apns.push_cert_pem, "key_pem": apns.push_key_pem}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(imported.status(), StatusCode::OK);
+        let (server, admin) = pushing_through(&apns, "apns_repush_after_secs = 2\n").await;
         let silent = Device::enroll(&server, &server.challenge(&admin).await).await;
         silent.check_in(&server).await;
         let answering = Device::enroll(&server, &server.challenge(&admin).await).await;

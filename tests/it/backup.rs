@@ -5,8 +5,6 @@
 
 use std::path::Path;
 
-use serde_json::{Value as Json, json};
-
 use crate::device::{Device, uuid_and_type};
 use crate::harness::{TestServer, run_cli};
 
@@ -32,20 +30,10 @@ async fn start_in(dir: &Path) -> TestServer {
 }
 
 async fn enqueue_device_information(server: &TestServer, admin: &str, udid: &str) -> String {
-    let response = server
-        .client
-        .post(server.url("/api/v1/commands"))
-        .bearer_auth(admin)
-        .json(&json!({"enrollment_ids": [udid], "command": {"RequestType": "DeviceInformation", "Queries": ["OSVersion"]}}))
-        .send()
+    server
+        .queue_device_information(admin, &[udid])
         .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let body: Json = response.json().await.unwrap();
-    body["commands"][0]["command_uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+        .remove(0)
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use plist::Dictionary;
 use reqwest::StatusCode;
-use serde_json::{Value as Json, json};
+use serde_json::json;
 use trustbroker::pki::scep::PkiStatus;
 use trustbroker::pki::scep::client::{self, ClientIdentity};
 
@@ -107,6 +107,28 @@ impl Cluster {
     }
 }
 
+/// Two nodes on `pg_url` behind a fresh nginx; the front the clients use.
+fn behind_nginx(nginx_binary: &str, pg_url: &str) -> (Cluster, Nginx, Arc<TestServer>) {
+    let port = free_port();
+    let public_url = format!("https://127.0.0.1:{port}");
+    let cluster = Cluster::start(pg_url, &public_url);
+    let nginx = Nginx::start(nginx_binary, port, &cluster.upstreams());
+    let front = Arc::new(TestServer::front(public_url, client_trusting(&nginx.cert)));
+    (cluster, nginx, front)
+}
+
+/// The shared PostgreSQL database of the suite, when it runs.
+async fn shared_postgres() -> Option<crate::harness::PgTestDb> {
+    match TestDb::all()
+        .await
+        .into_iter()
+        .find(|d| d.name() == "postgres")
+    {
+        Some(TestDb::Postgres(pg)) => Some(pg),
+        _ => None,
+    }
+}
+
 /// Sends `attempt` until it gets an answer that is not a transport error or a 5xx from the
 /// load balancer (the node behind it died); counts the retries.
 async fn with_retries<F, Fut>(retries: &AtomicUsize, mut attempt: F) -> reqwest::Response
@@ -158,38 +180,17 @@ async fn a_node_killed_during_issuance_and_delivery_loses_and_doubles_nothing() 
     let Some(nginx_binary) = peer_env("TRUSTBROKER_TEST_NGINX") else {
         return;
     };
-    let Some(TestDb::Postgres(pg)) = TestDb::all()
-        .await
-        .into_iter()
-        .find(|d| d.name() == "postgres")
-    else {
+    let Some(pg) = shared_postgres().await else {
         return;
     };
-    let port = free_port();
-    let public_url = format!("https://127.0.0.1:{port}");
-    let mut cluster = Cluster::start(&pg.url, &public_url);
-    let nginx = Nginx::start(&nginx_binary, port, &cluster.upstreams());
-    let front = Arc::new(TestServer::front(
-        public_url.clone(),
-        client_trusting(&nginx.cert),
-    ));
+    let (mut cluster, nginx, front) = behind_nginx(&nginx_binary, &pg.url);
     let admin = cluster.admin_key();
     let ca = front.ca_der().await;
 
     // One-time challenges and device keys, made before the load.
     let mut challenges = Vec::new();
     for _ in 0..DEVICES {
-        let answer: Json = front
-            .client
-            .post(front.url("/api/v1/scep/challenges"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        challenges.push(answer["challenge"].as_str().unwrap().to_owned());
+        challenges.push(front.challenge(&admin).await);
     }
     let keys: Vec<ClientIdentity> = tokio::task::spawn_blocking(|| {
         (0..DEVICES)
@@ -259,15 +260,7 @@ async fn a_node_killed_during_issuance_and_delivery_loses_and_doubles_nothing() 
         devices.push(Arc::new(device));
     }
     let ids: Vec<&str> = devices.iter().map(|d| d.udid.as_str()).collect();
-    let queued = front
-        .client
-        .post(front.url("/api/v1/commands"))
-        .bearer_auth(&admin)
-        .json(&json!({"enrollment_ids": ids, "command": {"RequestType": "DeviceInformation", "Queries": ["OSVersion"]}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(queued.status(), StatusCode::CREATED);
+    front.queue_device_information(&admin, &ids).await;
 
     let answered = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -420,18 +413,10 @@ async fn a_node_killed_during_a_fleet_fan_out_leaves_every_device_with_exactly_i
     let Some(nginx_binary) = peer_env("TRUSTBROKER_TEST_NGINX") else {
         return;
     };
-    let Some(TestDb::Postgres(pg)) = TestDb::all()
-        .await
-        .into_iter()
-        .find(|d| d.name() == "postgres")
-    else {
+    let Some(pg) = shared_postgres().await else {
         return;
     };
-    let port = free_port();
-    let public_url = format!("https://127.0.0.1:{port}");
-    let mut cluster = Cluster::start(&pg.url, &public_url);
-    let nginx = Nginx::start(&nginx_binary, port, &cluster.upstreams());
-    let front = TestServer::front(public_url.clone(), client_trusting(&nginx.cert));
+    let (mut cluster, nginx, front) = behind_nginx(&nginx_binary, &pg.url);
     let admin = cluster.admin_key();
     let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
     let seeding = Instant::now();
@@ -556,28 +541,11 @@ async fn postgres_stopped_for_30_s_under_load_loses_nothing() {
         assert!(!peers_required(), "a private PostgreSQL could not start");
         return;
     };
-    let port = free_port();
-    let public_url = format!("https://127.0.0.1:{port}");
-    let mut cluster = Cluster::start(&pg.url(), &public_url);
-    let nginx = Nginx::start(&nginx_binary, port, &cluster.upstreams());
-    let front = Arc::new(TestServer::front(
-        public_url.clone(),
-        client_trusting(&nginx.cert),
-    ));
+    let (mut cluster, nginx, front) = behind_nginx(&nginx_binary, &pg.url());
     let admin = cluster.admin_key();
     let mut devices = Vec::new();
     for _ in 0..DEVICES {
-        let answer: Json = front
-            .client
-            .post(front.url("/api/v1/scep/challenges"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let device = Device::enroll(&front, answer["challenge"].as_str().unwrap()).await;
+        let device = Device::enroll(&front, &front.challenge(&admin).await).await;
         device.check_in(&front).await;
         devices.push(Arc::new(device));
     }
@@ -647,15 +615,7 @@ async fn postgres_stopped_for_30_s_under_load_loses_nothing() {
     // A command for every device shortly before the outage, so that some are in flight when
     // the database stops.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let queued = front
-        .client
-        .post(front.url("/api/v1/commands"))
-        .bearer_auth(&admin)
-        .json(&json!({"enrollment_ids": ids, "command": {"RequestType": "DeviceInformation", "Queries": ["OSVersion"]}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(queued.status(), StatusCode::CREATED);
+    front.queue_device_information(&admin, &ids).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(pg.stop(), "PostgreSQL stops");
     let stopped_at = started.elapsed();

@@ -217,6 +217,28 @@ impl TestServer {
         body["challenge"].as_str().expect("a challenge").to_owned()
     }
 
+    /// Queues DeviceInformation for `udids` through the admin API (expecting 201); the
+    /// commands' UUIDs in the order of `udids`.
+    pub async fn queue_device_information(&self, admin: &str, udids: &[&str]) -> Vec<String> {
+        let response = self
+            .client
+            .post(self.url("/api/v1/commands"))
+            .bearer_auth(admin)
+            .json(&serde_json::json!({"enrollment_ids": udids,
+                "command": {"RequestType": "DeviceInformation", "Queries": ["OSVersion"]}}))
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+        let body: serde_json::Value = response.json().await.expect("a JSON body");
+        body["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .map(|c| c["command_uuid"].as_str().expect("a UUID").to_owned())
+            .collect()
+    }
+
     /// GET `path` (with an admin key when given), expecting success; the body as JSON.
     pub async fn get_json(&self, path: &str, key: Option<&str>) -> serde_json::Value {
         let mut request = self.client.get(self.url(path));

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use plist::Dictionary;
 use reqwest::StatusCode;
-use serde_json::{Value as Json, json};
 
 use crate::device::{Device, uuid_and_type};
 use crate::harness::{
@@ -43,20 +42,9 @@ fn serve(cmd: std::process::Command, env: &[(&str, &str)]) -> Node {
 }
 
 async fn queue(node: &TestServer, admin: &str, udid: &str) -> String {
-    let response = node
-        .client
-        .post(node.url("/api/v1/commands"))
-        .bearer_auth(admin)
-        .json(&json!({"enrollment_ids": [udid], "command": {"RequestType": "DeviceInformation", "Queries": ["OSVersion"]}}))
-        .send()
+    node.queue_device_information(admin, &[udid])
         .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Json = response.json().await.unwrap();
-    body["commands"][0]["command_uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+        .remove(0)
 }
 
 /// The device fetches its next command through `node` and acknowledges it there.
@@ -68,20 +56,6 @@ async fn deliver(device: &Device, node: &TestServer) -> String {
         .await;
     assert_eq!(status, StatusCode::OK);
     uuid
-}
-
-async fn challenge(node: &TestServer, admin: &str) -> String {
-    let answer: Json = node
-        .client
-        .post(node.url("/api/v1/scep/challenges"))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    answer["challenge"].as_str().unwrap().to_owned()
 }
 
 /// `path`'s `migrate --check`: exit code and what it said.
@@ -140,7 +114,7 @@ async fn the_previous_release_and_this_one_serve_one_database_through_a_rolling_
     );
     assert_eq!(code, Some(0), "{stderr}");
     let admin = created_key(&stdout);
-    let device = Device::enroll(&old.front, &challenge(&old.front, &admin).await).await;
+    let device = Device::enroll(&old.front, &old.front.challenge(&admin).await).await;
     device.check_in(&old.front).await;
     let before = queue(&old.front, &admin, &device.udid).await;
 
@@ -155,7 +129,7 @@ async fn the_previous_release_and_this_one_serve_one_database_through_a_rolling_
     // The old node still serves on the expanded schema: the command queued before, and a
     // new enrollment.
     assert_eq!(deliver(&device, &old.front).await, before);
-    let second = Device::enroll(&old.front, &challenge(&old.front, &admin).await).await;
+    let second = Device::enroll(&old.front, &old.front.challenge(&admin).await).await;
     second.check_in(&old.front).await;
 
     // A node of this build joins; commands cross between the two releases both ways.
@@ -164,7 +138,7 @@ async fn the_previous_release_and_this_one_serve_one_database_through_a_rolling_
     assert_eq!(deliver(&device, &new.front).await, from_old);
     let from_new = queue(&new.front, &admin, &second.udid).await;
     assert_eq!(deliver(&second, &old.front).await, from_new);
-    let third = Device::enroll(&new.front, &challenge(&new.front, &admin).await).await;
+    let third = Device::enroll(&new.front, &new.front.challenge(&admin).await).await;
     third.check_in(&new.front).await;
     let to_third = queue(&new.front, &admin, &third.udid).await;
     assert_eq!(deliver(&third, &old.front).await, to_third);
