@@ -69,7 +69,7 @@ impl Principal {
 }
 
 /// A freshly created key; `key` is the only copy of the secret there will ever be.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IssuedKey {
     pub id: String,
     pub name: String,

@@ -12,12 +12,14 @@ pub mod signing_keys;
 pub mod tokens;
 pub mod users;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
@@ -25,12 +27,14 @@ use crate::http::error::ApiError;
 use crate::store::AuditQuery;
 use auth::Admin;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/whoami", get(whoami))
-        .route("/audit", get(list_audit))
-        .route("/admin-keys", get(list_keys).post(create_key))
-        .route("/admin-keys/{name}", delete(revoke_key))
+/// The admin API's routes, each registered from its handler's OpenAPI annotation
+/// (`http::openapi`), so no route can be added here without being documented.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(whoami))
+        .routes(routes!(list_audit))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
         .merge(pki::router())
         .merge(mdm::router())
         .merge(users::router())
@@ -40,6 +44,9 @@ pub fn router() -> Router<AppState> {
         .merge(scim_clients::router())
 }
 
+/// The key this request was made with: its id, name and scopes.
+#[utoipa::path(get, path = "/whoami", tag = "admin", security(("admin_key" = [])),
+    responses((status = 200, description = "`{id, name, scopes}` of the calling key.", body = Object)))]
 async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {
     Json(json!({
         "id": admin.principal.key_id,
@@ -48,19 +55,29 @@ async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
+    /// Entries per page, 1 to 1000 (default 100).
     limit: Option<u32>,
+    /// Only entries older than this id (the previous page's `next_before`).
     before: Option<i64>,
+    /// Only this actor (`key:NAME`, `user:…`, …).
     actor: Option<String>,
+    /// Only this action (`admin-key.create`, …).
     action: Option<String>,
+    /// Only this outcome: `success`, `failure` or `denied`.
     outcome: Option<String>,
 }
 
 const AUDIT_PAGE_DEFAULT: u32 = 100;
 const AUDIT_PAGE_MAX: u32 = 1000;
 
+/// The audit log, newest first, a page at a time.
+#[utoipa::path(get, path = "/audit", tag = "admin", security(("admin_key" = ["audit:read"])),
+    params(AuditParams),
+    responses((status = 200, description = "`{entries, next_before}`; `next_before` is null on the last page.", body = Object)))]
 async fn list_audit(
     _admin: Admin<auth::AuditRead>,
     State(state): State<AppState>,
@@ -91,6 +108,9 @@ async fn list_audit(
     ))
 }
 
+/// Admin keys (never their secrets).
+#[utoipa::path(get, path = "/admin-keys", tag = "admin", security(("admin_key" = ["admin-keys:read"])),
+    responses((status = 200, description = "`{keys: [...]}`", body = Object)))]
 async fn list_keys(
     _admin: Admin<auth::AdminKeysRead>,
     State(state): State<AppState>,
@@ -99,7 +119,7 @@ async fn list_keys(
     Ok(Json(json!({"keys": keys})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
     name: String,
@@ -107,6 +127,16 @@ struct CreateKey {
     scopes: Vec<String>,
 }
 
+/// Creates an admin key; the key itself is in this answer only. A key cannot grant a scope it
+/// does not hold. Audited.
+#[utoipa::path(post, path = "/admin-keys", tag = "admin", security(("admin_key" = ["admin-keys:write"])),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The new key, shown once.", body = keys::IssuedKey),
+        (status = 403, description = "The key lacks `admin-keys:write`, or a scope it asked to grant.", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "A key of that name exists.", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "Invalid name or unknown scope.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_key(
     admin: Admin<auth::AdminKeysWrite>,
     State(state): State<AppState>,
@@ -158,6 +188,13 @@ async fn create_key(
     }
 }
 
+/// Revokes an admin key by name. Audited.
+#[utoipa::path(delete, path = "/admin-keys/{name}", tag = "admin", security(("admin_key" = ["admin-keys:write"])),
+    params(("name" = String, Path, description = "The key's name.")),
+    responses(
+        (status = 200, description = "`{revoked: {id, name}}`", body = Object),
+        (status = 404, description = "No such key.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn revoke_key(
     admin: Admin<auth::AdminKeysWrite>,
     State(state): State<AppState>,

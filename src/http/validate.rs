@@ -31,6 +31,11 @@ use crate::tokens::shared::{
 };
 
 pub const TOKENS_PATH: &str = "/validate/v1/tokens";
+
+/// This route's part of the OpenAPI document (`http::openapi`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(validate_token))]
+pub struct Doc;
 /// A token, a device ID and JSON punctuation fit many times over.
 const MAX_BODY: usize = 4096;
 /// Longest Authorization header worth decoding (an ID and a 43-character secret in base64).
@@ -65,13 +70,30 @@ impl std::ops::Deref for ValidateState {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ValidateBody {
+    /// The token the app received through managed app configuration.
     token: String,
+    /// The device's ID, when the app knows it: the answer then says whether the token was
+    /// delivered to that device.
     device: Option<String>,
 }
 
+/// Whether a token is an active token of the calling app client's integration. Anything else
+/// (wrong, revoked, expired, not yet valid, another integration's, malformed) is
+/// `{"active": false}`, alike. Answers are `no-store`.
+#[utoipa::path(post, path = "/validate/v1/tokens", tag = "validation", operation_id = "validate_token",
+    security(("app_client" = [])),
+    request_body = ValidateBody,
+    responses(
+        (status = 200, description = "`{\"active\": true, \"integration\": ..., \"device\": {...}?}` or `{\"active\": false}`.", body = Object),
+        (status = 400, description = "The body is not `{token, device?}`.", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "No app client credentials, or refused ones.", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body is larger than 4 KiB.", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "The client is over its validation rate (`Retry-After`).", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "App clients cannot be checked right now.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn validate_token(State(state): State<ValidateState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     // Kept raw: turned into text only for an audit record (refusals), not on every request.
