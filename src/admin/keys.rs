@@ -78,7 +78,8 @@ pub struct IssuedKey {
 }
 
 /// A key as listed (no secret, no hash).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = AdminKey)]
 pub struct KeySummary {
     pub id: String,
     pub name: String,

@@ -15,7 +15,7 @@ pub mod users;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -46,13 +46,28 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// The key this request was made with: its id, name and scopes.
 #[utoipa::path(get, path = "/whoami", tag = "admin", security(("admin_key" = [])),
-    responses((status = 200, description = "`{id, name, scopes}` of the calling key.", body = Object)))]
-async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {
-    Json(json!({
-        "id": admin.principal.key_id,
-        "name": admin.principal.name,
-        "scopes": admin.principal.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-    }))
+    responses((status = 200, description = "The calling key.", body = WhoAmI)))]
+async fn whoami(admin: Admin<auth::AnyKey>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        id: admin.principal.key_id,
+        name: admin.principal.name,
+        scopes: admin.principal.scopes.iter().map(|s| s.as_str()).collect(),
+    })
+}
+
+/// The calling key.
+#[derive(Serialize, ToSchema)]
+struct WhoAmI {
+    id: String,
+    name: String,
+    scopes: Vec<&'static str>,
+}
+
+/// The admin keys.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AdminKeyList)]
+struct KeyList {
+    keys: Vec<keys::KeySummary>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -110,13 +125,13 @@ async fn list_audit(
 
 /// Admin keys (never their secrets).
 #[utoipa::path(get, path = "/admin-keys", tag = "admin", security(("admin_key" = ["admin-keys:read"])),
-    responses((status = 200, description = "`{keys: [...]}`", body = Object)))]
+    responses((status = 200, description = "Every key, revoked ones too.", body = KeyList)))]
 async fn list_keys(
     _admin: Admin<auth::AdminKeysRead>,
     State(state): State<AppState>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let keys = keys::list(&state.store).await?;
-    Ok(Json(json!({"keys": keys})))
+    Ok(Json(KeyList { keys }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

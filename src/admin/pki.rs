@@ -174,12 +174,12 @@ struct ListParams {
 /// Issued certificates, by serial, a page at a time (without PEM).
 #[utoipa::path(get, path = "/certificates", tag = "pki", security(("admin_key" = ["certificates:read"])),
     params(ListParams),
-    responses((status = 200, description = "`{certificates: [Certificate…], next_after}`", body = Object)))]
+    responses((status = 200, description = "A page of certificates.", body = CertificatePage)))]
 async fn list_certificates(
     _admin: Admin<auth::CertificatesRead>,
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CertificatePage>, ApiError> {
     let limit = super::page_limit(params.limit)?;
     let status = match params
         .status
@@ -206,9 +206,19 @@ async fn list_certificates(
         .into_iter()
         .map(|r| CertificateView::of(r, false))
         .collect();
-    Ok(Json(
-        json!({"certificates": certificates, "next_after": next_after}),
-    ))
+    Ok(Json(CertificatePage {
+        certificates,
+        next_after,
+    }))
+}
+
+/// A page of the certificate inventory.
+#[derive(Serialize, ToSchema)]
+struct CertificatePage {
+    /// Without their PEM.
+    certificates: Vec<CertificateView>,
+    /// The `after` of the next page; null on the last one.
+    next_after: Option<String>,
 }
 
 /// One certificate, with its PEM.

@@ -342,10 +342,19 @@ async fn known_operations_have_their_scopes_statuses_and_schemas() {
         Some(vec!["certificates:write".into()])
     );
     assert!(statuses(&retire).contains("404"));
+    let whoami = op("get", "/api/v1/whoami");
+    assert_eq!(roles(&whoami, "admin_key"), Some(vec![]));
     assert_eq!(
-        roles(&op("get", "/api/v1/whoami"), "admin_key"),
-        Some(vec![])
+        whoami["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/WhoAmI"
     );
+    let certificate = &document["components"]["schemas"]["Certificate"];
+    for field in ["serial", "subject", "status", "not_after", "pem"] {
+        assert!(
+            certificate["properties"][field].is_object(),
+            "{field}: {certificate}"
+        );
+    }
 
     let scim_delete = op("delete", "/scim/v2/Users/{id}");
     assert_eq!(roles(&scim_delete, "scim_token"), Some(vec![]));
