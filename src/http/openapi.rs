@@ -369,3 +369,70 @@ async fn serve_document(State(served): State<Served>, headers: HeaderMap) -> Res
     headers.insert(header::ETAG, served.etag);
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Component schemas are one namespace: utoipa names a schema after its type, and two
+    /// types of one name (a `RevokeBody` here and there) would silently leave one operation
+    /// pointing at the other's schema. Each router's own document must agree with the whole
+    /// (list a new router here).
+    #[test]
+    fn no_two_schemas_share_a_name() {
+        let whole = document();
+        let whole = whole.components.expect("components").schemas;
+        let parts: Vec<(&str, Document)> = vec![
+            ("admin", crate::admin::router().into_openapi()),
+            ("admin::pki", crate::admin::pki::router().into_openapi()),
+            ("admin::mdm", crate::admin::mdm::router().into_openapi()),
+            ("admin::users", crate::admin::users::router().into_openapi()),
+            (
+                "admin::policies",
+                crate::admin::policies::router().into_openapi(),
+            ),
+            (
+                "admin::signing_keys",
+                crate::admin::signing_keys::router().into_openapi(),
+            ),
+            (
+                "admin::tokens",
+                crate::admin::tokens::router().into_openapi(),
+            ),
+            (
+                "admin::scim_clients",
+                crate::admin::scim_clients::router().into_openapi(),
+            ),
+            ("scim", crate::scim::router().into_openapi()),
+            ("validate", super::super::validate::Doc::openapi()),
+            ("jwks", super::super::jwks::Doc::openapi()),
+        ];
+        let mut seen = 0;
+        for (name, part) in parts {
+            for (schema, definition) in part.components.map(|c| c.schemas).unwrap_or_default() {
+                let merged = whole.get(&schema).expect("every schema is in the document");
+                assert_eq!(
+                    serde_json::to_value(merged).ok(),
+                    serde_json::to_value(&definition).ok(),
+                    "the schema {schema} of {name} is another type's in the document: give one \
+                     of them #[schema(as = OtherName)]"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen > 20, "only {seen} schemas compared");
+    }
+
+    #[test]
+    fn operation_ids_are_unique() {
+        let document = serde_json::to_value(document()).expect("json");
+        let mut ids = std::collections::BTreeSet::new();
+        for item in document["paths"].as_object().expect("paths").values() {
+            for operation in item.as_object().expect("item").values() {
+                let id = operation["operationId"].as_str().expect("an operationId");
+                assert!(ids.insert(id.to_string()), "operationId {id} is used twice");
+            }
+        }
+        assert!(ids.len() > 60);
+    }
+}
