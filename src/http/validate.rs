@@ -87,7 +87,7 @@ struct ValidateBody {
     security(("app_client" = [])),
     request_body = ValidateBody,
     responses(
-        (status = 200, description = "`{\"active\": true, \"integration\": ..., \"device\": {...}?}` or `{\"active\": false}`.", body = Object),
+        (status = 200, description = "Active (`integration`, `device` when one was named) or not.", body = Answer),
         (status = 400, description = "The body is not `{token, device?}`.", body = crate::http::openapi::ErrorBody),
         (status = 401, description = "No app client credentials, or refused ones.", body = crate::http::openapi::ErrorBody),
         (status = 413, description = "The body is larger than 4 KiB.", body = crate::http::openapi::ErrorBody),
@@ -155,17 +155,34 @@ async fn validate_token(State(state): State<ValidateState>, request: Request) ->
     }
 }
 
-#[derive(Serialize)]
+/// An active token of the caller's integration.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ActiveToken)]
 struct Active<'a> {
+    /// Always `true`.
     active: bool,
     integration: &'a str,
+    /// Only when the request named a device.
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<DeviceAnswer>,
 }
 
-#[derive(Serialize)]
+/// Anything else: the same answer whatever the reason.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = InactiveToken)]
 struct Inactive {
+    /// Always `false`.
     active: bool,
+}
+
+/// The answer of `POST /validate/v1/tokens`: one of the two bodies above (for the document).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[schema(as = TokenValidation)]
+#[allow(dead_code)] // names the two answers for the OpenAPI document; never built
+enum Answer<'a> {
+    Active(Active<'a>),
+    Inactive(Inactive),
 }
 
 /// Where a request came from, for audit records.

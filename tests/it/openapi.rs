@@ -379,6 +379,23 @@ async fn known_operations_have_their_scopes_statuses_and_schemas() {
     for status in ["200", "401", "429"] {
         assert!(statuses(&validate).contains(status), "{status}");
     }
+    assert_eq!(
+        validate["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/TokenValidation"
+    );
+    let answers: Vec<_> = document["components"]["schemas"]["TokenValidation"]["oneOf"]
+        .as_array()
+        .expect("oneOf")
+        .iter()
+        .map(|s| s["$ref"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            "#/components/schemas/ActiveToken",
+            "#/components/schemas/InactiveToken"
+        ]
+    );
     assert!(op("get", DOC)["security"].is_null());
     server.stop().await;
 }
