@@ -57,6 +57,8 @@ pub struct RunningServer {
     pub device_tokens: DeviceTokens,
     /// This node's name in cluster leases.
     pub node: crate::cluster::NodeId,
+    /// Every route as served (the OpenAPI coverage test walks its route table).
+    pub router: axum::Router,
     stop: watch::Sender<bool>,
     listeners: JoinSet<()>,
     /// Tasks that stop with the server (the reconciler, group syncs).
@@ -297,7 +299,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         listeners.spawn(accept_loop(
             listener,
             None,
-            app,
+            app.clone(),
             server_settings,
             ListenerGate::new("http", max_connections),
             stopped,
@@ -316,6 +318,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         device_tokens,
         tokens,
         node,
+        router: app,
         stop,
         listeners,
         background,

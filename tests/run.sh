@@ -51,6 +51,8 @@ TRUSTBROKER_TEST_BROWSER_FLOW=$(bash "$PEERS/browser.sh" install)
 TRUSTBROKER_TEST_JWT_VERIFY=$(bash "$PEERS/jwt.sh" install)
 # scim2-client, an independent SCIM 2.0 client library, drives /scim/v2.
 TRUSTBROKER_TEST_SCIM_CLIENT=$(bash "$PEERS/scim.sh" install)
+# openapi-spec-validator, an independent OpenAPI 3.1 validator, checks /api/v1/openapi.json.
+TRUSTBROKER_TEST_OPENAPI_VALIDATOR=$(bash "$PEERS/openapi.sh" install)
 
 step "starting PostgreSQL"
 TRUSTBROKER_TEST_PG=$(bash "$PEERS/postgres.sh")
@@ -88,6 +90,7 @@ export TRUSTBROKER_TEST_SAML_CERT=$PEERS_DIR/saml/cert/idp.crt
 export TRUSTBROKER_TEST_BROWSER_FLOW
 export TRUSTBROKER_TEST_JWT_VERIFY
 export TRUSTBROKER_TEST_SCIM_CLIENT
+export TRUSTBROKER_TEST_OPENAPI_VALIDATOR
 export TRUSTBROKER_TEST_NGINX=/usr/sbin/nginx
 if [[ ${TRUSTBROKER_PEERS_ONLY:-0} == 1 ]]; then
   env | grep '^TRUSTBROKER_TEST_' | sort

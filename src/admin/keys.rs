@@ -69,7 +69,7 @@ impl Principal {
 }
 
 /// A freshly created key; `key` is the only copy of the secret there will ever be.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IssuedKey {
     pub id: String,
     pub name: String,
@@ -78,7 +78,8 @@ pub struct IssuedKey {
 }
 
 /// A key as listed (no secret, no hash).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = AdminKey)]
 pub struct KeySummary {
     pub id: String,
     pub name: String,

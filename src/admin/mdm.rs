@@ -1,13 +1,15 @@
 //! Admin API for Apple MDM: enrollments (command channels) and their devices, and the command
 //! queue: enqueue for many enrollments at once, inspect history with results, cancel.
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Admin};
 use crate::apple::commands;
@@ -22,28 +24,26 @@ use crate::store::{
     MdmEnrollment, NewCommand, PushStatus, Queued, RetireRequest, UserRecord,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/enrollment-profiles", post(create_profile))
-        .route(
-            "/push-certificate",
-            get(show_push_certificate).put(import_push_certificate),
-        )
-        .route("/commands", post(enqueue))
-        .route("/commands/{uuid}", delete(cancel).get(show_command))
-        .route("/enrollments", get(list_enrollments))
-        .route("/enrollments/{id}", get(show_enrollment))
-        .route("/enrollments/{id}/commands", get(enrollment_commands))
-        .route("/enrollments/{id}/retire", post(retire_enrollment))
-        .route("/devices/{udid}", get(show_device))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_profile))
+        .routes(routes!(show_push_certificate, import_push_certificate))
+        .routes(routes!(enqueue))
+        .routes(routes!(cancel, show_command))
+        .routes(routes!(list_enrollments))
+        .routes(routes!(show_enrollment))
+        .routes(routes!(enrollment_commands))
+        .routes(routes!(retire_enrollment))
+        .routes(routes!(show_device))
 }
 
 /// Most enrollments one enqueue may address.
 const MAX_TARGETS: usize = 10_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EnqueueBody {
+    /// The enrollments to queue the command for (1 to 10,000).
     enrollment_ids: Vec<String>,
     /// A typed command with Apple's key names.
     command: Option<Value>,
@@ -65,6 +65,13 @@ fn invalid(message: impl Into<String>) -> ApiError {
     )
 }
 
+/// Queues one command for many enrollments and wakes their devices. Audited.
+#[utoipa::path(post, path = "/commands", tag = "mdm", security(("admin_key" = ["commands:write"])),
+    request_body = EnqueueBody,
+    responses(
+        (status = 201, description = "`{request_type, commands: [{enrollment_id, command_uuid | error}]}`", body = Object),
+        (status = 422, description = "No or too many targets, or an invalid command.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn enqueue(
     admin: Admin<auth::CommandsWrite>,
     State(state): State<AppState>,
@@ -172,6 +179,13 @@ async fn enqueue(
     ))
 }
 
+/// Cancels a command that no device has fetched yet. Audited.
+#[utoipa::path(delete, path = "/commands/{uuid}", tag = "mdm", security(("admin_key" = ["commands:write"])),
+    params(("uuid" = String, Path, description = "The command's UUID.")),
+    responses(
+        (status = 200, description = "`{cancelled: uuid}`", body = Object),
+        (status = 404, description = "No pending command with that UUID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn cancel(
     admin: Admin<auth::CommandsWrite>,
     State(state): State<AppState>,
@@ -192,6 +206,13 @@ async fn cancel(
     }
 }
 
+/// A command, its state and the device's answer.
+#[utoipa::path(get, path = "/commands/{uuid}", tag = "mdm", security(("admin_key" = ["devices:read"])),
+    params(("uuid" = String, Path, description = "The command's UUID.")),
+    responses(
+        (status = 200, description = "The command with its status and result.", body = Object),
+        (status = 404, description = "No command with that UUID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn show_command(
     _admin: Admin<auth::DevicesRead>,
     State(state): State<AppState>,
@@ -205,13 +226,20 @@ async fn show_command(
     Ok(Json(command_view(&command)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// The previous page's `next_after`.
     after: Option<String>,
+    /// Items per page, 1 to 1000 (default 100).
     limit: Option<u32>,
 }
 
+/// Enrollments (MDM command channels), a page at a time.
+#[utoipa::path(get, path = "/enrollments", tag = "mdm", security(("admin_key" = ["devices:read"])),
+    params(ListParams),
+    responses((status = 200, description = "`{enrollments: [...], next_after}`", body = Object)))]
 async fn list_enrollments(
     _admin: Admin<auth::DevicesRead>,
     State(state): State<AppState>,
@@ -234,6 +262,13 @@ async fn list_enrollments(
     ))
 }
 
+/// One enrollment: its device, owner, push state and history.
+#[utoipa::path(get, path = "/enrollments/{id}", tag = "mdm", security(("admin_key" = ["devices:read"])),
+    params(("id" = String, Path, description = "The enrollment ID.")),
+    responses(
+        (status = 200, description = "The enrollment.", body = Object),
+        (status = 404, description = "No enrollment with that ID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn show_enrollment(
     _admin: Admin<auth::DevicesRead>,
     State(state): State<AppState>,
@@ -247,6 +282,13 @@ async fn show_enrollment(
     Ok(Json(enrollment_view(&state, enrollment, true).await?))
 }
 
+/// An enrollment's commands, newest first, a page at a time.
+#[utoipa::path(get, path = "/enrollments/{id}/commands", tag = "mdm", security(("admin_key" = ["devices:read"])),
+    params(("id" = String, Path, description = "The enrollment ID."), ListParams),
+    responses(
+        (status = 200, description = "`{commands: [...], next_after}`", body = Object),
+        (status = 404, description = "No enrollment with that ID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn enrollment_commands(
     _admin: Admin<auth::DevicesRead>,
     State(state): State<AppState>,
@@ -350,6 +392,13 @@ async fn history_view(state: &AppState, history: Vec<EnrollmentSpan>) -> Result<
 }
 
 /// A device: what it reported, its owner, its channels, and every enrollment it has had.
+/// A device by UDID: its inventory, enrollments and owner.
+#[utoipa::path(get, path = "/devices/{udid}", tag = "mdm", security(("admin_key" = ["devices:read"])),
+    params(("udid" = String, Path, description = "The device's UDID.")),
+    responses(
+        (status = 200, description = "The device.", body = Object),
+        (status = 404, description = "No device with that UDID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn show_device(
     _admin: Admin<auth::DevicesRead>,
     State(state): State<AppState>,
@@ -393,6 +442,15 @@ async fn show_device(
 /// Retires an enrollment: every certificate of its record revoked, its device's queue
 /// cancelled and push tokens cleared, both MDM channels refusing it from the next request.
 /// Idempotent: a second call changes nothing and says `already_retired`.
+/// Retires an enrollment: its certificates are revoked, its commands cancelled, the device
+/// is told to remove management. Audited.
+#[utoipa::path(post, path = "/enrollments/{id}/retire", tag = "mdm", security(("admin_key" = ["certificates:write"])),
+    params(("id" = String, Path, description = "The enrollment ID (record or channel).")),
+    responses(
+        (status = 200, description = "`{retired: {...}}`", body = Object),
+        (status = 400, description = "Not a valid enrollment ID.", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No enrollment with that ID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn retire_enrollment(
     admin: Admin<auth::CertificatesWrite>,
     State(state): State<AppState>,
@@ -447,13 +505,24 @@ fn command_view(command: &CommandRecord) -> Value {
     view
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ProfileParams {
+    /// Sign the profile with the broker's certificate (default true).
     signed: Option<bool>,
 }
 
 /// A new enrollment (record and one-time challenge) packaged as a `.mobileconfig`.
+#[utoipa::path(post, path = "/enrollment-profiles", tag = "mdm", security(("admin_key" = ["scep:challenge"])),
+    params(ProfileParams),
+    request_body(content = Option<crate::admin::pki::ChallengeBody>, description = "Optional: who the enrollment is for."),
+    responses(
+        (status = 201, description = "The profile; `X-Enrollment-Id` and `X-Challenge-Expires-At` name the enrollment and the challenge's expiry.",
+         content_type = "application/x-apple-aspen-config", body = Vec<u8>),
+        (status = 409, description = "No push certificate is imported (`no_push_certificate`).", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "A hint is empty, too long or not printable.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_profile(
     admin: Admin<auth::ScepChallenge>,
     State(state): State<AppState>,
@@ -533,10 +602,13 @@ async fn create_profile(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Either `certificate_pem` and `key_pem`, or `pkcs12_base64` (and its `password`).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PushCertificateBody {
+    /// The APNs push certificate (PEM).
     certificate_pem: Option<String>,
+    /// Its private key (PEM).
     key_pem: Option<String>,
     /// A PKCS#12 bundle (base64), instead of the two PEMs.
     pkcs12_base64: Option<String>,
@@ -544,7 +616,13 @@ struct PushCertificateBody {
 }
 
 /// Imports (replaces) the APNs push certificate; its topic applies to the next check-ins and
-/// profiles on every node.
+/// profiles on every node. Audited.
+#[utoipa::path(put, path = "/push-certificate", tag = "mdm", security(("admin_key" = ["push-cert:write"])),
+    request_body = PushCertificateBody,
+    responses(
+        (status = 200, description = "`{topic, not_after}`", body = Object),
+        (status = 422, description = "Not a usable push certificate and key.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn import_push_certificate(
     admin: Admin<auth::PushCertWrite>,
     State(state): State<AppState>,
@@ -603,6 +681,12 @@ async fn import_push_certificate(
     }
 }
 
+/// The APNs push certificate in use: its topic and expiry.
+#[utoipa::path(get, path = "/push-certificate", tag = "mdm", security(("admin_key" = ["devices:read"])),
+    responses(
+        (status = 200, description = "`{topic, not_after, imported_at}`", body = Object),
+        (status = 404, description = "No push certificate imported.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn show_push_certificate(
     _admin: Admin<auth::DevicesRead>,
     State(state): State<AppState>,

@@ -12,12 +12,14 @@ pub mod signing_keys;
 pub mod tokens;
 pub mod users;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
@@ -25,12 +27,14 @@ use crate::http::error::ApiError;
 use crate::store::AuditQuery;
 use auth::Admin;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/whoami", get(whoami))
-        .route("/audit", get(list_audit))
-        .route("/admin-keys", get(list_keys).post(create_key))
-        .route("/admin-keys/{name}", delete(revoke_key))
+/// The admin API's routes, each registered from its handler's OpenAPI annotation
+/// (`http::openapi`), so no route can be added here without being documented.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(whoami))
+        .routes(routes!(list_audit))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
         .merge(pki::router())
         .merge(mdm::router())
         .merge(users::router())
@@ -40,27 +44,55 @@ pub fn router() -> Router<AppState> {
         .merge(scim_clients::router())
 }
 
-async fn whoami(admin: Admin<auth::AnyKey>) -> Json<Value> {
-    Json(json!({
-        "id": admin.principal.key_id,
-        "name": admin.principal.name,
-        "scopes": admin.principal.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-    }))
+/// The key this request was made with: its id, name and scopes.
+#[utoipa::path(get, path = "/whoami", tag = "admin", security(("admin_key" = [])),
+    responses((status = 200, description = "The calling key.", body = WhoAmI)))]
+async fn whoami(admin: Admin<auth::AnyKey>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        id: admin.principal.key_id,
+        name: admin.principal.name,
+        scopes: admin.principal.scopes.iter().map(|s| s.as_str()).collect(),
+    })
 }
 
-#[derive(Debug, Deserialize)]
+/// The calling key.
+#[derive(Serialize, ToSchema)]
+struct WhoAmI {
+    id: String,
+    name: String,
+    scopes: Vec<&'static str>,
+}
+
+/// The admin keys.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AdminKeyList)]
+struct KeyList {
+    keys: Vec<keys::KeySummary>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
+    /// Entries per page, 1 to 1000 (default 100).
     limit: Option<u32>,
+    /// Only entries older than this id (the previous page's `next_before`).
     before: Option<i64>,
+    /// Only this actor (`key:NAME`, `user:…`, …).
     actor: Option<String>,
+    /// Only this action (`admin-key.create`, …).
     action: Option<String>,
+    /// Only this outcome: `success`, `failure` or `denied`.
     outcome: Option<String>,
 }
 
 const AUDIT_PAGE_DEFAULT: u32 = 100;
 const AUDIT_PAGE_MAX: u32 = 1000;
 
+/// The audit log, newest first, a page at a time.
+#[utoipa::path(get, path = "/audit", tag = "admin", security(("admin_key" = ["audit:read"])),
+    params(AuditParams),
+    responses((status = 200, description = "`{entries, next_before}`; `next_before` is null on the last page.", body = Object)))]
 async fn list_audit(
     _admin: Admin<auth::AuditRead>,
     State(state): State<AppState>,
@@ -91,15 +123,18 @@ async fn list_audit(
     ))
 }
 
+/// Admin keys (never their secrets).
+#[utoipa::path(get, path = "/admin-keys", tag = "admin", security(("admin_key" = ["admin-keys:read"])),
+    responses((status = 200, description = "Every key, revoked ones too.", body = KeyList)))]
 async fn list_keys(
     _admin: Admin<auth::AdminKeysRead>,
     State(state): State<AppState>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let keys = keys::list(&state.store).await?;
-    Ok(Json(json!({"keys": keys})))
+    Ok(Json(KeyList { keys }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
     name: String,
@@ -107,6 +142,16 @@ struct CreateKey {
     scopes: Vec<String>,
 }
 
+/// Creates an admin key; the key itself is in this answer only. A key cannot grant a scope it
+/// does not hold. Audited.
+#[utoipa::path(post, path = "/admin-keys", tag = "admin", security(("admin_key" = ["admin-keys:write"])),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The new key, shown once.", body = keys::IssuedKey),
+        (status = 403, description = "The key lacks `admin-keys:write`, or a scope it asked to grant.", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "A key of that name exists.", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "Invalid name or unknown scope.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_key(
     admin: Admin<auth::AdminKeysWrite>,
     State(state): State<AppState>,
@@ -158,6 +203,13 @@ async fn create_key(
     }
 }
 
+/// Revokes an admin key by name. Audited.
+#[utoipa::path(delete, path = "/admin-keys/{name}", tag = "admin", security(("admin_key" = ["admin-keys:write"])),
+    params(("name" = String, Path, description = "The key's name.")),
+    responses(
+        (status = 200, description = "`{revoked: {id, name}}`", body = Object),
+        (status = 404, description = "No such key.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn revoke_key(
     admin: Admin<auth::AdminKeysWrite>,
     State(state): State<AppState>,

@@ -1,12 +1,14 @@
 //! Admin API for the CA: one-time SCEP challenges, the certificate inventory, revocation.
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -15,19 +17,21 @@ use crate::http::error::ApiError;
 use crate::pki::challenge::{self, ChallengeRequest};
 use crate::store::{CertificateQuery, CertificateRecord, CertificateStatus, StoreError};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/scep/challenges", post(create_challenge))
-        .route("/certificates", get(list_certificates))
-        .route("/certificates/{serial}", get(show_certificate))
-        .route("/certificates/{serial}/revoke", post(revoke_certificate))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(create_challenge))
+        .routes(routes!(list_certificates))
+        .routes(routes!(show_certificate))
+        .routes(routes!(revoke_certificate))
 }
 
 /// Who a new enrollment is for: the body of challenge and profile requests.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ChallengeBody {
+    /// The person the enrollment is for (1 to 128 printable characters).
     pub for_user: Option<String>,
+    /// The device the enrollment is for (1 to 128 printable characters).
     pub for_device: Option<String>,
 }
 
@@ -52,6 +56,13 @@ impl ChallengeBody {
 /// Longest user or device hint accepted (they end up in certificate subjects).
 const MAX_HINT_LEN: usize = 128;
 
+/// A one-time SCEP challenge and the enrollment record it belongs to. Audited.
+#[utoipa::path(post, path = "/scep/challenges", tag = "pki", security(("admin_key" = ["scep:challenge"])),
+    request_body(content = Option<ChallengeBody>, description = "Optional: who the enrollment is for."),
+    responses(
+        (status = 201, description = "`{challenge, enrollment_id, expires_at}`; the challenge is shown once.", body = Object),
+        (status = 422, description = "A hint is empty, too long or not printable.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_challenge(
     admin: Admin<auth::ScepChallenge>,
     State(state): State<AppState>,
@@ -103,7 +114,8 @@ async fn create_challenge(
 }
 
 /// A certificate as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Certificate)]
 struct CertificateView {
     serial: String,
     subject: String,
@@ -145,20 +157,29 @@ impl CertificateView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Only this enrollment's certificates.
     enrollment_id: Option<String>,
+    /// `valid` or `revoked`.
     status: Option<String>,
+    /// The previous page's `next_after` (a serial).
     after: Option<String>,
+    /// Certificates per page, 1 to 1000 (default 100).
     limit: Option<u32>,
 }
 
+/// Issued certificates, by serial, a page at a time (without PEM).
+#[utoipa::path(get, path = "/certificates", tag = "pki", security(("admin_key" = ["certificates:read"])),
+    params(ListParams),
+    responses((status = 200, description = "A page of certificates.", body = CertificatePage)))]
 async fn list_certificates(
     _admin: Admin<auth::CertificatesRead>,
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CertificatePage>, ApiError> {
     let limit = super::page_limit(params.limit)?;
     let status = match params
         .status
@@ -185,11 +206,28 @@ async fn list_certificates(
         .into_iter()
         .map(|r| CertificateView::of(r, false))
         .collect();
-    Ok(Json(
-        json!({"certificates": certificates, "next_after": next_after}),
-    ))
+    Ok(Json(CertificatePage {
+        certificates,
+        next_after,
+    }))
 }
 
+/// A page of the certificate inventory.
+#[derive(Serialize, ToSchema)]
+struct CertificatePage {
+    /// Without their PEM.
+    certificates: Vec<CertificateView>,
+    /// The `after` of the next page; null on the last one.
+    next_after: Option<String>,
+}
+
+/// One certificate, with its PEM.
+#[utoipa::path(get, path = "/certificates/{serial}", tag = "pki", security(("admin_key" = ["certificates:read"])),
+    params(("serial" = String, Path, description = "The serial, in hex (any case).")),
+    responses(
+        (status = 200, description = "The certificate.", body = CertificateView),
+        (status = 404, description = "No certificate with that serial.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn show_certificate(
     _admin: Admin<auth::CertificatesRead>,
     State(state): State<AppState>,
@@ -203,12 +241,22 @@ async fn show_certificate(
     Ok(Json(CertificateView::of(record, true)))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RevokeCertificate)]
 struct RevokeBody {
+    /// Why (at most 256 characters; `unspecified` when absent).
     reason: Option<String>,
 }
 
+/// Revokes a valid certificate. Audited.
+#[utoipa::path(post, path = "/certificates/{serial}/revoke", tag = "pki", security(("admin_key" = ["certificates:write"])),
+    params(("serial" = String, Path, description = "The serial, in hex (any case).")),
+    request_body(content = Option<RevokeBody>),
+    responses(
+        (status = 200, description = "`{revoked: {serial, reason}}`", body = Object),
+        (status = 404, description = "No valid certificate with that serial.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn revoke_certificate(
     admin: Admin<auth::CertificatesWrite>,
     State(state): State<AppState>,

@@ -4,13 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -20,23 +22,25 @@ use crate::policy::plan::{self, ApplyError};
 use crate::policy::reconcile::ReconcileError;
 use crate::policy::{Diagnostic, Policy};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/policies", get(list_policies))
-        .route("/policies/versions", get(list_versions))
-        .route("/policies/plan", post(plan_set))
-        .route("/policies/apply", post(apply_set))
-        .route("/policies/{name}", get(show_policy))
-        .route("/enrollments/{id}/state", get(device_state))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list_policies))
+        .routes(routes!(list_versions))
+        .routes(routes!(plan_set))
+        .routes(routes!(apply_set))
+        .routes(routes!(show_policy))
+        .routes(routes!(device_state))
 }
 
 /// A policy set as files: relative path → base64 content.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetBody {
+    /// Relative path (`policies/….yaml`) → the file's content in base64.
     files: BTreeMap<String, String>,
     /// The commit of the policy repository the files come from.
     git_commit: Option<String>,
+    /// Consent to a plan that locks or wipes devices.
     #[serde(default)]
     allow_destructive: bool,
 }
@@ -93,6 +97,13 @@ fn reconcile_error(e: ReconcileError) -> ApiError {
     }
 }
 
+/// What applying this policy set would change (nothing is written).
+#[utoipa::path(post, path = "/policies/plan", tag = "policies", security(("admin_key" = ["policies:read"])),
+    request_body = SetBody,
+    responses(
+        (status = 200, description = "The plan: per policy and device, what would be installed, removed, locked or wiped.", body = Object),
+        (status = 422, description = "A file is not base64, or the set is invalid: `{error: \"invalid_policy_set\", message, diagnostics: [{file, line, column, message}]}`.", body = Object),
+    ))]
 async fn plan_set(
     _admin: Admin<auth::PoliciesRead>,
     State(state): State<AppState>,
@@ -109,6 +120,15 @@ async fn plan_set(
     Ok((StatusCode::OK, Json(json!(plan))))
 }
 
+/// Applies a policy set: a new version, and the reconciler queues what it implies. Audited.
+#[utoipa::path(post, path = "/policies/apply", tag = "policies", security(("admin_key" = ["policies:write"])),
+    request_body = SetBody,
+    responses(
+        (status = 201, description = "Applied as a new version.", body = Object),
+        (status = 200, description = "The set is the one in force already (`unchanged: true`).", body = Object),
+        (status = 409, description = "The plan locks or wipes devices and `allow_destructive` was not given: `{error: \"destructive_plan\", message, plan}`.", body = Object),
+        (status = 422, description = "Invalid set (`invalid_policy_set` with `diagnostics`) or an invalid `git_commit`.", body = Object),
+    ))]
 async fn apply_set(
     admin: Admin<auth::PoliciesWrite>,
     State(state): State<AppState>,
@@ -231,6 +251,9 @@ fn policy_view(policy: &Policy, detailed: bool) -> Value {
     view
 }
 
+/// The policy set in force.
+#[utoipa::path(get, path = "/policies", tag = "policies", security(("admin_key" = ["policies:read"])),
+    responses((status = 200, description = "`{version, digest, applied, policies: [...]}`", body = Object)))]
 async fn list_policies(
     _admin: Admin<auth::PoliciesRead>,
     State(state): State<AppState>,
@@ -246,6 +269,13 @@ async fn list_policies(
     })))
 }
 
+/// One policy of the set in force, in detail.
+#[utoipa::path(get, path = "/policies/{name}", tag = "policies", security(("admin_key" = ["policies:read"])),
+    params(("name" = String, Path, description = "The policy's name.")),
+    responses(
+        (status = 200, description = "The policy.", body = Object),
+        (status = 404, description = "No policy with that name in the set in force.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn show_policy(
     _admin: Admin<auth::PoliciesRead>,
     State(state): State<AppState>,
@@ -266,6 +296,9 @@ async fn show_policy(
     Ok(Json(view))
 }
 
+/// The last 100 applied versions, newest first.
+#[utoipa::path(get, path = "/policies/versions", tag = "policies", security(("admin_key" = ["policies:read"])),
+    responses((status = 200, description = "`{versions: [...]}`", body = Object)))]
 async fn list_versions(
     _admin: Admin<auth::PoliciesRead>,
     State(state): State<AppState>,
@@ -274,7 +307,14 @@ async fn list_versions(
     Ok(Json(json!({ "versions": versions })))
 }
 
+/// A device's policy state: what the set in force wants on it, and what it reported.
 /// `{id}`: a device channel ID (the UDID), as `/enrollments/{id}` takes it.
+#[utoipa::path(get, path = "/enrollments/{id}/state", tag = "policies", security(("admin_key" = ["policies:read"])),
+    params(("id" = String, Path, description = "The enrollment (channel) ID or UDID.")),
+    responses(
+        (status = 200, description = "Desired and reported state per policy.", body = Object),
+        (status = 404, description = "No managed device with that ID.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn device_state(
     _admin: Admin<auth::PoliciesRead>,
     State(state): State<AppState>,

@@ -2,13 +2,15 @@
 //! credential for `/scim/v2`. The same operations as `trustbroker scim-client`, audited the
 //! same way; the token appears only in the answer that creates it.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -17,10 +19,10 @@ use crate::http::error::ApiError;
 use crate::scim::auth::{self as scim_auth, ClientError};
 use crate::store::ScimClientRecord;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/scim-clients", get(list).post(create))
-        .route("/scim-clients/{id}/revoke", post(revoke))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list, create))
+        .routes(routes!(revoke))
 }
 
 impl From<ClientError> for ApiError {
@@ -51,6 +53,9 @@ fn view(client: &ScimClientRecord) -> Value {
     })
 }
 
+/// SCIM clients of every provider (never their tokens).
+#[utoipa::path(get, path = "/scim-clients", operation_id = "list_scim_clients", tag = "scim-clients", security(("admin_key" = ["scim:admin"])),
+    responses((status = 200, description = "`{clients: [{id, provider, name, status, created_at, created_by, last_used_at, revoked_at}]}`", body = Object)))]
 async fn list(
     _admin: Admin<auth::ScimAdmin>,
     State(state): State<AppState>,
@@ -61,14 +66,23 @@ async fn list(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateScimClient)]
 struct CreateClient {
+    /// The identity provider (`[idp.NAME]` in the configuration) the client acts for.
     provider: String,
     /// Defaults to `scim`, as on the command line.
     name: Option<String>,
 }
 
+/// Creates a SCIM client; its token is in this answer only (`no-store`). Audited.
+#[utoipa::path(post, path = "/scim-clients", operation_id = "create_scim_client", tag = "scim-clients", security(("admin_key" = ["scim:admin"])),
+    request_body = CreateClient,
+    responses(
+        (status = 201, description = "`{id, provider, name, token}`", body = Object),
+        (status = 422, description = "Unknown provider or invalid name.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create(
     admin: Admin<auth::ScimAdmin>,
     State(state): State<AppState>,
@@ -130,6 +144,13 @@ async fn create(
     }
 }
 
+/// Revokes a SCIM client at once. Audited.
+#[utoipa::path(post, path = "/scim-clients/{id}/revoke", operation_id = "revoke_scim_client", tag = "scim-clients", security(("admin_key" = ["scim:admin"])),
+    params(("id" = String, Path, description = "The client's ID.")),
+    responses(
+        (status = 200, description = "`{revoked: {...}}`", body = Object),
+        (status = 404, description = "No such client.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn revoke(
     admin: Admin<auth::ScimAdmin>,
     State(state): State<AppState>,

@@ -1,13 +1,15 @@
 //! The signing keys of per-device tokens: list them, rotate them
 //! (`/api/v1/token-signing-keys`, scopes `tokens:read` and `tokens:write`).
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -19,12 +21,15 @@ use crate::tokens::device::DeviceTokenError;
 /// The audit action of a rotation (API and command line).
 pub const AUDIT_ROTATE: &str = "token-signing-key.rotate";
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/token-signing-keys", get(list))
-        .route("/token-signing-keys/rotate", post(rotate))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list))
+        .routes(routes!(rotate))
 }
 
+/// The keys that sign per-device tokens (public parts and states only).
+#[utoipa::path(get, path = "/token-signing-keys", operation_id = "list_token_signing_keys", tag = "tokens", security(("admin_key" = ["tokens:read"])),
+    responses((status = 200, description = "`{keys: [...]}`", body = Object)))]
 async fn list(
     _admin: Admin<auth::TokensRead>,
     State(state): State<AppState>,
@@ -37,14 +42,23 @@ async fn list(
     Ok(Json(json!({"keys": keys})))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RotateSigningKey)]
 struct RotateRequest {
     /// Rotate even if the next key was published moments ago (after a key compromise).
     #[serde(default)]
     force: bool,
 }
 
+/// Rotates the signing key: the published next key becomes current, a new next key is
+/// published. The body is optional. Audited.
+#[utoipa::path(post, path = "/token-signing-keys/rotate", operation_id = "rotate_token_signing_key", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    request_body(content = Option<RotateRequest>),
+    responses(
+        (status = 200, description = "`{rotation: {current, next, retired}}`", body = Object),
+        (status = 409, description = "The next key was published too recently for verifiers to have it (use `force`).", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn rotate(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,

@@ -2,16 +2,18 @@
 //! (create or import, rotate, revoke, reveal) and app clients. Every change and every reveal
 //! is audited; values appear only in the answer that creates them and in a reveal.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
@@ -20,37 +22,21 @@ use crate::http::error::ApiError;
 use crate::store::{IntegrationChanges, IntegrationDeletion};
 use crate::tokens::shared::{IntegrationRequest, TokenError, TokenRequest};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/token-integrations",
-            get(list_integrations).post(create_integration),
-        )
-        .route(
-            "/token-integrations/{name}",
-            get(show_integration)
-                .patch(update_integration)
-                .delete(delete_integration),
-        )
-        .route(
-            "/token-integrations/{name}/tokens",
-            get(list_tokens).post(create_token),
-        )
-        .route("/token-integrations/{name}/tokens/rotate", post(rotate))
-        .route("/token-integrations/{name}/tokens/{id}", get(show_token))
-        .route("/token-integrations/{name}/tokens/{id}/reveal", get(reveal))
-        .route(
-            "/token-integrations/{name}/tokens/{id}/revoke",
-            post(revoke),
-        )
-        .route(
-            "/token-integrations/{name}/clients",
-            get(list_clients).post(create_client),
-        )
-        .route(
-            "/token-integrations/{name}/clients/{id}/revoke",
-            post(revoke_client),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list_integrations, create_integration))
+        .routes(routes!(
+            show_integration,
+            update_integration,
+            delete_integration
+        ))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(rotate))
+        .routes(routes!(show_token))
+        .routes(routes!(reveal))
+        .routes(routes!(revoke))
+        .routes(routes!(list_clients, create_client))
+        .routes(routes!(revoke_client))
 }
 
 impl From<TokenError> for ApiError {
@@ -132,7 +118,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ApiError> {
 
 // ---- integrations ----
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateIntegration {
     name: String,
@@ -144,7 +130,7 @@ struct CreateIntegration {
     overlap_secs: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateIntegration {
     display_name: Option<String>,
@@ -154,6 +140,9 @@ struct UpdateIntegration {
     overlap_secs: Option<i64>,
 }
 
+/// Token integrations (one per managed app and configuration key).
+#[utoipa::path(get, path = "/token-integrations", tag = "tokens", security(("admin_key" = ["tokens:read"])),
+    responses((status = 200, description = "`{integrations: [...]}`", body = Object)))]
 async fn list_integrations(
     _admin: Admin<auth::TokensRead>,
     State(state): State<AppState>,
@@ -162,6 +151,10 @@ async fn list_integrations(
     Ok(Json(json!({"integrations": integrations})))
 }
 
+/// One integration.
+#[utoipa::path(get, path = "/token-integrations/{name}", tag = "tokens", security(("admin_key" = ["tokens:read"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    responses((status = 200, description = "The integration.", body = Object), (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody)))]
 async fn show_integration(
     _admin: Admin<auth::TokensRead>,
     State(state): State<AppState>,
@@ -170,6 +163,14 @@ async fn show_integration(
     Ok(Json(to_json(&state.tokens.integration(&name).await?)?))
 }
 
+/// Creates an integration. Audited.
+#[utoipa::path(post, path = "/token-integrations", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    request_body = CreateIntegration,
+    responses(
+        (status = 201, description = "The new integration.", body = Object),
+        (status = 409, description = "An integration of that name exists.", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "An invalid field.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_integration(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -201,6 +202,15 @@ async fn create_integration(
     Ok((StatusCode::CREATED, Json(to_json(&created)?)))
 }
 
+/// Changes an integration's fields (those given). Audited.
+#[utoipa::path(patch, path = "/token-integrations/{name}", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    request_body = UpdateIntegration,
+    responses(
+        (status = 200, description = "The integration as changed.", body = Object),
+        (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "An invalid field.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn update_integration(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -234,6 +244,16 @@ async fn update_integration(
 }
 
 /// `DELETE /token-integrations/{name}` (body `{"force": true}` or `?force=true`).
+/// Deletes an integration, revoking its tokens, app clients and device tokens. Refused while
+/// the applied policies deliver it or it has an active token, unless `force`. Audited.
+#[utoipa::path(delete, path = "/token-integrations/{name}", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name."), ForceQuery),
+    request_body(content = Option<RevokeBody>, description = "Optional: `{\"force\": true}`, as the query parameter."),
+    responses(
+        (status = 200, description = "What was deleted and revoked.", body = Object),
+        (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "In use (`integration_in_use`): delivered by the applied policies or with an active token.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn delete_integration(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -271,17 +291,20 @@ fn deletion_counts(deletion: &IntegrationDeletion) -> Value {
     }
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ForceQuery {
+    /// Delete even while in use.
     #[serde(default)]
     force: bool,
 }
 
 // ---- tokens ----
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateToken)]
 struct CreateToken {
     label: Option<String>,
     /// An imported value; without it, the broker generates one.
@@ -290,20 +313,27 @@ struct CreateToken {
     expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RotateTokens)]
 struct RotateBody {
     label: Option<String>,
     value: Option<String>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RevokeToken)]
 struct RevokeBody {
+    /// Revoke even the last active token of an integration the policies deliver.
     #[serde(default)]
     force: bool,
 }
 
+/// An integration's tokens (their last four characters, never values).
+#[utoipa::path(get, path = "/token-integrations/{name}/tokens", tag = "tokens", security(("admin_key" = ["tokens:read"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    responses((status = 200, description = "`{integration, tokens: [...]}`", body = Object), (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody)))]
 async fn list_tokens(
     _admin: Admin<auth::TokensRead>,
     State(state): State<AppState>,
@@ -313,6 +343,10 @@ async fn list_tokens(
     Ok(Json(json!({"integration": name, "tokens": tokens})))
 }
 
+/// One token (without its value).
+#[utoipa::path(get, path = "/token-integrations/{name}/tokens/{id}", tag = "tokens", security(("admin_key" = ["tokens:read"])),
+    params(("name" = String, Path, description = "The integration's name."), ("id" = String, Path, description = "The token's ID.")),
+    responses((status = 200, description = "The token.", body = Object), (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody)))]
 async fn show_token(
     _admin: Admin<auth::TokensRead>,
     State(state): State<AppState>,
@@ -321,6 +355,16 @@ async fn show_token(
     Ok(Json(to_json(&state.tokens.token(&name, &id).await?)?))
 }
 
+/// Creates (or imports, with `value`) a token; its value is in this answer (`no-store`).
+/// Audited.
+#[utoipa::path(post, path = "/token-integrations/{name}/tokens", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    request_body(content = Option<CreateToken>, description = "Optional; empty generates a token active now."),
+    responses(
+        (status = 201, description = "The token with its value.", body = Object),
+        (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "An invalid value or window.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_token(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -349,6 +393,16 @@ async fn create_token(
     Ok(secret_answer(StatusCode::CREATED, to_json(&created)?))
 }
 
+/// Rotates: a new token, the current ones expiring after the integration's overlap; devices
+/// get the new value. The value is in this answer (`no-store`). Audited.
+#[utoipa::path(post, path = "/token-integrations/{name}/tokens/rotate", operation_id = "rotate_tokens", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    request_body(content = Option<RotateBody>),
+    responses(
+        (status = 201, description = "The new token (with its value) and the ones it replaces.", body = Object),
+        (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "An invalid value.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn rotate(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -370,6 +424,15 @@ async fn rotate(
     Ok(secret_answer(StatusCode::CREATED, to_json(&rotation)?))
 }
 
+/// Revokes a token at once, on every node. Audited.
+#[utoipa::path(post, path = "/token-integrations/{name}/tokens/{id}/revoke", operation_id = "revoke_token", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name."), ("id" = String, Path, description = "The token's ID.")),
+    request_body(content = Option<RevokeBody>),
+    responses(
+        (status = 200, description = "The revoked token.", body = Object),
+        (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "The last active token of a delivered integration (`last_active_token`); use `force`.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn revoke(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -392,6 +455,10 @@ async fn revoke(
     Ok(Json(to_json(&revoked)?))
 }
 
+/// A token's value (`no-store`). Audited.
+#[utoipa::path(get, path = "/token-integrations/{name}/tokens/{id}/reveal", operation_id = "reveal_token", tag = "tokens", security(("admin_key" = ["tokens:reveal"])),
+    params(("name" = String, Path, description = "The integration's name."), ("id" = String, Path, description = "The token's ID.")),
+    responses((status = 200, description = "`{id, integration, value}`", body = Object), (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody)))]
 async fn reveal(
     admin: Admin<auth::TokensReveal>,
     State(state): State<AppState>,
@@ -411,12 +478,17 @@ async fn reveal(
 
 // ---- app clients ----
 
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateAppClient)]
 struct CreateClient {
     name: Option<String>,
 }
 
+/// An integration's app clients (never their secrets).
+#[utoipa::path(get, path = "/token-integrations/{name}/clients", tag = "tokens", security(("admin_key" = ["tokens:read"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    responses((status = 200, description = "`{integration, clients: [...]}`", body = Object), (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody)))]
 async fn list_clients(
     _admin: Admin<auth::TokensRead>,
     State(state): State<AppState>,
@@ -426,6 +498,15 @@ async fn list_clients(
     Ok(Json(json!({"integration": name, "clients": clients})))
 }
 
+/// Creates an app client; its secret is in this answer only (`no-store`). Audited.
+#[utoipa::path(post, path = "/token-integrations/{name}/clients", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name.")),
+    request_body(content = Option<CreateClient>),
+    responses(
+        (status = 201, description = "`{id, name, integration, secret}`", body = Object),
+        (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "An invalid name.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn create_client(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,
@@ -447,6 +528,10 @@ async fn create_client(
     Ok(secret_answer(StatusCode::CREATED, to_json(&issued)?))
 }
 
+/// Revokes an app client. Audited.
+#[utoipa::path(post, path = "/token-integrations/{name}/clients/{id}/revoke", tag = "tokens", security(("admin_key" = ["tokens:write"])),
+    params(("name" = String, Path, description = "The integration's name."), ("id" = String, Path, description = "The app client's ID.")),
+    responses((status = 200, description = "The revoked client.", body = Object), (status = 404, description = "No such integration (or token, or client).", body = crate::http::openapi::ErrorBody)))]
 async fn revoke_client(
     admin: Admin<auth::TokensWrite>,
     State(state): State<AppState>,

@@ -23,6 +23,11 @@ use crate::tokens::shared::{AuthenticatedClient, ValidationError};
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const INTROSPECT_PATH: &str = "/validate/v1/introspect";
+/// These routes' part of the OpenAPI document (`http::openapi`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(jwks, introspect))]
+pub struct Doc;
+
 /// The audit action of refused introspections and inactive answers.
 pub const AUDIT_INTROSPECT: &str = "device-token.introspect";
 
@@ -37,6 +42,9 @@ pub fn router() -> Router<AppState> {
     )
 }
 
+/// The public keys that verify per-device tokens (RFC 7517), cacheable.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "validation", operation_id = "jwks",
+    responses((status = 200, description = "`{keys: [JWK…]}`: the current, next and recently retired ES256 keys.", body = Object)))]
 async fn jwks(State(state): State<AppState>) -> Result<Response, ApiError> {
     let jwks = state
         .device_tokens
@@ -54,6 +62,19 @@ async fn jwks(State(state): State<AppState>) -> Result<Response, ApiError> {
 /// RFC 7662: `token` (form-encoded; JSON accepted too), HTTP Basic client credentials. The
 /// answer is `{"active": false}` for any token that is not an active device token of the
 /// client's integration, whatever the reason (the reason goes to metrics and the debug log).
+/// RFC 7662 token introspection of a per-device token, for the integration's app clients.
+/// Answers are `no-store`.
+#[utoipa::path(post, path = "/validate/v1/introspect", tag = "validation", operation_id = "introspect",
+    security(("app_client" = [])),
+    request_body(content = Object, content_type = "application/x-www-form-urlencoded",
+        description = "`token=…` (RFC 7662); a JSON `{\"token\": …}` is accepted too."),
+    responses(
+        (status = 200, description = "`{\"active\": true, token_type, client_id, iss, aud, sub, iat, nbf, exp, jti, groups, owner?, email?}` or `{\"active\": false}`.", body = Object),
+        (status = 400, description = "No or malformed `token` (`invalid_request`).", body = crate::http::openapi::OAuthErrorBody),
+        (status = 401, description = "No app client credentials, or refused ones (`invalid_client`).", body = crate::http::openapi::OAuthErrorBody),
+        (status = 429, description = "The client is over its rate (`rate_limited`, `Retry-After`).", body = crate::http::openapi::OAuthErrorBody),
+        (status = 503, description = "App clients cannot be checked right now (`temporarily_unavailable`).", body = crate::http::openapi::OAuthErrorBody),
+    ))]
 async fn introspect(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,

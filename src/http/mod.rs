@@ -6,6 +6,7 @@ pub mod jwks;
 pub mod limit;
 pub mod mdm;
 pub mod observe;
+pub mod openapi;
 pub mod ops;
 pub mod outage;
 pub mod scep;
@@ -110,10 +111,8 @@ pub fn router(state: AppState, outage: outage::OutageGuard) -> Router {
             mdm::CONNECT_PATH,
             put(mdm::connect).layer(capped(&caps.mdm)),
         )
-        .nest("/api/v1", crate::admin::router())
-        .nest("/scim/v2", crate::scim::router())
-        .merge(validate::router(&state))
-        .merge(jwks::router())
+        // /api/v1, /scim/v2 and the validation routes, with their OpenAPI document.
+        .merge(openapi::documented_routes(&state))
         .merge(crate::enroll::router(&caps))
         .fallback(error::not_found)
         .with_state(state)

@@ -31,6 +31,11 @@ use crate::tokens::shared::{
 };
 
 pub const TOKENS_PATH: &str = "/validate/v1/tokens";
+
+/// This route's part of the OpenAPI document (`http::openapi`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(validate_token))]
+pub struct Doc;
 /// A token, a device ID and JSON punctuation fit many times over.
 const MAX_BODY: usize = 4096;
 /// Longest Authorization header worth decoding (an ID and a 43-character secret in base64).
@@ -65,13 +70,30 @@ impl std::ops::Deref for ValidateState {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ValidateBody {
+    /// The token the app received through managed app configuration.
     token: String,
+    /// The device's ID, when the app knows it: the answer then says whether the token was
+    /// delivered to that device.
     device: Option<String>,
 }
 
+/// Whether a token is an active token of the calling app client's integration. Anything else
+/// (wrong, revoked, expired, not yet valid, another integration's, malformed) is
+/// `{"active": false}`, alike. Answers are `no-store`.
+#[utoipa::path(post, path = "/validate/v1/tokens", tag = "validation", operation_id = "validate_token",
+    security(("app_client" = [])),
+    request_body = ValidateBody,
+    responses(
+        (status = 200, description = "Active (`integration`, `device` when one was named) or not.", body = Answer),
+        (status = 400, description = "The body is not `{token, device?}`.", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "No app client credentials, or refused ones.", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body is larger than 4 KiB.", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "The client is over its validation rate (`Retry-After`).", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "App clients cannot be checked right now.", body = crate::http::openapi::ErrorBody),
+    ))]
 async fn validate_token(State(state): State<ValidateState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     // Kept raw: turned into text only for an audit record (refusals), not on every request.
@@ -133,17 +155,34 @@ async fn validate_token(State(state): State<ValidateState>, request: Request) ->
     }
 }
 
-#[derive(Serialize)]
+/// An active token of the caller's integration.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ActiveToken)]
 struct Active<'a> {
+    /// Always `true`.
     active: bool,
     integration: &'a str,
+    /// Only when the request named a device.
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<DeviceAnswer>,
 }
 
-#[derive(Serialize)]
+/// Anything else: the same answer whatever the reason.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = InactiveToken)]
 struct Inactive {
+    /// Always `false`.
     active: bool,
+}
+
+/// The answer of `POST /validate/v1/tokens`: one of the two bodies above (for the document).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[schema(as = TokenValidation)]
+#[allow(dead_code)] // names the two answers for the OpenAPI document; never built
+enum Answer<'a> {
+    Active(Active<'a>),
+    Inactive(Inactive),
 }
 
 /// Where a request came from, for audit records.

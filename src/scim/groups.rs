@@ -98,6 +98,12 @@ fn external_id(body: &Json) -> Result<Option<String>, ScimError> {
     }
 }
 
+/// Groups of the calling client's provider, filtered and paged (RFC 7644 §3.4.2).
+#[utoipa::path(get, path = "/Groups", operation_id = "scim_list_groups", tag = "scim", security(("scim_token" = [])), params(ListQuery),
+    responses(
+        (status = 200, description = "A `ListResponse` of groups.", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "An invalid filter (`invalidFilter`) or one too broad to evaluate.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn list(
     client: ScimClient,
     State(state): State<AppState>,
@@ -136,6 +142,12 @@ pub(super) async fn list(
     Ok(ScimResponse::ok(body))
 }
 
+/// One group.
+#[utoipa::path(get, path = "/Groups/{id}", operation_id = "scim_get_group", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The group's SCIM id."), ListQuery),
+    responses(
+        (status = 200, description = "The group (`ETag`: its version).", content_type = "application/scim+json", body = Object),
+        (status = 404, description = "No such group for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn get(
     client: ScimClient,
     State(state): State<AppState>,
@@ -151,6 +163,14 @@ pub(super) async fn get(
     ))
 }
 
+/// Creates a group; the reconciler sees the change at once.
+#[utoipa::path(post, path = "/Groups", operation_id = "scim_create_group", tag = "scim", security(("scim_token" = [])),
+    request_body(content = Object, content_type = "application/scim+json", description = "A SCIM Group resource (RFC 7643)."),
+    responses(
+        (status = 201, description = "The group (`Location`, `ETag`).", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "Not a valid Group resource.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 409, description = "The group exists (`uniqueness`).", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn create(
     client: ScimClient,
     State(state): State<AppState>,
@@ -236,6 +256,16 @@ fn same_external_id(row: &ScimGroupRow, external: Option<&str>) -> Result<(), Sc
     }
 }
 
+/// Replaces a group (PUT).
+#[utoipa::path(put, path = "/Groups/{id}", operation_id = "scim_replace_group", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The group's SCIM id."), ("If-Match" = Option<String>, Header, description = "Only if the resource's ETag (`meta.version`) still matches.")),
+    request_body(content = Object, content_type = "application/scim+json", description = "The whole SCIM Group resource."),
+    responses(
+        (status = 200, description = "The group as replaced.", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "Not a valid Group resource.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 404, description = "No such group for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 409, description = "A uniqueness conflict.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 412, description = "The `If-Match` version is not the current one.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn replace(
     client: ScimClient,
     State(state): State<AppState>,
@@ -270,6 +300,15 @@ pub(super) async fn replace(
     ))
 }
 
+/// Changes a group with a `PatchOp` (RFC 7644 §3.5.2; Okta's and Entra ID's dialects).
+#[utoipa::path(patch, path = "/Groups/{id}", operation_id = "scim_patch_group", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The group's SCIM id."), ("If-Match" = Option<String>, Header, description = "Only if the resource's ETag (`meta.version`) still matches.")),
+    request_body(content = Object, content_type = "application/scim+json", description = "A `urn:ietf:params:scim:api:messages:2.0:PatchOp`."),
+    responses(
+        (status = 200, description = "The group as changed.", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "An invalid operation, path or value.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 404, description = "No such group for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 412, description = "The `If-Match` version is not the current one.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn patch(
     client: ScimClient,
     State(state): State<AppState>,
@@ -337,6 +376,13 @@ pub(super) async fn patch(
     ))
 }
 
+/// Deletes a group.
+#[utoipa::path(delete, path = "/Groups/{id}", operation_id = "scim_delete_group", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The group's SCIM id."), ("If-Match" = Option<String>, Header, description = "Only if the resource's ETag (`meta.version`) still matches.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 404, description = "No such group for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 412, description = "The `If-Match` version is not the current one.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn delete(
     client: ScimClient,
     State(state): State<AppState>,

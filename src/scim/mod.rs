@@ -11,15 +11,16 @@ pub mod patch;
 pub mod resources;
 mod users;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::http::AppState;
 use auth::ScimClient;
@@ -34,29 +35,28 @@ const DEFAULT_COUNT: usize = 100;
 /// Most resources of one provider a filter is evaluated over.
 const MAX_SCAN: i64 = 50_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/ServiceProviderConfig", get(service_provider_config))
-        .route("/ResourceTypes", get(resource_types))
-        .route("/ResourceTypes/{id}", get(resource_type))
-        .route("/Schemas", get(schemas))
-        .route("/Schemas/{id}", get(schema))
-        .route("/Users", get(users::list).post(users::create))
-        .route(
-            "/Users/{id}",
-            get(users::get)
-                .put(users::replace)
-                .patch(users::patch)
-                .delete(users::delete),
-        )
-        .route("/Groups", get(groups::list).post(groups::create))
-        .route(
-            "/Groups/{id}",
-            get(groups::get)
-                .put(groups::replace)
-                .patch(groups::patch)
-                .delete(groups::delete),
-        )
+/// The SCIM routes, each registered from its handler's OpenAPI annotation (`http::openapi`).
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(service_provider_config))
+        .routes(routes!(resource_types))
+        .routes(routes!(resource_type))
+        .routes(routes!(schemas))
+        .routes(routes!(schema))
+        .routes(routes!(users::list, users::create))
+        .routes(routes!(
+            users::get,
+            users::replace,
+            users::patch,
+            users::delete
+        ))
+        .routes(routes!(groups::list, groups::create))
+        .routes(routes!(
+            groups::get,
+            groups::replace,
+            groups::patch,
+            groups::delete
+        ))
         .fallback(|| async { ScimError::not_found("SCIM endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::map_response(error::scim_error_bodies))
@@ -184,13 +184,19 @@ fn check_version(wanted: &Option<Vec<String>>, version: i64) -> Result<(), ScimE
 }
 
 /// The query of a list (and `attributes`/`excludedAttributes` of a read).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// A SCIM filter (`userName eq "a@example.com"`, `displayName sw "Eng"`, …).
     filter: Option<String>,
+    /// 1-based index of the first result (default 1).
     start_index: Option<i64>,
+    /// Results per page, at most 200 (default 100).
     count: Option<i64>,
+    /// Attributes to return, comma-separated.
     attributes: Option<String>,
+    /// Attributes to leave out, comma-separated.
     excluded_attributes: Option<String>,
 }
 
@@ -245,6 +251,9 @@ fn list_response(matched: Vec<Json>, skip: usize, count: usize, query: &ListQuer
     })
 }
 
+/// What this service provider supports (RFC 7643 §5).
+#[utoipa::path(get, path = "/ServiceProviderConfig", operation_id = "scim_service_provider_config", tag = "scim", security(("scim_token" = [])),
+    responses((status = 200, description = "The ServiceProviderConfig.", content_type = "application/scim+json", body = Object)))]
 async fn service_provider_config(
     _client: ScimClient,
     State(state): State<AppState>,
@@ -256,11 +265,21 @@ async fn service_provider_config(
     ))
 }
 
+/// The resource types served (User, Group).
+#[utoipa::path(get, path = "/ResourceTypes", operation_id = "scim_resource_types", tag = "scim", security(("scim_token" = [])),
+    responses((status = 200, description = "A `ListResponse` of ResourceTypes.", content_type = "application/scim+json", body = Object)))]
 async fn resource_types(_client: ScimClient, State(state): State<AppState>) -> ScimResponse {
     let types = resources::resource_types(&base(&state));
     ScimResponse::ok(list_response(types, 0, MAX_COUNT, &ListQuery::default()))
 }
 
+/// One resource type.
+#[utoipa::path(get, path = "/ResourceTypes/{id}", operation_id = "scim_resource_type", tag = "scim", security(("scim_token" = [])),
+    params(("id" = String, Path, description = "`User` or `Group`.")),
+    responses(
+        (status = 200, description = "The ResourceType.", content_type = "application/scim+json", body = Object),
+        (status = 404, description = "No such resource type.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 async fn resource_type(
     _client: ScimClient,
     State(state): State<AppState>,
@@ -273,11 +292,21 @@ async fn resource_type(
         .ok_or_else(|| ScimError::not_found("resource type"))
 }
 
+/// The schemas of the resources served.
+#[utoipa::path(get, path = "/Schemas", operation_id = "scim_schemas", tag = "scim", security(("scim_token" = [])),
+    responses((status = 200, description = "A `ListResponse` of Schemas.", content_type = "application/scim+json", body = Object)))]
 async fn schemas(_client: ScimClient, State(state): State<AppState>) -> ScimResponse {
     let schemas = resources::schemas(&base(&state));
     ScimResponse::ok(list_response(schemas, 0, MAX_COUNT, &ListQuery::default()))
 }
 
+/// One schema.
+#[utoipa::path(get, path = "/Schemas/{id}", operation_id = "scim_schema", tag = "scim", security(("scim_token" = [])),
+    params(("id" = String, Path, description = "The schema's URN.")),
+    responses(
+        (status = 200, description = "The Schema.", content_type = "application/scim+json", body = Object),
+        (status = 404, description = "No such schema.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 async fn schema(
     _client: ScimClient,
     State(state): State<AppState>,

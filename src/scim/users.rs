@@ -24,6 +24,12 @@ async fn find(state: &AppState, client: &ScimClient, id: &str) -> Result<ScimUse
         .ok_or_else(|| ScimError::not_found("user"))
 }
 
+/// Users of the calling client's provider, filtered and paged (RFC 7644 §3.4.2).
+#[utoipa::path(get, path = "/Users", operation_id = "scim_list_users", tag = "scim", security(("scim_token" = [])), params(ListQuery),
+    responses(
+        (status = 200, description = "A `ListResponse` of users.", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "An invalid filter (`invalidFilter`) or one too broad to evaluate.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn list(
     client: ScimClient,
     State(state): State<AppState>,
@@ -49,6 +55,12 @@ pub(super) async fn list(
     )))
 }
 
+/// One user.
+#[utoipa::path(get, path = "/Users/{id}", operation_id = "scim_get_user", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The user's SCIM id."), ListQuery),
+    responses(
+        (status = 200, description = "The user (`ETag`: its version).", content_type = "application/scim+json", body = Object),
+        (status = 404, description = "No such user for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn get(
     client: ScimClient,
     State(state): State<AppState>,
@@ -65,6 +77,14 @@ pub(super) async fn get(
     Ok(ScimResponse::resource(StatusCode::OK, user))
 }
 
+/// Creates a user; the reconciler sees the change at once.
+#[utoipa::path(post, path = "/Users", operation_id = "scim_create_user", tag = "scim", security(("scim_token" = [])),
+    request_body(content = Object, content_type = "application/scim+json", description = "A SCIM User resource (RFC 7643)."),
+    responses(
+        (status = 201, description = "The user (`Location`, `ETag`).", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "Not a valid User resource.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 409, description = "The user exists (`uniqueness`).", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn create(
     client: ScimClient,
     State(state): State<AppState>,
@@ -155,6 +175,16 @@ async fn modify(
     ))
 }
 
+/// Replaces a user (PUT).
+#[utoipa::path(put, path = "/Users/{id}", operation_id = "scim_replace_user", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The user's SCIM id."), ("If-Match" = Option<String>, Header, description = "Only if the resource's ETag (`meta.version`) still matches.")),
+    request_body(content = Object, content_type = "application/scim+json", description = "The whole SCIM User resource."),
+    responses(
+        (status = 200, description = "The user as replaced.", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "Not a valid User resource.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 404, description = "No such user for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 409, description = "A uniqueness conflict.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 412, description = "The `If-Match` version is not the current one.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn replace(
     client: ScimClient,
     State(state): State<AppState>,
@@ -169,6 +199,15 @@ pub(super) async fn replace(
     .await
 }
 
+/// Changes a user with a `PatchOp` (RFC 7644 §3.5.2; Okta's and Entra ID's dialects).
+#[utoipa::path(patch, path = "/Users/{id}", operation_id = "scim_patch_user", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The user's SCIM id."), ("If-Match" = Option<String>, Header, description = "Only if the resource's ETag (`meta.version`) still matches.")),
+    request_body(content = Object, content_type = "application/scim+json", description = "A `urn:ietf:params:scim:api:messages:2.0:PatchOp`."),
+    responses(
+        (status = 200, description = "The user as changed.", content_type = "application/scim+json", body = Object),
+        (status = 400, description = "An invalid operation, path or value.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 404, description = "No such user for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 412, description = "The `If-Match` version is not the current one.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn patch(
     client: ScimClient,
     State(state): State<AppState>,
@@ -192,6 +231,13 @@ pub(super) async fn patch(
     .await
 }
 
+/// Deletes a user.
+#[utoipa::path(delete, path = "/Users/{id}", operation_id = "scim_delete_user", tag = "scim", security(("scim_token" = [])), params(("id" = String, Path, description = "The user's SCIM id."), ("If-Match" = Option<String>, Header, description = "Only if the resource's ETag (`meta.version`) still matches.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 404, description = "No such user for this provider.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+        (status = 412, description = "The `If-Match` version is not the current one.", content_type = "application/scim+json", body = crate::http::openapi::ScimErrorBody),
+    ))]
 pub(super) async fn delete(
     client: ScimClient,
     State(state): State<AppState>,

@@ -291,7 +291,7 @@ impl TokenOutcome {
 }
 
 /// A device named in a validation, as the answer reports it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct DeviceAnswer {
     /// Managed now: its enrollment is active and it has not checked out.
     pub enrolled: bool,
@@ -300,7 +300,7 @@ pub struct DeviceAnswer {
     pub owner: Option<OwnerAnswer>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct OwnerAnswer {
     pub id: String,
     pub email: Option<String>,

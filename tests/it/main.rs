@@ -22,6 +22,7 @@ mod ldap_sync;
 mod lifecycle;
 mod mdm;
 mod nginx;
+mod openapi;
 mod ops_contract;
 mod outage;
 mod peers;
