@@ -725,8 +725,38 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
         import_push(&server, &admin, &cert, &key).await.status(),
         StatusCode::OK
     );
-    let challenge = server.challenge(&admin).await;
-    let device = Device::enroll(&server, &challenge).await;
+    // erin's device, so that a plan for her group has a per-device difference to show.
+    let erin = server
+        .store()
+        .record_sign_in(
+            &trustbroker::identity::Identity {
+                provider: "corp".into(),
+                subject: "erin".into(),
+                login: Some("erin".into()),
+                email: Some("erin@example.org".into()),
+                display_name: None,
+                groups: vec![trustbroker::identity::Group {
+                    id: "cn=engineering,ou=groups,dc=example,dc=org".into(),
+                    name: "engineering".into(),
+                }],
+            },
+            "sign-in",
+        )
+        .await
+        .unwrap();
+    let issued = trustbroker::pki::challenge::create(
+        server.store(),
+        std::time::Duration::from_secs(600),
+        trustbroker::pki::challenge::ChallengeRequest {
+            requested_by: "test".into(),
+            for_user: erin.login.clone(),
+            for_device: None,
+            user_id: Some(erin.id.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let device = Device::enroll(&server, &issued.challenge).await;
     device.check_in(&server).await;
     // A token integration, for the tokens pages.
     let created = server
@@ -810,7 +840,9 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     // The style sheet applied (the Content-Security-Policy allows 'self').
     assert_eq!(result["styled"], "rgb(10, 88, 194)", "{result}");
     let pages = result["violations"].as_object().unwrap();
-    assert_eq!(pages.len(), 12, "{result}");
+    // Sign-in, overview, devices, device (twice), people, groups, policies, plan (pasted and
+    // uploaded), tokens, an integration (as loaded, revealed, with a new client), audit.
+    assert_eq!(pages.len(), 15, "{result}");
     for (page, found) in pages {
         let serious: Vec<&Json> = found
             .as_array()
