@@ -878,8 +878,8 @@ impl Grouper {
             self.unchanged += 1;
             return;
         }
-        let mut items: Vec<ItemLine> = decisions.iter().map(item_line).collect();
-        items.sort();
+        // In item key order, as the engine decides them.
+        let items: Vec<ItemLine> = decisions.iter().map(item_line).collect();
         let kept = self.groups.len() < GROUPS_KEPT || self.groups.contains_key(&items);
         if !kept {
             self.overflow += 1;
