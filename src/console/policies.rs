@@ -1134,4 +1134,95 @@ mod tests {
             ]
         );
     }
+
+    fn device(n: usize) -> DeviceTarget {
+        DeviceTarget {
+            udid: format!("UDID-{n}"),
+            enrollment_id: format!("e-{n}"),
+            owner_id: None,
+            serial_number: None,
+            device_name: Some(format!("Mac {n}")),
+            model: None,
+            model_name: None,
+            product_name: None,
+            profiles: None,
+            profiles_reported_at: None,
+            apps: None,
+            apps_reported_at: None,
+            owner_login: Some(format!("user{n}")),
+            owner_email: None,
+            owner_display_name: None,
+            owner_subject: None,
+            owner_status: None,
+            channel_status: None,
+            wakeable: false,
+            identity_serial: None,
+            identity_not_after: None,
+        }
+    }
+
+    fn decision(key: &str, action: ItemAction, send: Option<Send>) -> Decision {
+        Decision {
+            key: key.to_owned(),
+            kind: crate::store::ItemKind::Profile,
+            policy: "engineering".into(),
+            group_ref: Some("corp:cn=engineering".into()),
+            wanted: true,
+            content_hash: String::new(),
+            config_hash: None,
+            expected_revision: None,
+            action,
+            send,
+            cancel: None,
+            due_at: None,
+        }
+    }
+
+    /// 10,000 devices: the common differences grouped with their counts, the long tail
+    /// counted, every device accounted for, the page bounded.
+    #[test]
+    fn ten_thousand_devices_group_into_a_bounded_page() {
+        let mut grouper = Grouper::default();
+        let update = decision(
+            "profile:passcode",
+            ItemAction::Update,
+            Some(Send::InstallProfile {
+                identifier: "passcode".into(),
+                xml: std::sync::Arc::new(Vec::new()),
+            }),
+        );
+        let wipe = decision("leave:engineering:wipe", ItemAction::Wipe, Some(Send::Wipe));
+        for n in 0..10_000 {
+            let decisions = match n % 10 {
+                0..=5 => vec![update.clone()],
+                6 | 7 => vec![update.clone(), wipe.clone()],
+                8 => Vec::new(),
+                // A difference of its own (an app only this device gets), 1,000 of them.
+                _ => vec![decision(
+                    &format!("app:only.{n}"),
+                    ItemAction::Install,
+                    None,
+                )],
+            };
+            grouper.add(&device(n), &decisions);
+        }
+        let (groups, more_groups, more_devices, unchanged) = grouper.shown();
+        assert_eq!(groups.len(), GROUPS_SHOWN);
+        assert_eq!(groups[0].devices, 6_000);
+        assert_eq!(groups[0].items.len(), 1);
+        assert_eq!(groups[0].items[0].action, "update");
+        assert_eq!(groups[1].devices, 2_000);
+        assert!(
+            groups[1]
+                .items
+                .iter()
+                .any(|i| i.destructive && i.action == "WIPE now")
+        );
+        assert!(groups.iter().all(|g| g.examples.len() <= EXAMPLES_SHOWN));
+        assert_eq!(groups[0].examples[0].owner, "user0");
+        assert_eq!(unchanged, 1_000);
+        assert_eq!(more_groups, 1_000 - (GROUPS_SHOWN - 2));
+        let shown: usize = groups.iter().map(|g| g.devices).sum();
+        assert_eq!(shown + more_devices + unchanged, 10_000);
+    }
 }
