@@ -161,17 +161,22 @@ pub(crate) async fn create_token_as<A: TokenActor>(
     name: &str,
     request: TokenRequest,
 ) -> Result<CreatedToken, ApiError> {
-    let action = if request.value.is_some() {
-        "token.import"
-    } else {
-        "token.create"
-    };
+    let action = token_action(&request);
     let result = state.tokens.create_token(name, request, &by.actor()).await;
     audited(by, state, action, name, result, |c| {
         json!({"id": c.token.id, "label": c.token.label, "last4": c.token.last4,
                "not_before": c.token.not_before, "expires_at": c.token.expires_at})
     })
     .await
+}
+
+/// How a token's creation is audited: `token.import` for a value given, else `token.create`.
+pub(crate) fn token_action(request: &TokenRequest) -> &'static str {
+    if request.value.is_some() {
+        "token.import"
+    } else {
+        "token.create"
+    }
 }
 
 /// Rotates an integration's current token (`token.rotate`).

@@ -22,7 +22,7 @@ use super::{SignedIn, problem, render};
 use crate::admin::scope::Scope;
 use crate::admin::tokens::{
     TokenActor, create_client_as, create_integration_as, create_token_as, reveal_as, revoke_as,
-    rotate_as,
+    rotate_as, token_action,
 };
 use crate::audit::OUTCOME_FAILURE;
 use crate::http::AppState;
@@ -401,11 +401,13 @@ pub async fn create_token(
         return incomplete();
     };
     let value = Some(form.value.trim().to_owned()).filter(|v| !v.is_empty());
-    let action = if value.is_some() {
-        "token.import"
-    } else {
-        "token.create"
+    let mut request = TokenRequest {
+        label: Some(form.label.trim().to_owned()).filter(|l| !l.is_empty()),
+        value,
+        not_before: None,
+        expires_at: None,
     };
+    let action = token_action(&request);
     if let Err(refused) = check(
         &state,
         &admin,
@@ -439,19 +441,16 @@ pub async fn create_token(
             );
         }
     };
-    let request = TokenRequest {
-        label: Some(form.label.trim().to_owned()).filter(|l| !l.is_empty()),
-        value,
-        not_before,
-        expires_at,
-    };
+    request.not_before = not_before;
+    request.expires_at = expires_at;
     match create_token_as(&admin, &state, &name, request).await {
         Ok(created) => {
             let shown = created.value.map(|value| Shown {
                 id: "new-token",
                 heading: format!("The new token …{}, shown this once:", created.token.last4),
                 value,
-                note: "Copy it now if the vendor needs it: it is not shown again (only a                        reveal, audited, shows it later).",
+                note: "Copy it now if the vendor needs it: it is not shown again (only a \
+                       reveal, audited, shows it later).",
             });
             integration_page(&state, &admin, &name, shown).await
         }
@@ -497,7 +496,8 @@ pub async fn rotate(
                 id: "new-token",
                 heading: "The new token, shown this once:".into(),
                 value,
-                note: "Devices receive it with their next app configuration; the previous                        token keeps working for the overlap.",
+                note: "Devices receive it with their next app configuration; the previous \
+                       token keeps working for the overlap.",
             });
             integration_page(&state, &admin, &name, shown).await
         }
