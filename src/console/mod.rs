@@ -161,6 +161,10 @@ pub fn router(state: AppState) -> Router {
             post(tokens::reveal),
         )
         .route("/admin/tokens/{name}/clients", post(tokens::create_client))
+        .route(
+            "/admin/tokens/{name}/clients/{id}/revoke",
+            post(tokens::revoke_client),
+        )
         .route("/admin/audit", get(pages::audit))
         .route("/admin/sign-out", post(sign_out))
         .route_layer(middleware::from_fn_with_state(

@@ -22,7 +22,7 @@ use super::{SignedIn, problem, render};
 use crate::admin::scope::Scope;
 use crate::admin::tokens::{
     TokenActor, create_client_as, create_integration_as, create_token_as, reveal_as, revoke_as,
-    rotate_as, token_action,
+    revoke_client_as, rotate_as, token_action,
 };
 use crate::audit::OUTCOME_FAILURE;
 use crate::http::AppState;
@@ -168,6 +168,7 @@ pub struct TokenLine {
 }
 
 pub struct ClientLine {
+    pub revoke_href: String,
     pub id: String,
     pub name: String,
     pub created_by: String,
@@ -227,6 +228,11 @@ fn token_line(name: &str, t: &TokenView) -> TokenLine {
 
 fn client_line(c: &AppClientRecord) -> ClientLine {
     ClientLine {
+        revoke_href: format!(
+            "/admin/tokens/{}/clients/{}/revoke",
+            segment(&c.integration),
+            segment(&c.id)
+        ),
         id: c.id.clone(),
         name: c.name.clone(),
         created_by: c.created_by.clone(),
@@ -655,5 +661,73 @@ pub async fn create_client(
             integration_page(&state, &admin, &name, Some(shown)).await
         }
         Err(e) => not_done("Not issued", e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RevokeClientForm {
+    #[serde(default)]
+    csrf: String,
+    /// The client's name, typed to confirm.
+    #[serde(default)]
+    confirm: String,
+}
+
+/// Revokes an app client, as `POST /api/v1/token-integrations/{name}/clients/{id}/revoke`
+/// does: the vendor's back end can no longer validate tokens with it. The client's name is
+/// typed to confirm.
+pub async fn revoke_client(
+    State(state): State<AppState>,
+    Extension(admin): Extension<SignedIn>,
+    Path((name, id)): Path<(String, String)>,
+    form: Result<Form<RevokeClientForm>, FormRejection>,
+) -> Response {
+    let target = format!("{name}/{id}");
+    let Ok(Form(form)) = form else {
+        return incomplete();
+    };
+    let action = "app-client.revoke";
+    if let Err(refused) = check(
+        &state,
+        &admin,
+        &form.csrf,
+        Scope::TokensWrite,
+        action,
+        &target,
+    )
+    .await
+    {
+        return refused;
+    }
+    let client = match state.tokens.clients(&name).await {
+        Ok(clients) => clients.into_iter().find(|c| c.id == id),
+        Err(e) => return token_problem(e),
+    };
+    if let Some(client) = &client
+        && form.confirm.trim() != client.name
+    {
+        admin
+            .audit(
+                &state,
+                action,
+                Some(&target),
+                OUTCOME_FAILURE,
+                Some(json!({"reason": "client name not confirmed"})),
+            )
+            .await;
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not confirmed",
+            &format!(
+                "Nothing was revoked: type the app client's name (\"{}\") to confirm.",
+                client.name
+            ),
+            true,
+        );
+    }
+    // An unknown client: the API's answer (404), audited as its failure.
+    match revoke_client_as(&admin, &state, &name, &id).await {
+        Ok(_) => integration_page(&state, &admin, &name, None).await,
+        Err(e) => not_done("Not revoked", e),
     }
 }

@@ -1915,6 +1915,30 @@ async fn integrations_on(db: &TestDb) {
         )
         .await;
     assert_eq!(clients["clients"].as_array().unwrap().len(), 1, "{clients}");
+    let client_id = clients["clients"][0]["id"].as_str().unwrap().to_owned();
+    let revoke_client = console.url(&format!("/admin/tokens/vendor/clients/{client_id}/revoke"));
+    let unconfirmed = browser
+        .post_form(
+            &revoke_client,
+            &[("csrf", &writer.csrf), ("confirm", "vendor")],
+        )
+        .await;
+    assert_eq!(unconfirmed.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let revoked = browser
+        .post_form(
+            &revoke_client,
+            &[("csrf", &writer.csrf), ("confirm", "vendor-backend")],
+        )
+        .await;
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let clients = console
+        .server
+        .get_json(
+            "/api/v1/token-integrations/vendor/clients",
+            Some(&console.admin),
+        )
+        .await;
+    assert!(clients["clients"][0]["revoked_at"].is_string(), "{clients}");
 
     // Reveal: hidden and refused without tokens:reveal, audited either way.
     let tokens = console
@@ -1974,6 +1998,7 @@ async fn integrations_on(db: &TestDb) {
         })
         .collect();
     let target = format!("vendor/{id}");
+    let client_target = format!("vendor/{client_id}");
     for (action, target, outcome) in [
         ("token-integration.create", "vendor", "denied"),
         ("token-integration.create", "Not A Name!", "failure"),
@@ -1981,6 +2006,8 @@ async fn integrations_on(db: &TestDb) {
         ("token.import", "vendor", "success"),
         ("token.create", "vendor", "success"),
         ("app-client.create", "vendor", "success"),
+        ("app-client.revoke", client_target.as_str(), "failure"),
+        ("app-client.revoke", client_target.as_str(), "success"),
         ("token.reveal", target.as_str(), "denied"),
         ("token.reveal", target.as_str(), "success"),
     ] {
