@@ -19,8 +19,11 @@ use super::auth::{self, Admin};
 use crate::audit::{OUTCOME_FAILURE, OUTCOME_SUCCESS};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::store::{IntegrationChanges, IntegrationDeletion};
-use crate::tokens::shared::{IntegrationRequest, TokenError, TokenRequest};
+use crate::store::{AppClientRecord, IntegrationChanges, IntegrationDeletion};
+use crate::tokens::shared::{
+    CreatedToken, IntegrationRequest, IntegrationView, IssuedClient, Rotation, TokenError,
+    TokenRequest, TokenView,
+};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::default()
@@ -61,9 +64,41 @@ impl From<TokenError> for ApiError {
     }
 }
 
+/// Who acts on tokens, for the audit record: an API key ([`Admin`]) or an admin signed in at
+/// the console (`console::SignedIn`). Both go through the operations below, so the rules (in
+/// the token service) and the audit records (here) are the same whichever door was used.
+pub(crate) trait TokenActor {
+    fn actor(&self) -> String;
+    async fn audit(
+        &self,
+        state: &AppState,
+        action: &str,
+        target: Option<&str>,
+        outcome: &str,
+        detail: Option<Value>,
+    );
+}
+
+impl<S: auth::Required> TokenActor for Admin<S> {
+    fn actor(&self) -> String {
+        self.principal.actor()
+    }
+
+    async fn audit(
+        &self,
+        state: &AppState,
+        action: &str,
+        target: Option<&str>,
+        outcome: &str,
+        detail: Option<Value>,
+    ) {
+        Admin::audit(self, state, action, target, outcome, detail).await;
+    }
+}
+
 /// Audits an action's outcome (success with `detail`, failure with the error) and maps it.
-async fn audited<S: auth::Required, T>(
-    admin: &Admin<S>,
+async fn audited<A: TokenActor, T>(
+    by: &A,
     state: &AppState,
     action: &str,
     target: &str,
@@ -73,20 +108,154 @@ async fn audited<S: auth::Required, T>(
     match result {
         Ok(done) => {
             let detail = detail(&done);
-            admin
-                .audit(state, action, Some(target), OUTCOME_SUCCESS, Some(detail))
+            by.audit(state, action, Some(target), OUTCOME_SUCCESS, Some(detail))
                 .await;
             Ok(done)
         }
         Err(err) => {
             let err = ApiError::from(err);
             let detail = json!({"error": err.message});
-            admin
-                .audit(state, action, Some(target), OUTCOME_FAILURE, Some(detail))
+            by.audit(state, action, Some(target), OUTCOME_FAILURE, Some(detail))
                 .await;
             Err(err)
         }
     }
+}
+
+// ---- the audited operations the API and the console share ----
+
+/// Creates an integration (`token-integration.create`).
+pub(crate) async fn create_integration_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    request: IntegrationRequest,
+) -> Result<IntegrationView, ApiError> {
+    let name = request.name.clone();
+    let result = state.tokens.create_integration(request, &by.actor()).await;
+    audited(by, state, "token-integration.create", &name, result, |i| {
+        json!({"bundle_id": i.integration.bundle_id, "config_key": i.integration.config_key,
+               "device_tokens": i.integration.device_tokens})
+    })
+    .await
+}
+
+/// Creates a token: generated (`token.create`), or imported when `request.value` is given
+/// (`token.import`). The value is in the answer only when generated.
+pub(crate) async fn create_token_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    name: &str,
+    request: TokenRequest,
+) -> Result<CreatedToken, ApiError> {
+    let action = token_action(&request);
+    let result = state.tokens.create_token(name, request, &by.actor()).await;
+    audited(by, state, action, name, result, |c| {
+        json!({"id": c.token.id, "label": c.token.label, "last4": c.token.last4,
+               "not_before": c.token.not_before, "expires_at": c.token.expires_at})
+    })
+    .await
+}
+
+/// How a token's creation is audited: `token.import` for a value given, else `token.create`.
+pub(crate) fn token_action(request: &TokenRequest) -> &'static str {
+    if request.value.is_some() {
+        "token.import"
+    } else {
+        "token.create"
+    }
+}
+
+/// Rotates an integration's current token (`token.rotate`).
+pub(crate) async fn rotate_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    name: &str,
+    label: Option<String>,
+    value: Option<String>,
+) -> Result<Rotation, ApiError> {
+    let result = state.tokens.rotate(name, label, value, &by.actor()).await;
+    audited(by, state, "token.rotate", name, result, |r| {
+        json!({"id": r.created.token.id, "source": r.created.token.source,
+               "last4": r.created.token.last4,
+               "previous": r.previous.as_ref().map(|p| json!({"id": p.id, "expires_at": p.expires_at}))})
+    })
+    .await
+}
+
+/// Revokes a token (`token.revoke`); the last active one of a delivered integration only
+/// with `force`.
+pub(crate) async fn revoke_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    name: &str,
+    id: &str,
+    force: bool,
+) -> Result<TokenView, ApiError> {
+    let result = state.tokens.revoke(name, id, force, &by.actor()).await;
+    let target = format!("{name}/{id}");
+    audited(
+        by,
+        state,
+        "token.revoke",
+        &target,
+        result,
+        |_| json!({"force": force}),
+    )
+    .await
+}
+
+/// A token's value (`token.reveal`, scope `tokens:reveal`, checked by the caller).
+pub(crate) async fn reveal_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    name: &str,
+    id: &str,
+) -> Result<String, ApiError> {
+    let result = state.tokens.reveal(name, id).await;
+    let target = format!("{name}/{id}");
+    audited(by, state, "token.reveal", &target, result, |_| json!({})).await
+}
+
+/// Issues an app client (`app-client.create`); its secret is in the answer only.
+pub(crate) async fn create_client_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    name: &str,
+    client_name: Option<String>,
+) -> Result<IssuedClient, ApiError> {
+    let result = state
+        .tokens
+        .create_client(name, client_name, &by.actor())
+        .await;
+    audited(
+        by,
+        state,
+        "app-client.create",
+        name,
+        result,
+        |c| json!({"id": c.client.id, "name": c.client.name}),
+    )
+    .await
+}
+
+/// Revokes an app client (`app-client.revoke`).
+pub(crate) async fn revoke_client_as<A: TokenActor>(
+    by: &A,
+    state: &AppState,
+    name: &str,
+    id: &str,
+) -> Result<AppClientRecord, ApiError> {
+    let result = state.tokens.revoke_client(name, id, &by.actor()).await;
+    let target = format!("{name}/{id}");
+    audited(
+        by,
+        state,
+        "app-client.revoke",
+        &target,
+        result,
+        |c| json!({"name": c.name}),
+    )
+    .await
 }
 
 /// A JSON answer that carries a secret: never cached.
@@ -176,7 +345,6 @@ async fn create_integration(
     State(state): State<AppState>,
     Json(body): Json<CreateIntegration>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let name = body.name.clone();
     let request = IntegrationRequest {
         name: body.name,
         display_name: body.display_name,
@@ -185,20 +353,7 @@ async fn create_integration(
         device_tokens: body.device_tokens,
         overlap_secs: body.overlap_secs,
     };
-    let actor = admin.principal.actor();
-    let result = state.tokens.create_integration(request, &actor).await;
-    let created = audited(
-        &admin,
-        &state,
-        "token-integration.create",
-        &name,
-        result,
-        |i| {
-            json!({"bundle_id": i.integration.bundle_id, "config_key": i.integration.config_key,
-                   "device_tokens": i.integration.device_tokens})
-        },
-    )
-    .await?;
+    let created = create_integration_as(&admin, &state, request).await?;
     Ok((StatusCode::CREATED, Json(to_json(&created)?)))
 }
 
@@ -372,24 +527,13 @@ async fn create_token(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: CreateToken = optional_body(&body)?;
-    let action = if body.value.is_some() {
-        "token.import"
-    } else {
-        "token.create"
-    };
     let request = TokenRequest {
         label: body.label,
         value: body.value,
         not_before: body.not_before,
         expires_at: body.expires_at,
     };
-    let actor = admin.principal.actor();
-    let result = state.tokens.create_token(&name, request, &actor).await;
-    let created = audited(&admin, &state, action, &name, result, |c| {
-        json!({"id": c.token.id, "label": c.token.label, "last4": c.token.last4,
-               "not_before": c.token.not_before, "expires_at": c.token.expires_at})
-    })
-    .await?;
+    let created = create_token_as(&admin, &state, &name, request).await?;
     Ok(secret_answer(StatusCode::CREATED, to_json(&created)?))
 }
 
@@ -410,17 +554,7 @@ async fn rotate(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: RotateBody = optional_body(&body)?;
-    let actor = admin.principal.actor();
-    let result = state
-        .tokens
-        .rotate(&name, body.label, body.value, &actor)
-        .await;
-    let rotation = audited(&admin, &state, "token.rotate", &name, result, |r| {
-        json!({"id": r.created.token.id, "source": r.created.token.source,
-               "last4": r.created.token.last4,
-               "previous": r.previous.as_ref().map(|p| json!({"id": p.id, "expires_at": p.expires_at}))})
-    })
-    .await?;
+    let rotation = rotate_as(&admin, &state, &name, body.label, body.value).await?;
     Ok(secret_answer(StatusCode::CREATED, to_json(&rotation)?))
 }
 
@@ -440,18 +574,7 @@ async fn revoke(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let body: RevokeBody = optional_body(&body)?;
-    let actor = admin.principal.actor();
-    let result = state.tokens.revoke(&name, &id, body.force, &actor).await;
-    let target = format!("{name}/{id}");
-    let revoked = audited(
-        &admin,
-        &state,
-        "token.revoke",
-        &target,
-        result,
-        |_| json!({"force": body.force}),
-    )
-    .await?;
+    let revoked = revoke_as(&admin, &state, &name, &id, body.force).await?;
     Ok(Json(to_json(&revoked)?))
 }
 
@@ -464,12 +587,7 @@ async fn reveal(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let result = state.tokens.reveal(&name, &id).await;
-    let target = format!("{name}/{id}");
-    let value = audited(&admin, &state, "token.reveal", &target, result, |_| {
-        json!({})
-    })
-    .await?;
+    let value = reveal_as(&admin, &state, &name, &id).await?;
     Ok(secret_answer(
         StatusCode::OK,
         json!({"id": id, "integration": name, "value": value}),
@@ -514,17 +632,7 @@ async fn create_client(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: CreateClient = optional_body(&body)?;
-    let actor = admin.principal.actor();
-    let result = state.tokens.create_client(&name, body.name, &actor).await;
-    let issued = audited(
-        &admin,
-        &state,
-        "app-client.create",
-        &name,
-        result,
-        |c| json!({"id": c.client.id, "name": c.client.name}),
-    )
-    .await?;
+    let issued = create_client_as(&admin, &state, &name, body.name).await?;
     Ok(secret_answer(StatusCode::CREATED, to_json(&issued)?))
 }
 
@@ -537,17 +645,6 @@ async fn revoke_client(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let actor = admin.principal.actor();
-    let result = state.tokens.revoke_client(&name, &id, &actor).await;
-    let target = format!("{name}/{id}");
-    let revoked = audited(
-        &admin,
-        &state,
-        "app-client.revoke",
-        &target,
-        result,
-        |c| json!({"name": c.name}),
-    )
-    .await?;
+    let revoked = revoke_client_as(&admin, &state, &name, &id).await?;
     Ok(Json(to_json(&revoked)?))
 }

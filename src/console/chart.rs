@@ -45,17 +45,38 @@ pub fn hourly(
     series: &[Series],
     events: impl IntoIterator<Item = (DateTime<Utc>, usize)>,
 ) -> Chart {
-    let mut counts = vec![vec![0u64; series.len()]; HOURS];
+    let mut counts = Counts::new(series.len());
     for (at, which) in events {
-        let age = (now - at).num_hours();
-        if !(0..HOURS as i64).contains(&age) || which >= series.len() {
-            continue;
+        counts.add((now - at).num_hours(), which, 1);
+    }
+    drawn(id, title, series, counts)
+}
+
+/// Events counted per hour and series, by how many whole hours before `now` they happened
+/// (`(now - at).num_hours()`, so the bucket SQL in `store::console` can fill it in).
+pub struct Counts(Vec<Vec<u64>>);
+
+impl Counts {
+    pub fn new(series: usize) -> Counts {
+        Counts(vec![vec![0u64; series]; HOURS])
+    }
+
+    /// Adds `count` events `age` whole hours old to `which` series; other ages (older than
+    /// a day, in the future) and unknown series are ignored.
+    pub fn add(&mut self, age: i64, which: usize, count: u64) {
+        if !(0..HOURS as i64).contains(&age) {
+            return;
         }
         let hour = HOURS - 1 - age as usize;
-        if let Some(slot) = counts.get_mut(hour).and_then(|c| c.get_mut(which)) {
-            *slot += 1;
+        if let Some(slot) = self.0.get_mut(hour).and_then(|c| c.get_mut(which)) {
+            *slot += count;
         }
     }
+}
+
+/// The chart of counts made by [`hourly`] or filled from the database's buckets.
+pub fn drawn(id: &'static str, title: &'static str, series: &[Series], counts: Counts) -> Chart {
+    let Counts(counts) = counts;
     let max = counts
         .iter()
         .map(|c| c.iter().sum::<u64>())

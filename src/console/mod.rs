@@ -52,6 +52,11 @@ pub struct ConsoleSettings {
     pub session_idle_secs: u64,
     /// …and this many seconds after sign-in in any case.
     pub session_max_secs: u64,
+    /// Directories on this server whose policy sets the console may plan (a checkout of a
+    /// proposed change, say), given as absolute paths; a directory planned must be one of
+    /// them or inside one, after symbolic links are resolved. Empty (the default): planning
+    /// from a server path is off.
+    pub plan_paths: Vec<std::path::PathBuf>,
 }
 
 pub const DEFAULT_IDLE_SECS: u64 = 900;
@@ -63,6 +68,7 @@ impl Default for ConsoleSettings {
             groups: BTreeMap::new(),
             session_idle_secs: DEFAULT_IDLE_SECS,
             session_max_secs: DEFAULT_MAX_SECS,
+            plan_paths: Vec::new(),
         }
     }
 }
@@ -77,6 +83,26 @@ impl ConsoleSettings {
             }
             for name in names {
                 Grant::parse(name).map_err(|e| format!("admin.groups.\"{group}\": {e}"))?;
+            }
+        }
+        if self.plan_paths.len() > 32 {
+            return Err("admin.plan_paths lists more than 32 directories".into());
+        }
+        for root in &self.plan_paths {
+            if !root.is_absolute() {
+                return Err(format!(
+                    "admin.plan_paths: \"{}\" must be an absolute path",
+                    root.display()
+                ));
+            }
+            if root
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(format!(
+                    "admin.plan_paths: \"{}\" must not contain \"..\"",
+                    root.display()
+                ));
             }
         }
         if !(60..=86_400).contains(&self.session_max_secs) {
@@ -114,12 +140,31 @@ pub fn router(state: AppState, outage: &OutageGuard) -> Router {
             // A policy file, not a few fields.
             post(policies::plan).layer(DefaultBodyLimit::max(max_body)),
         )
-        .route("/admin/tokens", get(tokens::integrations))
+        .route(
+            "/admin/policies/plan/upload",
+            // A whole set: the API's body bound, and per file the loader's (checked as read).
+            post(policies::plan_upload).layer(DefaultBodyLimit::max(max_body)),
+        )
+        .route("/admin/policies/plan/path", post(policies::plan_path))
+        .route(
+            "/admin/tokens",
+            get(tokens::integrations).post(tokens::create_integration),
+        )
         .route("/admin/tokens/{name}", get(tokens::integration))
         .route("/admin/tokens/{name}/rotate", post(tokens::rotate))
+        .route("/admin/tokens/{name}/tokens", post(tokens::create_token))
         .route(
             "/admin/tokens/{name}/tokens/{id}/revoke",
             post(tokens::revoke),
+        )
+        .route(
+            "/admin/tokens/{name}/tokens/{id}/reveal",
+            post(tokens::reveal),
+        )
+        .route("/admin/tokens/{name}/clients", post(tokens::create_client))
+        .route(
+            "/admin/tokens/{name}/clients/{id}/revoke",
+            post(tokens::revoke_client),
         )
         .route("/admin/audit", get(pages::audit))
         .route("/admin/sign-out", post(sign_out))
@@ -484,12 +529,31 @@ pub async fn complete_sign_in(state: &AppState, identity: Identity) -> Response 
             false,
         );
     }
+    // The admin is a person like any other: recorded with their groups (as a portal sign-in
+    // records them), so the people pages show who administers.
+    let person = match state.store.record_sign_in(&identity, "sign-in").await {
+        Ok(person) => person,
+        Err(e) => {
+            tracing::error!(error = %e, "console sign-in: recording the person");
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                "Your sign-in could not be recorded. Try again later.",
+                false,
+            );
+        }
+    };
+    // A changed membership was recorded as a reconcile request: serve it now on this node.
+    state.reconciler.wake().wake();
     audit::record(
         &state.store,
-        record(
-            OUTCOME_SUCCESS,
-            json!({"groups": groups, "scopes": grants.names()}),
-        ),
+        NewAuditEntry {
+            target: Some(person.id),
+            ..record(
+                OUTCOME_SUCCESS,
+                json!({"groups": groups, "scopes": grants.names()}),
+            )
+        },
     )
     .await;
     let now = chrono::Utc::now().timestamp();

@@ -138,8 +138,8 @@ pub async fn overview(
     Extension(admin): Extension<SignedIn>,
 ) -> Response {
     let chrome = Chrome::of(&admin, "overview");
-    let now = Utc::now();
-    let day_ago = now - chrono::Duration::hours(24);
+    // Whole seconds, as stored: the charts' hours are counted in the database from it.
+    let now = crate::store::now();
     let empty = |id, title| chart::hourly(id, title, now, &[], []);
     if !admin.allows(Need::Scope(Scope::DevicesRead)) {
         return render(
@@ -171,31 +171,48 @@ pub async fn overview(
             .or_default() += c.count;
     }
     let total = counts.iter().map(|c| c.count).sum();
-    let check_ins = match state.store.console_check_ins_since(day_ago).await {
-        Ok(times) => chart::hourly(
-            "check-ins",
-            "Check-ins per hour",
-            now,
-            &[Series {
-                name: "channels seen",
-                class: "seen",
-            }],
-            times.into_iter().map(|t| (t, 0)),
-        ),
+    // Counted per hour in the database: a day of a large fleet is never read row by row.
+    let check_ins = match state.store.console_check_ins_by_hour(now).await {
+        Ok(rows) => {
+            let mut counts = chart::Counts::new(1);
+            for (age, count) in rows {
+                counts.add(age, 0, u64::try_from(count).unwrap_or(0));
+            }
+            chart::drawn(
+                "check-ins",
+                "Check-ins per hour",
+                &[Series {
+                    name: "channels seen",
+                    class: "seen",
+                }],
+                counts,
+            )
+        }
         Err(e) => return internal(&e),
     };
-    let answered = match state.store.console_outcomes_since(day_ago).await {
+    let answered = match state.store.console_outcomes_by_hour(now).await {
         Ok(answered) => answered,
         Err(e) => return internal(&e),
     };
-    let failed = answered
+    // Every failure answered since a day ago (the rows the database numbered -1 and 24 too).
+    let failed: i64 = answered
         .iter()
-        .filter(|(_, s)| matches!(s, CommandStatus::Error | CommandStatus::FormatError))
-        .count();
-    let outcomes = chart::hourly(
+        .filter(|(_, s, _)| matches!(s, CommandStatus::Error | CommandStatus::FormatError))
+        .map(|(_, _, count)| count)
+        .sum();
+    let mut outcome_counts = chart::Counts::new(3);
+    for (age, status, count) in answered {
+        let which = match status {
+            CommandStatus::Acknowledged => 0,
+            CommandStatus::NotNow => 1,
+            CommandStatus::Error | CommandStatus::FormatError => 2,
+            _ => continue,
+        };
+        outcome_counts.add(age, which, u64::try_from(count).unwrap_or(0));
+    }
+    let outcomes = chart::drawn(
         "outcomes",
         "Command outcomes per hour",
-        now,
         &[
             Series {
                 name: "acknowledged",
@@ -210,14 +227,7 @@ pub async fn overview(
                 class: "bad",
             },
         ],
-        answered
-            .into_iter()
-            .filter_map(|(at, status)| match status {
-                CommandStatus::Acknowledged => Some((at, 0)),
-                CommandStatus::NotNow => Some((at, 1)),
-                CommandStatus::Error | CommandStatus::FormatError => Some((at, 2)),
-                _ => None,
-            }),
+        outcome_counts,
     );
     let mut warnings = Vec::new();
     match crate::apple::push_cert::expiry_status(&state.store).await {
@@ -1205,7 +1215,7 @@ pub struct AuditPage {
 
 /// A time from the audit form, read as UTC: `2026-12-01T05:43`, `2026-12-01T05:43:10` or
 /// `2026-12-01`.
-fn parse_time(text: &str) -> Result<Option<DateTime<Utc>>, String> {
+pub(super) fn parse_time(text: &str) -> Result<Option<DateTime<Utc>>, String> {
     let text = text.trim();
     if text.is_empty() {
         return Ok(None);

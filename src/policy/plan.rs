@@ -10,10 +10,10 @@ use serde::Serialize;
 
 use super::OnLeave;
 use super::desired::CompiledSet;
-use super::diff::{self, Send};
+use super::diff::{self, Decision, Send};
 use super::model::{Diagnostic, PolicySet};
 use super::reconcile::{PAGE, ReconcileError, Reconciler, encode_files, read_page_state};
-use crate::store::{ChannelStatus, ItemAction, ItemKind, Store, TargetScope};
+use crate::store::{ChannelStatus, DeviceTarget, ItemAction, ItemKind, Store, TargetScope};
 
 /// How many of each command a plan would queue.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -131,6 +131,17 @@ pub async fn plan(
     reconciler: &Reconciler,
     candidate: &PolicySet,
 ) -> Result<Plan, ReconcileError> {
+    plan_observed(store, reconciler, candidate, |_, _| {}).await
+}
+
+/// [`plan`], also handing each checked-in device and its decisions (what it would be sent,
+/// item by item) to `observe`, for a per-device view such as the console's. Writes nothing.
+pub async fn plan_observed(
+    store: &Store,
+    reconciler: &Reconciler,
+    candidate: &PolicySet,
+    mut observe: impl FnMut(&DeviceTarget, &[Decision]),
+) -> Result<Plan, ReconcileError> {
     reconciler.refresh().await?;
     let active = reconciler.active().get();
     let current = reconciler.compiled();
@@ -199,7 +210,9 @@ pub async fn plan(
                 continue;
             }
             let ledger = ledgers.get(&target.enrollment_id).unwrap_or(&no_ledger);
-            for decision in diff::diff(&next, target, &wanted, ledger, now) {
+            let decisions = diff::diff(&next, target, &wanted, ledger, now);
+            observe(target, &decisions);
+            for decision in decisions {
                 let Some(plan) = per_policy.get_mut(&decision.policy) else {
                     continue;
                 };

@@ -2,14 +2,12 @@
 //! fleet's counts for the overview, and the audit log searched by target and time. Writes go
 //! through the same store methods the admin API uses.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use super::{AuditEntry, ChannelStatus, CommandStatus, Store, StoreResult, on_pool};
 
 /// Most rows one console list shows (the filters narrow it).
 pub const CONSOLE_PAGE_MAX: u32 = 500;
-/// Most timestamps the overview's charts read for a day.
-const CHART_ROWS_MAX: i64 = 200_000;
 
 /// What the device list is filtered by; `None` matches everything.
 #[derive(Clone, Debug, Default)]
@@ -54,7 +52,8 @@ pub struct DeviceCount {
 /// Filters for the console's audit search; `None` matches everything.
 #[derive(Clone, Debug, Default)]
 pub struct AuditSearch {
-    /// The actor starts with this (`admin:oidc:`, `key:ci`).
+    /// Part of the actor, anywhere, in any case (`alice` finds `admin:oidc:alice`,
+    /// `admin:oidc:` every admin of that provider).
     pub actor: Option<String>,
     /// The action starts with this (`command.`, `enrollment.retire`).
     pub action: Option<String>,
@@ -77,6 +76,33 @@ pub struct PersonRow {
     pub last_sign_in_at: DateTime<Utc>,
     /// Devices bound to them.
     pub devices: i64,
+}
+
+/// How many parameters [`hour_bucket_sql`] uses: `$1` is `now + 1 h`, `$2`…`$25` are
+/// `now - 1 h`…`now - 24 h` (see [`hour_bounds`]).
+const HOUR_BOUNDS: usize = 25;
+
+/// `now` and the bounds of the overview's 24 hours, as [`hour_bucket_sql`] binds them. `now`
+/// is cut to microseconds (what PostgreSQL keeps), so both databases compare alike.
+pub fn hour_bounds(now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    let now = now.trunc_subsecs(6);
+    let hour = chrono::Duration::hours(1);
+    std::iter::once(now + hour)
+        .chain((1..HOUR_BOUNDS as i32).map(|k| now - hour * k))
+        .collect()
+}
+
+/// A SQL expression numbering `column`'s time as `(now - at).num_hours()` does for the charts
+/// (`chart::Counts::add`): 0 for the hour before `now` (and up to an hour ahead), k for
+/// `now - (k+1) h < at <= now - k h`, -1 an hour or more ahead, 24 for older. Comparisons with
+/// bound times only, so one text serves both databases and every index.
+fn hour_bucket_sql(column: &str) -> String {
+    let mut sql = format!("CAST(CASE WHEN {column} >= $1 THEN -1");
+    for age in 0..HOUR_BOUNDS - 1 {
+        sql.push_str(&format!(" WHEN {column} > ${} THEN {age}", age + 2));
+    }
+    sql.push_str(" ELSE 24 END AS BIGINT)");
+    sql
 }
 
 /// `text` as a LIKE pattern matching it anywhere (`%`, `_` and `\` escaped), lower-cased.
@@ -174,33 +200,49 @@ impl Store {
             .await?))
     }
 
-    /// When each command channel seen since `since` was last seen (a channel's `last_seen_at`
-    /// moves at most once a minute).
-    pub async fn console_check_ins_since(
+    /// Command channels seen in each of the 24 hours before `now`, counted in the database
+    /// (a channel's `last_seen_at` moves at most once a minute): `(age, count)` rows, `age`
+    /// as [`hour_bucket_sql`] numbers it.
+    pub async fn console_check_ins_by_hour(
         &self,
-        since: DateTime<Utc>,
-    ) -> StoreResult<Vec<DateTime<Utc>>> {
-        let sql = "SELECT last_seen_at FROM mdm_enrollments WHERE last_seen_at >= $1 LIMIT $2";
-        let rows: Vec<(DateTime<Utc>,)> = on_pool!(self, |pool| sqlx::query_as(sql)
-            .bind(since)
-            .bind(CHART_ROWS_MAX)
-            .fetch_all(pool)
-            .await?);
-        Ok(rows.into_iter().map(|(at,)| at).collect())
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        let sql = format!(
+            "SELECT {} AS age, COUNT(*) FROM mdm_enrollments \
+             WHERE last_seen_at >= ${} GROUP BY 1",
+            hour_bucket_sql("last_seen_at"),
+            HOUR_BOUNDS
+        );
+        let bounds = hour_bounds(now);
+        Ok(on_pool!(self, |pool| {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            for bound in &bounds {
+                query = query.bind(*bound);
+            }
+            query.fetch_all(pool).await?
+        }))
     }
 
-    /// Commands answered since `since`: when, and how.
-    pub async fn console_outcomes_since(
+    /// Commands answered in each of the 24 hours before `now`, by how they were answered:
+    /// `(age, status, count)` rows, `age` as [`hour_bucket_sql`] numbers it.
+    pub async fn console_outcomes_by_hour(
         &self,
-        since: DateTime<Utc>,
-    ) -> StoreResult<Vec<(DateTime<Utc>, CommandStatus)>> {
-        let sql = "SELECT answered_at, status FROM mdm_commands \
-                   WHERE answered_at >= $1 LIMIT $2";
-        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
-            .bind(since)
-            .bind(CHART_ROWS_MAX)
-            .fetch_all(pool)
-            .await?))
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<(i64, CommandStatus, i64)>> {
+        let sql = format!(
+            "SELECT {} AS age, status, COUNT(*) FROM mdm_commands \
+             WHERE answered_at >= ${} GROUP BY 1, 2",
+            hour_bucket_sql("answered_at"),
+            HOUR_BOUNDS
+        );
+        let bounds = hour_bounds(now);
+        Ok(on_pool!(self, |pool| {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+            for bound in &bounds {
+                query = query.bind(*bound);
+            }
+            query.fetch_all(pool).await?
+        }))
     }
 
     /// Devices whose newest valid identity certificate expires before `before`.
@@ -215,17 +257,18 @@ impl Store {
         Ok(count)
     }
 
-    /// The audit log searched by actor and action prefix, target and time, newest first.
+    /// The audit log searched by part of the actor, action prefix, target and time, newest
+    /// first.
     pub async fn console_audit(&self, search: &AuditSearch) -> StoreResult<Vec<AuditEntry>> {
         let sql = "SELECT id, at, actor, action, target, outcome, detail, request_id, source \
                    FROM audit_log \
-                   WHERE ($1 IS NULL OR actor LIKE $1 ESCAPE '\\') \
+                   WHERE ($1 IS NULL OR LOWER(actor) LIKE $1 ESCAPE '\\') \
                      AND ($2 IS NULL OR action LIKE $2 ESCAPE '\\') \
                      AND ($3 IS NULL OR target = $3) \
                      AND ($4 IS NULL OR at >= $4) \
                      AND ($5 IS NULL OR at < $5) \
                    ORDER BY id DESC LIMIT $6";
-        let actor = search.actor.as_deref().map(prefix_pattern);
+        let actor = search.actor.as_deref().map(contains_pattern);
         let action = search.action.as_deref().map(prefix_pattern);
         let limit = i64::from(search.limit.clamp(1, CONSOLE_PAGE_MAX));
         Ok(on_pool!(self, |pool| sqlx::query_as(sql)
@@ -248,5 +291,52 @@ mod tests {
     fn like_patterns_escape_wildcards() {
         assert_eq!(contains_pattern("A_b%c\\"), "%a\\_b\\%c\\\\%");
         assert_eq!(prefix_pattern("admin:"), "admin:%");
+    }
+
+    /// The SQL numbering of hours agrees with the charts' own (`(now - at).num_hours()`),
+    /// boundaries included.
+    #[tokio::test]
+    async fn hours_are_numbered_in_sql_as_the_charts_number_them() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        sqlx::query("CREATE TABLE t (at TEXT NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let now = crate::store::now();
+        let second = chrono::Duration::seconds(1);
+        let hour = chrono::Duration::hours(1);
+        let mut times = Vec::new();
+        for k in -2..27 {
+            for offset in [-second, chrono::Duration::zero(), second, hour / 2] {
+                times.push(now - hour * k + offset);
+            }
+        }
+        for at in &times {
+            sqlx::query("INSERT INTO t (at) VALUES ($1)")
+                .bind(at)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let sql = format!(
+            "SELECT {} AS age, COUNT(*) FROM t WHERE at >= ${} GROUP BY 1",
+            hour_bucket_sql("at"),
+            HOUR_BOUNDS
+        );
+        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        for bound in hour_bounds(now) {
+            query = query.bind(bound);
+        }
+        let rows: Vec<(i64, i64)> = query.fetch_all(&pool).await.unwrap();
+        let mut expected = std::collections::BTreeMap::<i64, i64>::new();
+        for at in &times {
+            if *at >= now - hour * 24 {
+                *expected
+                    .entry((now - *at).num_hours().clamp(-1, 24))
+                    .or_default() += 1;
+            }
+        }
+        let got: std::collections::BTreeMap<i64, i64> = rows.into_iter().collect();
+        assert_eq!(got, expected);
     }
 }

@@ -178,6 +178,16 @@ async fn an_admin_signs_in_with_sso_and_queues_device_information() {
         assert!(overview.contains("href=\"/admin/audit\""), "{overview}");
         assert!(overview.contains("Devices: 1"), "{overview}");
         assert!(overview.contains("<svg"), "a chart: {overview}");
+        // The admin is recorded as a person, with their groups, as a portal sign-in would.
+        let people = browser.page(&console.url("/admin/people?q=alice")).await;
+        assert!(people.contains("Alice Anderson"), "{people}");
+        let signed_in = console.audit("action=console.sign-in").await;
+        assert!(
+            signed_in
+                .iter()
+                .any(|e| e["outcome"] == "success" && e["target"].is_string()),
+            "the person's id as the target: {signed_in:?}"
+        );
 
         // Found by the search, by name and by owner-less status filter.
         let list = browser
@@ -715,8 +725,38 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
         import_push(&server, &admin, &cert, &key).await.status(),
         StatusCode::OK
     );
-    let challenge = server.challenge(&admin).await;
-    let device = Device::enroll(&server, &challenge).await;
+    // erin's device, so that a plan for her group has a per-device difference to show.
+    let erin = server
+        .store()
+        .record_sign_in(
+            &trustbroker::identity::Identity {
+                provider: "corp".into(),
+                subject: "erin".into(),
+                login: Some("erin".into()),
+                email: Some("erin@example.org".into()),
+                display_name: None,
+                groups: vec![trustbroker::identity::Group {
+                    id: "cn=engineering,ou=groups,dc=example,dc=org".into(),
+                    name: "engineering".into(),
+                }],
+            },
+            "sign-in",
+        )
+        .await
+        .unwrap();
+    let issued = trustbroker::pki::challenge::create(
+        server.store(),
+        std::time::Duration::from_secs(600),
+        trustbroker::pki::challenge::ChallengeRequest {
+            requested_by: "test".into(),
+            for_user: erin.login.clone(),
+            for_device: None,
+            user_id: Some(erin.id.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let device = Device::enroll(&server, &issued.challenge).await;
     device.check_in(&server).await;
     // A token integration, for the tokens pages.
     let created = server
@@ -800,7 +840,9 @@ async fn an_admin_queues_device_information_in_chromium_and_sees_it_acknowledged
     // The style sheet applied (the Content-Security-Policy allows 'self').
     assert_eq!(result["styled"], "rgb(10, 88, 194)", "{result}");
     let pages = result["violations"].as_object().unwrap();
-    assert_eq!(pages.len(), 12, "{result}");
+    // Sign-in, overview, devices, device (twice), people, groups, policies, plan (pasted and
+    // uploaded), tokens, an integration (as loaded, revealed, with a new client), audit.
+    assert_eq!(pages.len(), 15, "{result}");
     for (page, found) in pages {
         let serious: Vec<&Json> = found
             .as_array()
@@ -1160,7 +1202,7 @@ async fn tokens_rotate_and_revoke_with_the_api_s_rules() {
     assert_eq!(rotated.headers()["cache-control"], "no-store");
     let page = rotated.text().await.unwrap();
     let value = page
-        .split("<code id=\"new-token\">")
+        .split("<code id=\"new-token\" class=\"secret\">")
         .nth(1)
         .and_then(|s| s.split('<').next())
         .expect("the new value, shown once")
@@ -1291,4 +1333,778 @@ async fn saml_admins_sign_in_through_the_shared_acs() {
     assert!(attacker.cookie("tb_admin").is_none());
     let text = replayed.text().await.unwrap();
     assert!(text.contains("trustbroker admin"), "{text}");
+}
+
+/// A `multipart/form-data` body of `parts` (name, file name, content), as a browser posts a
+/// form with a file input: its content type and bytes.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "----trustbroker-test-boundary-7d3f";
+    let mut body = Vec::new();
+    for (name, file, content) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(file) => body.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+impl Console {
+    /// Posts a multipart upload with a console session sealed here.
+    async fn upload(
+        &self,
+        path: &str,
+        session: &AdminSession,
+        parts: &[(&str, Option<&str>, &[u8])],
+    ) -> reqwest::Response {
+        let (content_type, body) = multipart(parts);
+        self.server
+            .client
+            .post(self.url(path))
+            .header("cookie", format!("tb_admin={}", seal(&self.key, session)))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Runs `sql` on the server's database with `at` as `$1` and `id` as `$2`.
+    async fn set_time(&self, db: &TestDb, sql: &str, at: chrono::DateTime<chrono::Utc>, id: &str) {
+        match db {
+            TestDb::Postgres(pg) => {
+                let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .bind(at)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                assert_eq!(done.rows_affected(), 1, "{sql}");
+                pool.close().await;
+            }
+            TestDb::Sqlite => {
+                let data = self
+                    .server
+                    .server
+                    .as_ref()
+                    .unwrap()
+                    .tls_cert_path
+                    .parent()
+                    .unwrap()
+                    .parent()
+                    .unwrap();
+                let url = format!("sqlite://{}", data.join("trustbroker.db").display());
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .bind(at)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                assert_eq!(done.rows_affected(), 1, "{sql}");
+                pool.close().await;
+            }
+        }
+    }
+}
+
+/// erin's device, enrolled for her (in `group` at provider `corp`) and checked in; waits until
+/// the reconciler queued what the applied policy gives it.
+async fn policy_device(console: &Console, erin: &trustbroker::store::UserRecord) -> Device {
+    use trustbroker::pki::challenge::{self, ChallengeRequest};
+    let issued = challenge::create(
+        console.server.store(),
+        std::time::Duration::from_secs(600),
+        ChallengeRequest {
+            requested_by: "test".into(),
+            for_user: erin.login.clone(),
+            for_device: None,
+            user_id: Some(erin.id.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let device = Device::enroll(&console.server, &issued.challenge).await;
+    device.check_in(&console.server).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while console.commands_of(&device.udid).await.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy's commands were never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    device
+}
+
+/// Policy sets planned from uploaded files (the whole set, or laid over the applied one) and
+/// from a directory the operator allows: each device's item-by-item difference, devices with
+/// the same difference grouped; nothing applied or queued. Uploads bounded (413), names and
+/// paths checked (400/403), CSRF and scope required.
+#[tokio::test]
+async fn policy_sets_are_planned_from_uploads_and_allowed_directories_per_device() {
+    for db in TestDb::all().await {
+        planned_per_device_on(&db).await;
+    }
+}
+
+async fn planned_per_device_on(db: &TestDb) {
+    use trustbroker::identity::{Group, Identity};
+    let dirs = tempfile::tempdir().unwrap();
+    let allowed = dirs.path().join("allowed");
+    let outside = dirs.path().join("outside");
+    std::fs::create_dir_all(allowed.join("proposal")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let config = format!(
+        "[admin]\nplan_paths = [\"{}\"]\n{GROUPS}",
+        allowed.display()
+    );
+    let console = Console::start(db, None, &config).await;
+    let group = "cn=engineering,ou=groups,dc=example,dc=org";
+    let applied = console
+        .server
+        .client
+        .post(console.url("/api/v1/policies/apply"))
+        .bearer_auth(&console.admin)
+        .json(&serde_json::json!({
+            "files": crate::policy::files(&[("engineering.yaml", crate::policy::engineering(group, 8, ""))]),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), StatusCode::CREATED);
+    let erin = console
+        .server
+        .store()
+        .record_sign_in(
+            &Identity {
+                provider: "corp".into(),
+                subject: "erin".into(),
+                login: Some("erin".into()),
+                email: Some("erin@example.org".into()),
+                display_name: None,
+                groups: vec![Group {
+                    id: group.into(),
+                    name: "engineering".into(),
+                }],
+            },
+            "sign-in",
+        )
+        .await
+        .unwrap();
+    let first = policy_device(&console, &erin).await;
+    let second = policy_device(&console, &erin).await;
+    let queued_before = (
+        console.commands_of(&first.udid).await.len(),
+        console.commands_of(&second.udid).await.len(),
+    );
+    let reader = session(&["policies:read"], 600, 3600);
+    let changed = crate::policy::engineering(group, 12, "");
+    let other = "name: other\ntargets:\n  groups:\n    - { provider: corp, id: \"cn=staff,ou=groups,dc=example,dc=org\" }\nprofiles:\n  - name: short\n    payloads:\n      - { PayloadType: com.apple.mobiledevice.passwordpolicy, minLength: 4 }\n";
+
+    // Several files as the whole set: engineering changed, a new policy for another group.
+    let plan = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[
+                ("csrf", None, reader.csrf.as_bytes()),
+                ("mode", None, b"replace"),
+                ("files", Some("engineering.yaml"), changed.as_bytes()),
+                ("files", Some("teams/other.yaml"), other.as_bytes()),
+            ],
+        )
+        .await;
+    assert_eq!(plan.status(), StatusCode::OK);
+    let page = plan.text().await.unwrap();
+    assert!(
+        page.contains("2 uploaded file(s) as the whole set"),
+        "{page}"
+    );
+    assert!(
+        page.contains("teams/other.yaml <small>(added)</small>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("engineering.yaml <small>(changed)</small>"),
+        "{page}"
+    );
+    assert!(page.contains("minLength: 12"), "the file's diff: {page}");
+    // Each device's difference: both get the same, grouped, with the reason.
+    let per_device = page
+        .split("id=\"per-device\"")
+        .nth(1)
+        .and_then(|rest| rest.split("id=\"diff-h\"").next())
+        .expect("per-device section");
+    assert!(
+        per_device.contains("2 device(s) would get:"),
+        "{per_device}"
+    );
+    assert!(
+        per_device.contains("<td>update</td><td class=\"detail\">profile:org.trustbroker.policy.engineering.passcode</td><td>engineering</td><td>corp:cn=engineering,ou=groups,dc=example,dc=org</td>"),
+        "{per_device}"
+    );
+    assert!(
+        !per_device.contains("com.pingidentity.pingid"),
+        "the app is unchanged: {per_device}"
+    );
+    assert!(
+        per_device.contains(">Simulated Mac</a>"),
+        "example devices: {per_device}"
+    );
+    assert!(
+        page.contains("1 different change(s) over the checked-in devices; 0 checked-in"),
+        "{page}"
+    );
+
+    // Only a new file, laid over the applied set: engineering stays, nothing for these devices.
+    let overlay = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[
+                ("csrf", None, reader.csrf.as_bytes()),
+                ("mode", None, b"overlay"),
+                ("files", Some("other.yaml"), other.as_bytes()),
+            ],
+        )
+        .await;
+    assert_eq!(overlay.status(), StatusCode::OK);
+    let page = overlay.text().await.unwrap();
+    assert!(page.contains("laid over the applied set"), "{page}");
+    assert!(page.contains("0 different change(s) over the checked-in devices; 2 checked-in device(s) would get nothing"), "{page}");
+
+    // The whole set without engineering: both devices lose its profile and app (their
+    // installs were never offered, so they are called off rather than removed).
+    let without = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[
+                ("csrf", None, reader.csrf.as_bytes()),
+                ("files", Some("other.yaml"), other.as_bytes()),
+            ],
+        )
+        .await;
+    let page = without.text().await.unwrap();
+    let per_device = page
+        .split("id=\"per-device\"")
+        .nth(1)
+        .and_then(|rest| rest.split("id=\"diff-h\"").next())
+        .expect("per-device section");
+    assert!(
+        per_device.contains("2 device(s) would get:"),
+        "{per_device}"
+    );
+    assert!(
+        per_device.contains(
+            "<td>cancel the queued install</td><td class=\"detail\">app:com.pingidentity.pingid</td>"
+        ),
+        "{per_device}"
+    );
+    assert!(per_device.contains("<td>leave scope</td>"), "{per_device}");
+
+    // Nothing was applied or queued by any of it.
+    let versions = console
+        .server
+        .get_json("/api/v1/policies/versions", Some(&console.admin))
+        .await;
+    assert_eq!(
+        versions["versions"].as_array().unwrap().len(),
+        1,
+        "{versions}"
+    );
+    assert_eq!(
+        (
+            console.commands_of(&first.udid).await.len(),
+            console.commands_of(&second.udid).await.len(),
+        ),
+        queued_before
+    );
+
+    // Bounds: one file over the loader's 1 MiB, a body over max_body_bytes (2 MiB), a name
+    // that climbs out, no file, no CSRF token, no policies:read.
+    let big = vec![b'#'; 1024 * 1024 + 1];
+    let response = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[
+                ("csrf", None, reader.csrf.as_bytes()),
+                ("files", Some("big.yaml"), &big),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("big.yaml: larger than 1024 KiB")
+    );
+    let part = vec![b'#'; 900 * 1024];
+    let response = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[
+                ("csrf", None, reader.csrf.as_bytes()),
+                ("files", Some("a.yaml"), &part),
+                ("files", Some("b.yaml"), &part),
+                ("files", Some("c.yaml"), &part),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(response.text().await.unwrap().contains("max_body_bytes"));
+    for name in [
+        "../escape.yaml",
+        "/etc/x.yaml",
+        ".git/config.yaml",
+        "notes.txt",
+    ] {
+        let response = console
+            .upload(
+                "/admin/policies/plan/upload",
+                &reader,
+                &[
+                    ("csrf", None, reader.csrf.as_bytes()),
+                    ("files", Some(name), b"x: 1"),
+                ],
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{name}");
+    }
+    let response = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[
+                ("csrf", None, reader.csrf.as_bytes()),
+                ("files", Some(""), b""),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &reader,
+            &[("files", Some("engineering.yaml"), changed.as_bytes())],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let helpdesk = session(&["devices:read"], 600, 3600);
+    let response = console
+        .upload(
+            "/admin/policies/plan/upload",
+            &helpdesk,
+            &[
+                ("csrf", None, helpdesk.csrf.as_bytes()),
+                ("files", Some("engineering.yaml"), changed.as_bytes()),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    // From a directory the operator allows.
+    std::fs::write(allowed.join("proposal/engineering.yaml"), &changed).unwrap();
+    std::fs::write(outside.join("engineering.yaml"), &changed).unwrap();
+    let mut browser = console.browser_with(&reader);
+    let policies = browser.page(&console.url("/admin/policies")).await;
+    assert!(policies.contains("id=\"plan-path\""), "{policies}");
+    assert!(
+        policies.contains("enctype=\"multipart/form-data\""),
+        "{policies}"
+    );
+    let path_url = console.url("/admin/policies/plan/path");
+    let proposal = allowed.join("proposal");
+    let planned = browser
+        .post_form(
+            &path_url,
+            &[("csrf", &reader.csrf), ("path", proposal.to_str().unwrap())],
+        )
+        .await;
+    assert_eq!(planned.status(), StatusCode::OK);
+    let page = planned.text().await.unwrap();
+    assert!(
+        page.contains("2 device(s) would get:") && page.contains("<td>update</td>"),
+        "{page}"
+    );
+    // Outside the allowed directories: by its own path, by "..", by a symbolic link.
+    std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+    let escapes = [
+        outside.display().to_string(),
+        format!("{}/../outside", allowed.display()),
+        allowed.join("link").display().to_string(),
+    ];
+    for path in &escapes {
+        let refused = browser
+            .post_form(&path_url, &[("csrf", &reader.csrf), ("path", path)])
+            .await;
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{path}");
+        let text = refused.text().await.unwrap();
+        assert!(
+            text.contains("not inside a directory the operator allows")
+                || text.contains("may not contain"),
+            "{path}: {text}"
+        );
+    }
+    let relative = browser
+        .post_form(&path_url, &[("csrf", &reader.csrf), ("path", "proposal")])
+        .await;
+    assert_eq!(relative.status(), StatusCode::BAD_REQUEST);
+    let refused = console.audit("action=console.policies.plan").await;
+    assert!(
+        refused.iter().filter(|e| e["outcome"] == "denied").count() >= 3,
+        "{refused:?}"
+    );
+    assert_eq!(
+        console
+            .server
+            .get_json("/api/v1/policies/versions", Some(&console.admin))
+            .await["versions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn post(
+    browser: &mut Browser,
+    url: String,
+    pairs: Vec<(String, String)>,
+) -> reqwest::Response {
+    let borrowed: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    browser.post_form(&url, &borrowed).await
+}
+
+/// Token integrations created, tokens generated and imported, app clients issued and a token
+/// revealed from the console: the API's rules and audit records, in the admin's name, and
+/// each form hidden and refused without its scope.
+#[tokio::test]
+async fn integrations_tokens_clients_and_reveals_with_the_api_s_rules() {
+    for db in TestDb::all().await {
+        integrations_on(&db).await;
+    }
+}
+
+async fn integrations_on(db: &TestDb) {
+    let console = Console::start(db, None, GROUPS).await;
+    let reader = session(&["tokens:read"], 600, 3600);
+    let mut browser = console.browser_with(&reader);
+    let list = browser.page(&console.url("/admin/tokens")).await;
+    assert!(!list.contains("id=\"create-integration\""), "{list}");
+    let fields = |csrf: &str| {
+        vec![
+            ("csrf".to_owned(), csrf.to_owned()),
+            ("name".to_owned(), "vendor".to_owned()),
+            ("display_name".to_owned(), "Vendor App".to_owned()),
+            ("bundle_id".to_owned(), "com.vendor.app".to_owned()),
+            ("config_key".to_owned(), "authToken".to_owned()),
+            ("overlap_secs".to_owned(), "600".to_owned()),
+        ]
+    };
+    let refused = post(
+        &mut browser,
+        console.url("/admin/tokens"),
+        fields(&reader.csrf),
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+
+    let writer = session(&["tokens:read", "tokens:write"], 600, 3600);
+    let mut browser = console.browser_with(&writer);
+    let list = browser.page(&console.url("/admin/tokens")).await;
+    assert!(list.contains("id=\"create-integration\""), "{list}");
+    let mut bad = fields(&writer.csrf);
+    bad[1].1 = "Not A Name!".into();
+    let invalid = post(&mut browser, console.url("/admin/tokens"), bad).await;
+    assert_eq!(invalid.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let created = post(
+        &mut browser,
+        console.url("/admin/tokens"),
+        fields(&writer.csrf),
+    )
+    .await;
+    assert_eq!(created.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&created), "/admin/tokens/vendor");
+    let shown = console
+        .server
+        .get_json("/api/v1/token-integrations/vendor", Some(&console.admin))
+        .await;
+    assert_eq!(shown["bundle_id"], "com.vendor.app", "{shown}");
+    assert_eq!(shown["overlap_secs"], 600, "{shown}");
+
+    // Imported: the value is never shown back; generated: shown once.
+    let imported_value = "vendor-portal-value-9876";
+    let tokens_url = console.url("/admin/tokens/vendor/tokens");
+    let imported = browser
+        .post_form(
+            &tokens_url,
+            &[
+                ("csrf", &writer.csrf),
+                ("label", "from vendor"),
+                ("value", imported_value),
+            ],
+        )
+        .await;
+    assert_eq!(imported.status(), StatusCode::OK);
+    let page = imported.text().await.unwrap();
+    assert!(!page.contains(imported_value) && !page.contains("id=\"new-token\""));
+    assert!(page.contains("…9876 (imported)"), "{page}");
+    let generated = browser
+        .post_form(&tokens_url, &[("csrf", &writer.csrf), ("label", "ours")])
+        .await;
+    assert_eq!(generated.headers()["cache-control"], "no-store");
+    let page = generated.text().await.unwrap();
+    assert!(
+        page.contains("<code id=\"new-token\" class=\"secret\">"),
+        "{page}"
+    );
+    let bad_time = browser
+        .post_form(
+            &tokens_url,
+            &[("csrf", &writer.csrf), ("expires_at", "tomorrow")],
+        )
+        .await;
+    assert_eq!(bad_time.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    // An app client: its secret once.
+    let client = browser
+        .post_form(
+            &console.url("/admin/tokens/vendor/clients"),
+            &[("csrf", &writer.csrf), ("name", "vendor-backend")],
+        )
+        .await;
+    assert_eq!(client.status(), StatusCode::OK);
+    assert_eq!(client.headers()["cache-control"], "no-store");
+    let page = client.text().await.unwrap();
+    let secret = page
+        .split("<code id=\"client-secret\" class=\"secret\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .expect("the client secret")
+        .to_owned();
+    assert!(secret.len() >= 20, "{secret}");
+    let again = browser.page(&console.url("/admin/tokens/vendor")).await;
+    assert!(!again.contains(&secret) && again.contains("vendor-backend"));
+    let clients = console
+        .server
+        .get_json(
+            "/api/v1/token-integrations/vendor/clients",
+            Some(&console.admin),
+        )
+        .await;
+    assert_eq!(clients["clients"].as_array().unwrap().len(), 1, "{clients}");
+    let client_id = clients["clients"][0]["id"].as_str().unwrap().to_owned();
+    let revoke_client = console.url(&format!("/admin/tokens/vendor/clients/{client_id}/revoke"));
+    let unconfirmed = browser
+        .post_form(
+            &revoke_client,
+            &[("csrf", &writer.csrf), ("confirm", "vendor")],
+        )
+        .await;
+    assert_eq!(unconfirmed.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let revoked = browser
+        .post_form(
+            &revoke_client,
+            &[("csrf", &writer.csrf), ("confirm", "vendor-backend")],
+        )
+        .await;
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let clients = console
+        .server
+        .get_json(
+            "/api/v1/token-integrations/vendor/clients",
+            Some(&console.admin),
+        )
+        .await;
+    assert!(clients["clients"][0]["revoked_at"].is_string(), "{clients}");
+
+    // Reveal: hidden and refused without tokens:reveal, audited either way.
+    let tokens = console
+        .server
+        .get_json(
+            "/api/v1/token-integrations/vendor/tokens",
+            Some(&console.admin),
+        )
+        .await;
+    let id = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["source"] == "imported")
+        .expect("the imported token")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!again.contains("/reveal"), "{again}");
+    let reveal_url = console.url(&format!("/admin/tokens/vendor/tokens/{id}/reveal"));
+    let refused = browser
+        .post_form(&reveal_url, &[("csrf", &writer.csrf)])
+        .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let revealer = session(&["tokens:read", "tokens:reveal"], 600, 3600);
+    let mut browser = console.browser_with(&revealer);
+    let page = browser.page(&console.url("/admin/tokens/vendor")).await;
+    assert!(page.contains(&format!("/tokens/{id}/reveal")), "{page}");
+    assert!(
+        !page.contains("id=\"add-token\""),
+        "no tokens:write: {page}"
+    );
+    let forged = browser.post_form(&reveal_url, &[("csrf", "wrong")]).await;
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let revealed = browser
+        .post_form(&reveal_url, &[("csrf", &revealer.csrf)])
+        .await;
+    assert_eq!(revealed.status(), StatusCode::OK);
+    assert_eq!(revealed.headers()["cache-control"], "no-store");
+    let page = revealed.text().await.unwrap();
+    assert!(
+        page.contains(&format!(
+            "<code id=\"revealed-token\" class=\"secret\">{imported_value}</code>"
+        )),
+        "{page}"
+    );
+
+    let entries = console.audit("actor=admin:test:dana").await;
+    let seen: Vec<(String, String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["target"].as_str().unwrap_or_default().to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let target = format!("vendor/{id}");
+    let client_target = format!("vendor/{client_id}");
+    for (action, target, outcome) in [
+        ("token-integration.create", "vendor", "denied"),
+        ("token-integration.create", "Not A Name!", "failure"),
+        ("token-integration.create", "vendor", "success"),
+        ("token.import", "vendor", "success"),
+        ("token.create", "vendor", "success"),
+        ("app-client.create", "vendor", "success"),
+        ("app-client.revoke", client_target.as_str(), "failure"),
+        ("app-client.revoke", client_target.as_str(), "success"),
+        ("token.reveal", target.as_str(), "denied"),
+        ("token.reveal", target.as_str(), "success"),
+    ] {
+        assert!(
+            seen.contains(&(action.to_owned(), target.to_owned(), outcome.to_owned())),
+            "{action} {target} {outcome} in {seen:?}"
+        );
+    }
+    // The audit search finds an actor by any part of it, in any case.
+    let mut auditor = console.browser_with(&session(&["audit:read"], 600, 3600));
+    let found = auditor
+        .page(&console.url("/admin/audit?actor=DANA&action=token.reveal"))
+        .await;
+    assert!(
+        found.contains("admin:test:dana") && found.contains("3 record(s)"),
+        "{found}"
+    );
+    let none = auditor
+        .page(&console.url("/admin/audit?actor=erin&action=token."))
+        .await;
+    assert!(none.contains("0 record(s)"), "{none}");
+}
+
+/// The overview's charts count each hour in the database: rows placed at known ages are
+/// counted in their hour, failures in the warning, rows older than a day left out.
+#[tokio::test]
+async fn overview_charts_count_rows_per_hour_in_the_database() {
+    for db in TestDb::all().await {
+        charts_on(&db).await;
+    }
+}
+
+async fn charts_on(db: &TestDb) {
+    use trustbroker::store::CommandStatus;
+    let console = Console::start(db, None, GROUPS).await;
+    let device = console.device().await;
+    let now = trustbroker::store::now();
+    let minutes = chrono::Duration::minutes;
+    console
+        .set_time(
+            db,
+            "UPDATE mdm_enrollments SET last_seen_at = $1 WHERE id = $2",
+            now - minutes(3 * 60 + 20),
+            &device.udid,
+        )
+        .await;
+    let mut uuids = Vec::new();
+    for query in ["OSVersion", "BatteryLevel", "DeviceName", "ModelName"] {
+        let response = console
+            .server
+            .client
+            .post(console.url("/api/v1/commands"))
+            .bearer_auth(&console.admin)
+            .json(&serde_json::json!({"enrollment_ids": [device.udid],
+                "command": {"RequestType": "DeviceInformation", "Queries": [query]}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Json = response.json().await.unwrap();
+        uuids.push(
+            body["commands"][0]["command_uuid"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let answered = [
+        (CommandStatus::Acknowledged, now - minutes(10)),
+        (CommandStatus::Acknowledged, now - minutes(5 * 60 + 10)),
+        (CommandStatus::Error, now - minutes(2 * 60 + 30)),
+        (CommandStatus::NotNow, now - minutes(30 * 60)),
+    ];
+    for (uuid, (status, at)) in uuids.iter().zip(answered) {
+        console
+            .set_time(
+                db,
+                &format!(
+                    "UPDATE mdm_commands SET status = '{}', answered_at = $1 WHERE uuid = $2",
+                    status.as_str()
+                ),
+                at,
+                uuid,
+            )
+            .await;
+    }
+    let mut browser = console.browser_with(&session(&["devices:read"], 600, 3600));
+    let overview = browser.page(&console.url("/admin")).await;
+    for expected in [
+        "Last 24 hours: 1 channels seen.",
+        "1 channels seen 3 h ago",
+        "Last 24 hours: 2 acknowledged, 0 not now, 1 failed.",
+        "1 acknowledged this hour",
+        "1 acknowledged 5 h ago",
+        "1 failed 2 h ago",
+        "1 command(s) failed on devices in the last 24 hours.",
+    ] {
+        assert!(overview.contains(expected), "{expected}: {overview}");
+    }
 }

@@ -1,7 +1,9 @@
 // An admin using the console, in headless Chromium (Debian's): open /admin, sign in at the
 // identity provider's own login page, find a device by its name, queue DeviceInformation and
-// wait, without reloading, for the page to show the device's answer. axe-core checks every page
-// on the way (WCAG 2 A/AA rules and best practices).
+// wait, without reloading, for the page to show the device's answer; then plan an uploaded
+// policy file (its per-device difference: the device must belong to someone in
+// cn=engineering,ou=groups,dc=example,dc=org at provider "corp"), reveal a token and issue an
+// app client. axe-core checks every page on the way (WCAG 2 A/AA rules and best practices).
 //
 //   node console-flow.mjs BASE_URL BUTTON_TEXT USER PASSWORD DEVICE_NAME OUT_DIR [SERVED_AT]
 //
@@ -14,6 +16,7 @@
 // meanwhile>, "cancelShown": <whether its Cancel button is still offered>, "styled": <whether the console's style sheet applied>, "screenshots": [paths]}.
 // The caller answers the command with its device simulator while this waits. Exits non-zero
 // with a message when a step fails.
+import fs from 'node:fs';
 import path from 'node:path';
 import axe from 'axe-core';
 import puppeteer from 'puppeteer-core';
@@ -149,12 +152,46 @@ try {
   await go(page.click('#plan'));
   await check('plan');
 
+  step('plan an uploaded file');
+  await go(page.click('nav a[href="/admin/policies"]'));
+  const uploadDir = path.resolve(outDir, 'console-upload');
+  fs.mkdirSync(uploadDir, { recursive: true });
+  const policyFile = path.join(uploadDir, 'engineering.yaml');
+  fs.writeFileSync(policyFile, [
+    'name: engineering',
+    'targets:',
+    '  groups:',
+    '    - { provider: corp, id: "cn=engineering,ou=groups,dc=example,dc=org" }',
+    'profiles:',
+    '  - name: passcode',
+    '    payloads:',
+    '      - { PayloadType: com.apple.mobiledevice.passwordpolicy, minLength: 8 }',
+    '',
+  ].join('\n'));
+  const fileInput = await page.$('#plan-files');
+  await fileInput.uploadFile(policyFile);
+  await go(page.click('#plan-upload'));
+  if (!(await page.$('.device-group'))) {
+    throw new Error(`no per-device difference on the plan: ${await page.content()}`);
+  }
+  await check('plan-upload');
+  await shot('plan-upload');
+
   step('tokens');
   await go(page.click('nav a[href="/admin/tokens"]'));
   await check('tokens');
   await go(page.click('table a[href^="/admin/tokens/"]'));
   await check('integration');
   await shot('integration');
+  step('reveal a token');
+  await go(page.click('form[action$="/reveal"] button'));
+  if (!(await page.$('#revealed-token'))) throw new Error(`nothing revealed: ${await page.content()}`);
+  await check('revealed');
+  step('issue an app client');
+  await page.type('#client-name', 'vendor-backend');
+  await go(page.click('#create-client'));
+  if (!(await page.$('#client-secret'))) throw new Error(`no client secret: ${await page.content()}`);
+  await check('client-issued');
 
   step('audit log');
   await go(page.click('nav a[href="/admin/audit"]'));
