@@ -749,8 +749,10 @@ async fn plist_bombs_are_refused_before_or_while_reading_and_health_stays_fast()
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let text = response.text().await.unwrap();
     assert!(text.contains("too large"), "{text}");
+    // A bound on a guard, not a benchmark: expanding the bomb would take minutes and gigabytes;
+    // refusing it takes milliseconds, seconds on a debug build with every core busy.
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
