@@ -6,6 +6,15 @@
 #
 #   bash benches/scep.sh [requests per level, default 1000]
 #
+# Environment (all optional), for before/after pairs and profiles:
+#   BENCH_BIN=path          a trustbroker binary to measure instead of building this tree's
+#                           (e.g. a release build of the parent commit in another worktree)
+#   BENCH_LOAD=path         a built scep_load (skips `cargo bench --no-run`)
+#   BENCH_ONLY="sqlite postgres scepserver"   which servers to run (default: all three)
+#   BENCH_CONCURRENCY=1,8,32                  concurrency levels
+#   BENCH_PERF=DIR          record `perf record -g` of each trustbroker run into DIR
+#                           (perf-sqlite.data, perf-postgres.data; `perf report -i ...`)
+#
 # scepserver runs in a network namespace with only `lo` up and the load generator runs inside
 # it too, connecting directly: no relay process between them (the socat relay of the test peers
 # forks and enters the namespace for every connection, which capped scepserver's figures, not
@@ -23,14 +32,27 @@ WORK=$(mktemp -d)
 PORT=9380
 NETNS=tbscepbench
 
-cargo build --release --locked --bin trustbroker
-LOAD=$(cargo bench --locked --bench scep_load --no-run --message-format=json |
-  grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
+ONLY=${BENCH_ONLY:-sqlite postgres scepserver}
+LEVELS=${BENCH_CONCURRENCY:-1,8,32}
+if [[ -n ${BENCH_BIN:-} ]]; then
+  BIN=$BENCH_BIN
+else
+  cargo build --release --locked --bin trustbroker
+  BIN=target/release/trustbroker
+fi
+LOAD=${BENCH_LOAD:-$(cargo bench --locked --bench scep_load --no-run --message-format=json |
+  grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)}
 [[ -x $LOAD ]] || { echo "scep_load was not built" >&2; exit 1; }
-BIN=target/release/trustbroker
+[[ -x $BIN ]] || { echo "no trustbroker binary at $BIN" >&2; exit 1; }
+runs() { [[ " $ONLY " == *" $1 "* ]]; }
+header=1
+# Prints the table header once, however many servers run.
+table() { if ((header)); then header=0; cat; else tail -n +3; fi; }
 
 broker_pid=
+perf_pid=
 cleanup() {
+  [[ -n $perf_pid ]] && kill -INT "$perf_pid" 2>/dev/null && wait "$perf_pid" 2>/dev/null
   [[ -n $broker_pid ]] && kill "$broker_pid" 2>/dev/null && wait "$broker_pid" 2>/dev/null
   rm -rf "$WORK"
 }
@@ -59,25 +81,50 @@ stop_broker() {
   broker_pid=
 }
 
-echo "load: $(uptime)" >&2
-echo "trustbroker, SQLite, one-time challenges" >&2
-start_broker ""
-"$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
-  --requests "$REQUESTS" --label "trustbroker (SQLite)"
-stop_broker
+# Measures the running broker ($1: label, $2: name of the perf file).
+measure_broker() {
+  if [[ -n ${BENCH_PERF:-} ]]; then
+    mkdir -p "$BENCH_PERF"
+    perf record -g -o "$BENCH_PERF/perf-$2.data" -p "$broker_pid" 2>/dev/null &
+    perf_pid=$!
+    sleep 0.5
+  fi
+  "$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
+    --concurrency "$LEVELS" --requests "$REQUESTS" --label "$1" >"$WORK/rows"
+  table <"$WORK/rows"
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid"
+    wait "$perf_pid" 2>/dev/null || true
+    perf_pid=
+  fi
+}
 
-echo "trustbroker, PostgreSQL, one-time challenges" >&2
-psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" -c "CREATE DATABASE $PG_DB" >/dev/null
-start_broker "${PG_ADMIN%/*}/$PG_DB"
-"$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
-  --requests "$REQUESTS" --label "trustbroker (PostgreSQL)" | tail -n +3
-stop_broker
+echo "load: $(uptime)" >&2
+echo "binary: $BIN" >&2
+if runs sqlite; then
+  echo "trustbroker, SQLite, one-time challenges" >&2
+  start_broker ""
+  measure_broker "trustbroker (SQLite)" sqlite
+  stop_broker
+fi
+
+if runs postgres; then
+  echo "trustbroker, PostgreSQL, one-time challenges" >&2
+  psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" -c "CREATE DATABASE $PG_DB" >/dev/null
+  start_broker "${PG_ADMIN%/*}/$PG_DB"
+  measure_broker "trustbroker (PostgreSQL)" postgres
+  stop_broker
+fi
 
 # scepserver listens on every interface and has no address flag: it runs in a network namespace
 # of its own with only `lo` up, and the load generator joins that namespace and talks to it on
 # its loopback. Its CA gets a 2048-bit key like trustbroker's (`scepserver ca -init` defaults
 # to 4096, which costs about seven times as much per private-key operation). Its depot degrades
 # under concurrency, so each level gets a fresh server.
+if ! runs scepserver; then
+  echo "load: $(uptime)" >&2
+  exit 0
+fi
 command -v scepserver >/dev/null || bash tests/peers/scep.sh install
 scep_pid=
 stop_scepserver() {
@@ -89,7 +136,7 @@ stop_scepserver() {
   ip netns del "$NETNS" 2>/dev/null || true
 }
 trap 'stop_scepserver; cleanup' EXIT
-for c in 1 8 32; do
+for c in ${LEVELS//,/ }; do
   echo "scepserver 2.1.0 (RSA-2048 CA), static challenge, concurrency $c" >&2
   depot=$WORK/depot-$c
   scepserver ca -init -keySize 2048 -depot "$depot" >/dev/null 2>&1
@@ -105,7 +152,8 @@ for c in 1 8 32; do
   done
   ip netns exec "$NETNS" "$LOAD" --url http://127.0.0.1:2016/scep --challenge secret \
     --cipher des3 --concurrency "$c" --requests "$REQUESTS" --server-pid "$scep_pid" \
-    --label "scepserver 2.1.0" | tail -n +3
+    --label "scepserver 2.1.0" >"$WORK/rows"
+  table <"$WORK/rows"
   stop_scepserver
 done
 echo "load: $(uptime)" >&2

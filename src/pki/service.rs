@@ -214,29 +214,37 @@ impl ScepService {
         cipher: ContentCipher,
     ) -> Result<Answer, Refusal> {
         check_key(&csr)?;
-        if let Some(earlier) = self.replay(message, requester, None).await? {
-            return Ok(Answer::Certificate(earlier));
-        }
-        let challenge = csr
-            .challenge_password
-            .as_deref()
-            .ok_or_else(|| Refusal::new(FailInfo::BadRequest, "no challenge password"))?;
+        let Some(challenge) = csr.challenge_password.as_deref() else {
+            return match self.replay(message, requester, None).await? {
+                Some(earlier) => Ok(Answer::Certificate(earlier)),
+                None => Err(Refusal::new(FailInfo::BadRequest, "no challenge password")),
+            };
+        };
         if let Some(fixed) = &self.static_challenge
             && bool::from(fixed.0.as_bytes().ct_eq(challenge.as_bytes()))
         {
+            if let Some(earlier) = self.replay(message, requester, None).await? {
+                return Ok(Answer::Certificate(earlier));
+            }
             return self
                 .enroll_with_static_challenge(message, requester, &csr, cipher)
                 .await;
         }
         let hash = challenge::hash(challenge);
         let now = crate::store::now();
-        let enrollment = self
+        // Whether this is a retry, and what the challenge redeems for: one query.
+        let lookup = self
             .store
-            .redeemable_enrollment(&hash, now)
-            .await?
-            .ok_or_else(|| {
-                Refusal::new(FailInfo::BadRequest, "challenge unknown, used or expired")
-            })?;
+            .scep_redemption(&hash, now, &message.transaction_id)
+            .await?;
+        if lookup.transaction_seen
+            && let Some(earlier) = self.replay(message, requester, None).await?
+        {
+            return Ok(Answer::Certificate(earlier));
+        }
+        let enrollment = lookup.enrollment.ok_or_else(|| {
+            Refusal::new(FailInfo::BadRequest, "challenge unknown, used or expired")
+        })?;
         let enrollment_id = enrollment.id.clone();
         let (issued, reply) = self
             .issue(csr.public_key_der.clone(), enrollment, message, cipher)

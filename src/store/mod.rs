@@ -24,6 +24,7 @@ mod scim;
 mod states;
 mod tokens;
 mod users;
+mod wal;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -55,7 +56,7 @@ pub use mdm::{
 };
 pub use pki::{
     CaKeyRow, CertificateQuery, CertificateRecord, EnrollmentRecord, Recorded, RedeemRefusal,
-    RenewalRefusal, RequestedCertificate, SigningKeyRow,
+    Redemption, RenewalRefusal, RequestedCertificate, SigningKeyRow,
 };
 pub use policy::{
     DeviceTarget, HeldToken, ItemChange, ManagedItemRow, PolicyVersionRecord, ReconcileRequest,
@@ -213,27 +214,45 @@ pub struct Store {
     pool: Pool,
     /// Changes this node made, for the MDM caches (`generation`).
     changes: std::sync::Arc<LocalChanges>,
+    /// SQLite: the background WAL checkpoint task (`wal`), stopped with the last clone.
+    _checkpointer: Option<std::sync::Arc<wal::Checkpointer>>,
+}
+
+/// How every SQLite connection is opened (WAL mode; checkpoints left to `wal`).
+fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL is durable across application crashes in WAL mode; only an OS crash can
+        // lose the last transactions, which is the usual trade for an embedded server.
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5))
+        // Checkpoints run on a background task, not in the COMMIT of the request that filled
+        // the log (store::wal); this is only the backstop should that task stop.
+        .pragma(
+            "wal_autocheckpoint",
+            wal::AUTOCHECKPOINT_BACKSTOP_PAGES.to_string(),
+        )
 }
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` in WAL mode.
     pub async fn open_sqlite(path: &Path, max_connections: u32) -> StoreResult<Store> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL is durable across application crashes in WAL mode; only an OS crash can
-            // lose the last transactions, which is the usual trade for an embedded server.
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
-            .connect_with(options)
+            // sqlx pings an idle connection before handing it out; for SQLite that is one more
+            // round trip to the connection's thread per acquire and proves nothing (the file
+            // cannot go away like a server can).
+            .test_before_acquire(false)
+            .connect_with(sqlite_options(path))
             .await?;
+        let checkpointer = wal::Checkpointer::start(pool.clone());
         Ok(Store {
             pool: Pool::Sqlite(pool),
             changes: Default::default(),
+            _checkpointer: Some(std::sync::Arc::new(checkpointer)),
         })
     }
 
@@ -251,6 +270,7 @@ impl Store {
         Ok(Store {
             pool: Pool::Postgres(pool),
             changes: Default::default(),
+            _checkpointer: None,
         })
     }
 

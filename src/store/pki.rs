@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{CertificateStatus, EnrollmentStatus, Store, StoreError, StoreResult, on_pool};
+use super::{CertificateStatus, EnrollmentStatus, Pool, Store, StoreError, StoreResult, on_pool};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct CaKeyRow {
@@ -43,6 +43,50 @@ pub struct CertificateRecord {
     pub sender_nonce: String,
     pub der: Vec<u8>,
     pub issued_at: DateTime<Utc>,
+}
+
+/// What [`Store::scep_redemption`] read.
+#[derive(Clone, Debug)]
+pub struct Redemption {
+    /// A certificate was issued under this transaction ID before.
+    pub transaction_seen: bool,
+    /// The enrollment the challenge redeems for, if it is unused and unexpired.
+    pub enrollment: Option<EnrollmentRecord>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RedemptionRow {
+    transaction_seen: bool,
+    id: Option<String>,
+    for_user: Option<String>,
+    for_device: Option<String>,
+    user_id: Option<String>,
+    requested_by: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+    status: Option<EnrollmentStatus>,
+}
+
+impl From<RedemptionRow> for Redemption {
+    fn from(row: RedemptionRow) -> Self {
+        let enrollment = match (row.id, row.requested_by, row.created_at, row.status) {
+            (Some(id), Some(requested_by), Some(created_at), Some(status)) => {
+                Some(EnrollmentRecord {
+                    id,
+                    for_user: row.for_user,
+                    for_device: row.for_device,
+                    user_id: row.user_id,
+                    requested_by,
+                    created_at,
+                    status,
+                })
+            }
+            _ => None,
+        };
+        Redemption {
+            transaction_seen: row.transaction_seen,
+            enrollment,
+        }
+    }
 }
 
 /// Why a challenge could not be redeemed. The requester is told only that it was refused.
@@ -108,6 +152,27 @@ macro_rules! select_requested_certificates {
 const INSERT_CERTIFICATE: &str = "INSERT INTO certificates (serial, enrollment_id, subject, \
      not_before, not_after, status, renewed_from, transaction_id, sender_nonce, der, issued_at, \
      signer_key_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// Redeems a one-time challenge ($13 now, $14 its hash, $15 its enrollment) and records the
+/// certificate ($1–$12 as in [`INSERT_CERTIFICATE`]), on SQLite: two statements in one call,
+/// inside the caller's transaction; both write a row, or the caller rolls back.
+const SQLITE_REDEEM_AND_RECORD: &str = "INSERT INTO certificates (serial, enrollment_id, \
+     subject, not_before, not_after, status, renewed_from, transaction_id, sender_nonce, der, \
+     issued_at, signer_key_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12); \
+     UPDATE scep_challenges SET redeemed_at = $13 \
+     WHERE challenge_hash = $14 AND enrollment_id = $15 \
+       AND redeemed_at IS NULL AND expires_at > $13";
+
+/// The same on PostgreSQL in one statement: the certificate row is inserted only for the row
+/// the UPDATE redeemed, and a unique violation undoes the UPDATE with it.
+const POSTGRES_REDEEM_AND_RECORD: &str = "WITH redeemed AS (\
+       UPDATE scep_challenges SET redeemed_at = $13 \
+       WHERE challenge_hash = $14 AND enrollment_id = $15 \
+         AND redeemed_at IS NULL AND expires_at > $13 \
+       RETURNING 1) \
+     INSERT INTO certificates (serial, enrollment_id, subject, not_before, not_after, status, \
+       renewed_from, transaction_id, sender_nonce, der, issued_at, signer_key_sha256) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM redeemed";
 
 /// At most this many certificates are read back for one transaction ID (they are one or two:
 /// a transaction ID belongs to one requester).
@@ -214,27 +279,41 @@ impl Store {
             .await?))
     }
 
-    /// The enrollment a challenge would redeem for, read with the challenge in one query (one
-    /// round trip on the issuance path), if the challenge is unused and unexpired now.
-    pub async fn redeemable_enrollment(
+    /// What a PKCSReq with this challenge and transaction ID needs from the database before
+    /// anything is signed, in one query (one round trip, one hand-off to SQLite's thread):
+    /// whether a certificate was issued under the transaction ID before (a retry: the caller
+    /// then looks it up), and the enrollment the challenge redeems for if it is unused and
+    /// unexpired now. A read only: redemption happens in [`Store::redeem_challenge_and_record`].
+    pub async fn scep_redemption(
         &self,
         challenge_hash: &str,
         now: DateTime<Utc>,
-    ) -> StoreResult<Option<EnrollmentRecord>> {
-        let sql = "SELECT e.id, e.for_user, e.for_device, e.user_id, e.requested_by, \
-                   e.created_at, e.status \
-                   FROM scep_challenges c JOIN enrollments e ON e.id = c.enrollment_id \
-                   WHERE c.challenge_hash = $1 AND c.redeemed_at IS NULL AND c.expires_at > $2";
-        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
+        transaction_id: &str,
+    ) -> StoreResult<Redemption> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM certificates WHERE transaction_id = $3) \
+                     AS transaction_seen, \
+                   e.id, e.for_user, e.for_device, e.user_id, e.requested_by, e.created_at, \
+                   e.status \
+                   FROM (SELECT 1 AS one) AS one \
+                   LEFT JOIN scep_challenges c ON c.challenge_hash = $1 \
+                     AND c.redeemed_at IS NULL AND c.expires_at > $2 \
+                   LEFT JOIN enrollments e ON e.id = c.enrollment_id";
+        let row: RedemptionRow = on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(challenge_hash)
             .bind(now)
-            .fetch_optional(pool)
-            .await?))
+            .bind(transaction_id)
+            .fetch_one(pool)
+            .await?);
+        Ok(row.into())
     }
 
     /// Atomically marks the challenge used and records the certificate issued under it, with
     /// the key that signed the request. Of any number of concurrent redemptions of one
     /// challenge exactly one commits; the others are refused and leave nothing behind.
+    ///
+    /// The two writes are one statement on PostgreSQL (a data-modifying WITH, atomic on its
+    /// own: one round trip instead of four) and one call inside `BEGIN IMMEDIATE … COMMIT` on
+    /// SQLite, which has no data-modifying WITH (three hand-offs to its thread instead of four).
     pub async fn redeem_challenge_and_record(
         &self,
         challenge_hash: &str,
@@ -243,31 +322,45 @@ impl Store {
         certificate: &CertificateRecord,
         signer_key_sha256: &str,
     ) -> StoreResult<Result<Recorded, RedeemRefusal>> {
-        let redeem = "UPDATE scep_challenges SET redeemed_at = $1 \
-                      WHERE challenge_hash = $2 AND enrollment_id = $3 \
-                        AND redeemed_at IS NULL AND expires_at > $1";
-        let outcome: Result<Result<(), RedeemRefusal>, sqlx::Error> =
-            on_pool!(self, |pool| async {
-                let mut tx = super::begin_write(pool).await?;
-                let redeemed = sqlx::query(redeem)
+        let outcome: Result<Result<(), RedeemRefusal>, sqlx::Error> = match &self.pool {
+            Pool::Sqlite(pool) => {
+                async {
+                    let mut tx = super::begin_write(pool).await?;
+                    // The INSERT always writes its row (or fails, and the transaction is
+                    // rolled back when dropped); the UPDATE writes one only if the challenge
+                    // is still redeemable: two rows, or nothing is kept.
+                    let written =
+                        bind_certificate(sqlx::query(SQLITE_REDEEM_AND_RECORD), certificate)
+                            .bind(signer_key_sha256)
+                            .bind(now)
+                            .bind(challenge_hash)
+                            .bind(enrollment_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                    if written != 2 {
+                        tx.rollback().await?;
+                        return Ok(Err(RedeemRefusal::NotRedeemable));
+                    }
+                    tx.commit().await?;
+                    Ok(Ok(()))
+                }
+                .await
+            }
+            Pool::Postgres(pool) => {
+                bind_certificate(sqlx::query(POSTGRES_REDEEM_AND_RECORD), certificate)
+                    .bind(signer_key_sha256)
                     .bind(now)
                     .bind(challenge_hash)
                     .bind(enrollment_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if redeemed != 1 {
-                    tx.rollback().await?;
-                    return Ok(Err(RedeemRefusal::NotRedeemable));
-                }
-                bind_certificate(sqlx::query(INSERT_CERTIFICATE), certificate)
-                    .bind(signer_key_sha256)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(Ok(()))
+                    .execute(pool)
+                    .await
+                    .map(|done| match done.rows_affected() {
+                        1 => Ok(()),
+                        _ => Err(RedeemRefusal::NotRedeemable),
+                    })
             }
-            .await);
+        };
         recorded_or_duplicate(outcome)
     }
 

@@ -303,24 +303,48 @@ async fn wrong_reused_expired_and_missing_challenges_issue_nothing() {
 
 #[tokio::test]
 async fn a_replayed_request_never_issues_twice() {
-    let scep = Scep::with(TestServer::start().await).await;
-    let id = identity(2);
-    let challenge = scep.challenge().await;
-    let body = pkcs_req(
-        id,
-        &scep.ca,
-        challenge["challenge"].as_str(),
-        ContentCipher::DesEde3Cbc,
-        DigestAlgorithm::Sha1,
-    );
-    let first = outcome(&scep, id, body.clone()).await;
-    let again = outcome(&scep, id, body).await;
-    assert_eq!(first.status, PkiStatus::Success);
-    // The retry gets the certificate it already has, not a second one.
-    assert_eq!(again.status, PkiStatus::Success);
-    assert_eq!(again.certificates[0], first.certificates[0]);
-    assert_eq!(scep.certificates().await.len(), 1);
-    scep.server.stop().await;
+    for db in TestDb::all().await {
+        let scep = Scep::start_on(&db).await;
+        let id = identity(2);
+        let challenge = scep.challenge().await;
+        let body = pkcs_req(
+            id,
+            &scep.ca,
+            challenge["challenge"].as_str(),
+            ContentCipher::DesEde3Cbc,
+            DigestAlgorithm::Sha1,
+        );
+        let first = outcome(&scep, id, body.clone()).await;
+        let again = outcome(&scep, id, body.clone()).await;
+        assert_eq!(first.status, PkiStatus::Success, "{}", db.name());
+        // The retry gets the certificate it already has, not a second one.
+        assert_eq!(again.status, PkiStatus::Success, "{}", db.name());
+        assert_eq!(
+            again.certificates[0],
+            first.certificates[0],
+            "{}",
+            db.name()
+        );
+        // Concurrent retries too: one certificate in all.
+        let scep = Arc::new(scep);
+        let retries: Vec<_> = (0..4)
+            .map(|_| {
+                let (scep, body) = (scep.clone(), body.clone());
+                tokio::spawn(async move { outcome(&scep, id, body).await })
+            })
+            .collect();
+        for retry in retries {
+            let reply = retry.await.unwrap();
+            assert_eq!(reply.status, PkiStatus::Success, "{}", db.name());
+            assert_eq!(
+                reply.certificates[0],
+                first.certificates[0],
+                "{}",
+                db.name()
+            );
+        }
+        assert_eq!(scep.certificates().await.len(), 1, "{}", db.name());
+    }
 }
 
 #[tokio::test]
