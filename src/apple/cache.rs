@@ -75,7 +75,7 @@ struct Inner {
     queue_generation: AtomicI64,
     standings: RwLock<HashMap<CertificateKey, (Stamp, Arc<Standing>)>>,
     idle: RwLock<HashMap<Box<str>, Stamp>>,
-    signers: RwLock<HashMap<CertificateKey, Arc<SignerKey>>>,
+    signers: RwLock<HashMap<CertificateKey, SignerKey>>,
     capacity: usize,
 }
 
@@ -174,7 +174,7 @@ impl MdmCache {
 
     /// What a certificate offers for verifying signatures: remembered, or read from it now
     /// and remembered (`None`: not a certificate; never remembered).
-    pub fn signer_key(&self, der: &[u8]) -> Option<Arc<SignerKey>> {
+    pub fn signer_key(&self, der: &[u8]) -> Option<SignerKey> {
         let key = certificate_key(der);
         if let Some(found) = self
             .inner
@@ -185,7 +185,7 @@ impl MdmCache {
         {
             return Some(found);
         }
-        let signer = Arc::new(SignerKey::from_certificate(der).ok()?);
+        let signer = SignerKey::from_certificate(der).ok()?;
         if let Ok(mut map) = self.inner.signers.write() {
             if map.len() >= self.inner.capacity && !map.contains_key(&key) {
                 map.clear();

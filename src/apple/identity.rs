@@ -356,7 +356,7 @@ impl MigratedCas {
 /// Checks the header's signature over the body; returns the signer.
 pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigner, IdentityError> {
     verify_signature_with(header, body, &|der| {
-        scep::SignerKey::from_certificate(der).ok().map(Arc::new)
+        scep::SignerKey::from_certificate(der).ok()
     })
 }
 
@@ -364,7 +364,7 @@ pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigne
 fn verify_signature_with(
     header: &str,
     body: &[u8],
-    key_of: &dyn Fn(&[u8]) -> Option<Arc<scep::SignerKey>>,
+    key_of: &dyn Fn(&[u8]) -> Option<scep::SignerKey>,
 ) -> Result<scep::VerifiedSigner, IdentityError> {
     if header.len() > MAX_SIGNATURE_LEN {
         return Err(IdentityError::Malformed(
@@ -474,7 +474,7 @@ mod tests {
         );
         let body = b"<plist><dict><key>Status</key><string>Idle</string></dict></plist>";
         let signed = header(body, &device);
-        let remembered = Arc::new(SignerKey::from_certificate(&device.certificate_der).unwrap());
+        let remembered = SignerKey::from_certificate(&device.certificate_der).unwrap();
         let lookups = Cell::new(0);
         let cached = |_: &[u8]| {
             lookups.set(lookups.get() + 1);
@@ -491,7 +491,7 @@ mod tests {
 
         // A lookup that answers with another certificate's key: the SignerInfo does not name
         // it, and nothing verifies.
-        let wrong = Arc::new(SignerKey::from_certificate(&other.certificate_der).unwrap());
+        let wrong = SignerKey::from_certificate(&other.certificate_der).unwrap();
         let err =
             verify_signature_with(&signed, body, &|_: &[u8]| Some(wrong.clone())).unwrap_err();
         assert!(matches!(err, IdentityError::Malformed(_)), "{err}");

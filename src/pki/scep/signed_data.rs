@@ -3,8 +3,6 @@
 //! header over the request body). Parsing and verification are ours: RustCrypto's `cms` reads
 //! DER only and does not verify.
 
-use std::sync::Arc;
-
 use const_oid::ObjectIdentifier;
 use der::{Decode, Encode};
 use x509_cert::Certificate;
@@ -31,7 +29,7 @@ pub struct VerifiedSigner {
 /// Verifies a detached CMS signature (BER or DER SignedData without eContent) over `content`.
 pub fn verify_detached(signature: &[u8], content: &[u8]) -> Result<VerifiedSigner, ScepError> {
     verify_detached_with(signature, content, &|der| {
-        SignerKey::from_certificate(der).ok().map(Arc::new)
+        SignerKey::from_certificate(der).ok()
     })
 }
 
@@ -41,7 +39,7 @@ pub fn verify_detached(signature: &[u8], content: &[u8]) -> Result<VerifiedSigne
 pub fn verify_detached_with(
     signature: &[u8],
     content: &[u8],
-    key_of: &dyn Fn(&[u8]) -> Option<Arc<SignerKey>>,
+    key_of: &dyn Fn(&[u8]) -> Option<SignerKey>,
 ) -> Result<VerifiedSigner, ScepError> {
     let normalised = tlv::normalise(signature)?;
     let parsed = parse_signed_data(&normalised)?;
@@ -52,7 +50,7 @@ pub fn verify_detached_with(
         return Err(malformed("a detached signature must be over id-data"));
     }
     let (certificate_der, key) = find_signer_key(&parsed.certificates, &parsed.signer.sid, key_of)?;
-    verify_with_key(&parsed, key.rsa_public_key()?, content)?;
+    verify_with_key(&parsed, key.rsa_public_key(certificate_der)?, content)?;
     Ok(VerifiedSigner {
         certificate_der: certificate_der.to_vec(),
         digest: parsed.signer.digest,
@@ -60,14 +58,18 @@ pub fn verify_detached_with(
 }
 
 /// What verifying a signature needs of a signer's certificate, read from it once: how the
-/// SignerInfo may name it, and its RSA public key.
-#[derive(Debug)]
+/// SignerInfo may name it, and where its RSA public key lies in its bytes. Small and without
+/// allocations (a node keeps one per certificate it sees); only meaningful with the very
+/// bytes it was read from.
+#[derive(Clone, Debug)]
 pub struct SignerKey {
     /// SHA-256 over the issuer Name's DER and the serial without leading zero bytes.
     issuer_and_serial: [u8; 32],
-    subject_key_id: Option<Box<[u8]>>,
-    /// The RSAPublicKey DER, or the algorithm of a key that is not RSA.
-    public_key: Result<Box<[u8]>, ObjectIdentifier>,
+    /// SHA-256 of the subject key identifier, when there is one.
+    subject_key_id: Option<[u8; 32]>,
+    /// Where the RSAPublicKey DER lies in the certificate, or the algorithm of a key that is
+    /// not RSA.
+    public_key: Result<(u32, u32), Box<ObjectIdentifier>>,
 }
 
 impl SignerKey {
@@ -80,16 +82,24 @@ impl SignerKey {
             .get_extension::<SubjectKeyIdentifier>()
             .ok()
             .flatten()
-            .map(|(_, ski)| ski.0.as_bytes().into());
+            .map(|(_, ski)| sha256(ski.0.as_bytes()));
         let spki = tbs.subject_public_key_info();
         let public_key = if spki.algorithm.oid == oids::RSA_ENCRYPTION {
-            Ok(spki
+            let key = spki
                 .subject_public_key
                 .as_bytes()
-                .ok_or_else(|| malformed("public key bit string"))?
-                .into())
+                .ok_or_else(|| malformed("public key bit string"))?;
+            let start = certificate_der
+                .windows(key.len().max(1))
+                .position(|w| w == key)
+                .ok_or_else(|| malformed("public key not found in the certificate"))?;
+            let range = u32::try_from(start)
+                .ok()
+                .zip(u32::try_from(start + key.len()).ok())
+                .ok_or_else(|| malformed("certificate too large"))?;
+            Ok(range)
         } else {
-            Err(spki.algorithm.oid)
+            Err(Box::new(spki.algorithm.oid))
         };
         Ok(SignerKey {
             issuer_and_serial: issuer_and_serial(&issuer, tbs.serial_number().as_bytes()),
@@ -98,10 +108,15 @@ impl SignerKey {
         })
     }
 
-    fn rsa_public_key(&self) -> Result<&[u8], ScepError> {
-        self.public_key
-            .as_deref()
-            .map_err(|oid| ScepError::UnsupportedAlgorithm(format!("public key {oid}")))
+    /// The RSAPublicKey DER in `certificate_der` (the bytes this was read from).
+    fn rsa_public_key<'a>(&self, certificate_der: &'a [u8]) -> Result<&'a [u8], ScepError> {
+        let (start, end) = self
+            .public_key
+            .as_ref()
+            .map_err(|oid| ScepError::UnsupportedAlgorithm(format!("public key {oid}")))?;
+        certificate_der
+            .get(*start as usize..*end as usize)
+            .ok_or_else(|| malformed("public key not in the certificate"))
     }
 
     /// Whether a SignerIdentifier names this certificate.
@@ -115,10 +130,16 @@ impl SignerKey {
                 issuer_and_serial(issuer.raw, serial.value) == self.issuer_and_serial
             }
             // [0] SubjectKeyIdentifier.
-            0x80 => self.subject_key_id.as_deref() == Some(sid.value),
+            0x80 => self.subject_key_id == Some(sha256(sid.value)),
             _ => return Err(malformed("unknown SignerIdentifier")),
         })
     }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 fn issuer_and_serial(issuer_der: &[u8], serial: &[u8]) -> [u8; 32] {
@@ -135,8 +156,8 @@ fn issuer_and_serial(issuer_der: &[u8], serial: &[u8]) -> [u8; 32] {
 fn find_signer_key<'a>(
     certificates: &[Tlv<'a>],
     sid: &Tlv<'_>,
-    key_of: &dyn Fn(&[u8]) -> Option<Arc<SignerKey>>,
-) -> Result<(&'a [u8], Arc<SignerKey>), ScepError> {
+    key_of: &dyn Fn(&[u8]) -> Option<SignerKey>,
+) -> Result<(&'a [u8], SignerKey), ScepError> {
     for candidate in certificates {
         let Some(key) = key_of(candidate.raw) else {
             continue;
