@@ -7,7 +7,9 @@
 #
 # Environment: BENCH_BIN and BENCH_LOAD name a prebuilt broker and mdm_load (to compare two
 # builds back to back without rebuilding); BENCH_ARGS is passed to mdm_load (e.g.
-# "--connections 32,128,512 --no-round-trips"); BENCH_DBS is "sqlite postgres" by default.
+# "--connections 32,128,512 --no-round-trips"); BENCH_DBS is "sqlite postgres" by default;
+# BENCH_FLEET=1 writes the devices straight into the database instead of enrolling them over
+# SCEP (for 100,000 devices: memory with every per-node cache full), Idle runs only.
 #
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
 # BENCH_PG_ADMIN=postgres://...; installs wrk if missing.
@@ -56,8 +58,10 @@ run() { # label, device count, database URL or empty
     curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
     sleep 0.1
   done
+  local fleet=()
+  if [[ -n ${BENCH_FLEET:-} ]]; then fleet=(--fleet-database "${3:-sqlite:$data/trustbroker.db}"); fi
   # shellcheck disable=SC2086
-  load --url "http://127.0.0.1:$PORT" --admin-key "$key" \
+  load --url "http://127.0.0.1:$PORT" --admin-key "$key" "${fleet[@]}" \
     --devices "$2" --server-pid "$broker_pid" --label "$1" ${BENCH_ARGS:-} | tail -n +"${SKIP_HEADER:-1}"
   kill "$broker_pid"
   wait "$broker_pid" 2>/dev/null || true

@@ -13,6 +13,12 @@
 //! `benches/mdm.sh` runs it against SQLite and PostgreSQL at 1,000 and 10,000 devices. Devices
 //! share one RSA key (each has its own certificate and enrollment): key generation is not what
 //! is measured.
+//!
+//! With `--fleet-database` (the broker's own database), the devices are not enrolled: they are
+//! written straight into it (`common/mdm_fleet.rs`: 100,000 in well under a minute, where SCEP
+//! takes over twenty), and the Idle runs cycle over all of them, so that every per-node cache
+//! fills; the broker's VmRSS and VmHWM are printed after each run (`benches/mdm.sh` with
+//! `BENCH_FLEET=1`).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -23,7 +29,14 @@ use base64::Engine;
 use clap::Parser;
 use plist::{Dictionary, Value};
 use trustbroker::pki::scep::client::{self, ClientIdentity, Request};
-use trustbroker::pki::scep::{ContentCipher, DigestAlgorithm, MessageType, PkiStatus};
+use trustbroker::pki::scep::{CmsSigner, ContentCipher, DigestAlgorithm, MessageType, PkiStatus};
+
+// Shared with the other load generators; not all of it is used here.
+#[allow(dead_code)]
+#[path = "common/bench_db.rs"]
+mod bench_db;
+#[path = "common/mdm_fleet.rs"]
+mod mdm_fleet;
 
 #[derive(Parser)]
 struct Args {
@@ -52,6 +65,10 @@ struct Args {
     /// Skip the command round trips (Idle runs only).
     #[arg(long)]
     no_round_trips: bool,
+    /// Write the devices straight into this database (the broker's: `sqlite:PATH` or a
+    /// PostgreSQL URL) instead of enrolling them over SCEP; implies --no-round-trips.
+    #[arg(long)]
+    fleet_database: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -59,7 +76,7 @@ struct Args {
 
 struct Device {
     udid: String,
-    identity: Arc<ClientIdentity>,
+    identity: Arc<dyn CmsSigner + Send + Sync>,
 }
 
 impl Device {
@@ -96,7 +113,10 @@ async fn main() -> anyhow::Result<()> {
         .timeout(Duration::from_secs(60))
         .build()?;
     let started = Instant::now();
-    let devices = enroll_all(&http, &args).await?;
+    let devices = match &args.fleet_database {
+        Some(url) => write_fleet(url, args.devices).await?,
+        None => enroll_all(&http, &args).await?,
+    };
     eprintln!(
         "{} devices enrolled and checked in in {:.1} s",
         devices.len(),
@@ -105,7 +125,12 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("idle.lua");
-    std::fs::write(&script, idle_script(&devices))?;
+    let started = Instant::now();
+    std::fs::write(&script, idle_script(&devices, dir.path())?)?;
+    eprintln!(
+        "Idle bodies signed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     println!(
         "| server | devices | test | connections | requests/s | p50 ms | p99 ms | non-2xx | server RSS MiB | server CPU ms / 1,000 |"
     );
@@ -137,8 +162,15 @@ async fn main() -> anyhow::Result<()> {
             rss_mib(args.server_pid),
             per_thousand(cpu_before, cpu_ms(args.server_pid), requests),
         );
+        if args.fleet_database.is_some() {
+            eprintln!(
+                "server memory after {connections} connections: VmRSS {} MiB, VmHWM {} MiB",
+                status_mib(args.server_pid, "VmRSS:"),
+                status_mib(args.server_pid, "VmHWM:"),
+            );
+        }
     }
-    if !args.no_round_trips {
+    if !args.no_round_trips && args.fleet_database.is_none() {
         round_trips(&http, &args, &devices).await?;
     }
     Ok(())
@@ -265,27 +297,87 @@ async fn put(
     Ok(body.to_vec())
 }
 
-/// A wrk script cycling over every device's pre-signed Idle.
-fn idle_script(devices: &[Device]) -> String {
-    let mut bodies = String::from("local bodies = {\n");
-    let mut signatures = String::from("local signatures = {\n");
-    for device in devices {
-        let (body, signature) = device.report("Idle", None);
-        let _ = writeln!(bodies, "[==[{}]==],", String::from_utf8_lossy(&body));
-        let _ = writeln!(signatures, "\"{signature}\",");
+/// The fleet written into the broker's database (see `common/mdm_fleet.rs`).
+async fn write_fleet(url: &str, count: usize) -> anyhow::Result<Vec<Device>> {
+    let database = if url.starts_with("postgres") {
+        trustbroker::config::Database::Postgres { url: url.into() }
+    } else {
+        trustbroker::config::Database::Sqlite {
+            path: url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:")
+                .into(),
+        }
+    };
+    let db = bench_db::Db::open(&database).await?;
+    let started = Instant::now();
+    let fleet = tokio::task::spawn_blocking(move || mdm_fleet::make(count)).await??;
+    eprintln!(
+        "{count} certificates made in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    mdm_fleet::write(&db, &fleet).await?;
+    Ok(fleet
+        .into_iter()
+        .map(|d| Device {
+            udid: d.udid,
+            identity: Arc::new(d.identity),
+        })
+        .collect())
+}
+
+/// A wrk script cycling over every device's pre-signed Idle. The bodies and signatures are
+/// files in `dir` that the script reads at start (a table literal of 100,000 is too much for
+/// wrk's Lua); signed on every core.
+fn idle_script(devices: &[Device], dir: &std::path::Path) -> anyhow::Result<String> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_thread = devices.len().div_ceil(threads).max(1);
+    let signed: Vec<(Vec<u8>, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|d| d.report("Idle", None))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    anyhow::ensure!(signed.len() == devices.len(), "a signing thread failed");
+    let mut bodies = Vec::new();
+    let mut signatures = String::new();
+    for (body, signature) in &signed {
+        anyhow::ensure!(!body.contains(&1u8), "a body holds the separator byte");
+        bodies.extend_from_slice(body);
+        bodies.push(1);
+        let _ = writeln!(signatures, "{signature}");
     }
-    bodies.push_str("}\n");
-    signatures.push_str("}\n");
-    format!(
-        "{bodies}{signatures}\
+    let bodies_file = dir.join("bodies");
+    let signatures_file = dir.join("signatures");
+    std::fs::write(&bodies_file, bodies)?;
+    std::fs::write(&signatures_file, signatures)?;
+    Ok(format!(
+        "local bodies, signatures = {{}}, {{}}\n\
+         local f = assert(io.open(\"{}\", \"rb\"))\n\
+         for body in f:read(\"*a\"):gmatch(\"([^\\1]+)\\1\") do bodies[#bodies + 1] = body end\n\
+         f:close()\n\
+         for line in io.lines(\"{}\") do signatures[#signatures + 1] = line end\n\
          local i = math.random(#bodies)\n\
          request = function()\n\
            i = i % #bodies + 1\n\
            return wrk.format(\"PUT\", \"/mdm/connect\", {{[\"Content-Type\"] = \
          \"application/x-apple-aspen-mdm-checkin\", [\"Mdm-Signature\"] = signatures[i]}}, \
          bodies[i])\n\
-         end\n"
-    )
+         end\n",
+        bodies_file.display(),
+        signatures_file.display()
+    ))
 }
 
 /// Queue one command per device, then Idle (fetch) and Acknowledged (answer), pre-signed.
@@ -415,6 +507,11 @@ fn non_2xx(text: &str) -> String {
 }
 
 fn rss_mib(pid: Option<u32>) -> String {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory figure of /proc/PID/status (`VmRSS:`, `VmHWM:`) in MiB.
+fn status_mib(pid: Option<u32>, field: &str) -> String {
     let Some(pid) = pid else {
         return String::new();
     };
@@ -422,7 +519,7 @@ fn rss_mib(pid: Option<u32>) -> String {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })

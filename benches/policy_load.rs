@@ -37,7 +37,7 @@ use trustbroker::config::{Config, ConfigArgs, FileConfig};
 
 #[path = "common/bench_db.rs"]
 mod bench_db;
-use bench_db::Db;
+use bench_db::{Db, insert};
 use trustbroker::identity::{Group, Identity};
 use trustbroker::store::TargetScope;
 
@@ -308,27 +308,6 @@ impl Db {
         }
         Ok(())
     }
-}
-
-/// `INSERT INTO <table> VALUES <rows>`: `rows` copies of `row`, where `#k` is the row's k-th of
-/// `per_row` values, numbered after `shared` values bound once before all rows (`$1`…).
-fn insert(table: &str, rows: usize, shared: usize, per_row: usize, row: &str) -> String {
-    let mut sql = format!("INSERT INTO {table} VALUES ");
-    for r in 0..rows {
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        let mut text = row.to_owned();
-        // Highest first, so that `#1` never matches the start of `#10`.
-        for k in (0..per_row).rev() {
-            text = text.replace(
-                &format!("#{k}"),
-                &format!("${}", shared + r * per_row + k + 1),
-            );
-        }
-        sql.push_str(&text);
-    }
-    sql
 }
 
 /// A loopback stand-in for the APNs provider API: HTTP/2 over TLS that requires a push

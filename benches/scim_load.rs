@@ -31,7 +31,7 @@ use trustbroker::config::{Config, ConfigArgs, FileConfig};
 
 #[path = "common/bench_db.rs"]
 mod bench_db;
-use bench_db::Db;
+use bench_db::{Db, insert};
 
 #[derive(Parser)]
 struct Args {
@@ -185,26 +185,6 @@ impl Db {
         }
         Ok(udids)
     }
-}
-
-/// `INSERT INTO <table> VALUES <rows>`: `rows` copies of `row`, where `#k` is the row's k-th of
-/// `per_row` values, numbered after `shared` values bound once before all rows (`$1`…).
-fn insert(table: &str, rows: usize, shared: usize, per_row: usize, row: &str) -> String {
-    let mut sql = format!("INSERT INTO {table} VALUES ");
-    for r in 0..rows {
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        let mut text = row.to_owned();
-        for k in (0..per_row).rev() {
-            text = text.replace(
-                &format!("#{k}"),
-                &format!("${}", shared + r * per_row + k + 1),
-            );
-        }
-        sql.push_str(&text);
-    }
-    sql
 }
 
 /// Waits until no reconcile request is left unclaimed; the time since `started`.

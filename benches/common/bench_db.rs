@@ -63,3 +63,24 @@ impl Db {
             .await?))
     }
 }
+
+/// `INSERT INTO <table> VALUES <rows>`: `rows` copies of `row`, where `#k` is the row's k-th of
+/// `per_row` values, numbered after `shared` values bound once before all rows (`$1`…).
+pub fn insert(table: &str, rows: usize, shared: usize, per_row: usize, row: &str) -> String {
+    let mut sql = format!("INSERT INTO {table} VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        let mut text = row.to_owned();
+        // Highest first, so that `#1` never matches the start of `#10`.
+        for k in (0..per_row).rev() {
+            text = text.replace(
+                &format!("#{k}"),
+                &format!("${}", shared + r * per_row + k + 1),
+            );
+        }
+        sql.push_str(&text);
+    }
+    sql
+}

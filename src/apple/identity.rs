@@ -166,12 +166,14 @@ pub struct Credentials<'a> {
 
 /// The certificate a request presents, its signature over the body checked when it signs;
 /// whose it is, is not decided yet (see [`verify`]).
+/// What the signature's certificate offers for verification comes from the node's cache.
 pub fn presented_certificate(
+    cache: &MdmCache,
     credentials: Credentials<'_>,
     body: &[u8],
 ) -> Result<Vec<u8>, IdentityError> {
     Ok(if let Some(header) = credentials.signature_header {
-        verify_signature(header, body)?.certificate_der
+        verify_signature_with(header, body, &|der| cache.signer_key(der))?.certificate_der
     } else if let Some(der) = credentials.tls_client_certificate {
         der.to_vec()
     } else if let Some(der) = credentials.proxy_certificate {
@@ -353,6 +355,17 @@ impl MigratedCas {
 
 /// Checks the header's signature over the body; returns the signer.
 pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigner, IdentityError> {
+    verify_signature_with(header, body, &|der| {
+        scep::SignerKey::from_certificate(der).ok()
+    })
+}
+
+/// [`verify_signature`], with what each certificate offers for verification from `key_of`.
+fn verify_signature_with(
+    header: &str,
+    body: &[u8],
+    key_of: &dyn Fn(&[u8]) -> Option<scep::SignerKey>,
+) -> Result<scep::VerifiedSigner, IdentityError> {
     if header.len() > MAX_SIGNATURE_LEN {
         return Err(IdentityError::Malformed(
             "the Mdm-Signature header is too long".into(),
@@ -374,7 +387,7 @@ pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigne
     let der = base64::engine::general_purpose::STANDARD
         .decode(&compact)
         .map_err(|_| IdentityError::Malformed("the Mdm-Signature is not base64".into()))?;
-    scep::verify_detached(&der, body).map_err(|e| match e {
+    scep::verify_detached_with(&der, body, key_of).map_err(|e| match e {
         scep::ScepError::BadSignature => {
             IdentityError::Unauthenticated("the Mdm-Signature does not match the body".into())
         }
@@ -436,4 +449,57 @@ async fn certificate_of_ours(
         queue_stamp,
         cached: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::pki::scep::client::ClientIdentity;
+    use crate::pki::scep::{DigestAlgorithm, SignerKey, sign_detached};
+
+    fn header(body: &[u8], signer: &ClientIdentity) -> String {
+        let der = sign_detached(body, DigestAlgorithm::Sha256, signer).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(der)
+    }
+
+    /// A remembered signer key serves verification, the signature is still checked against
+    /// each body, and a key that is not the certificate's fails closed.
+    #[test]
+    fn remembered_signer_keys_still_verify_every_body() {
+        let (device, other) = (
+            ClientIdentity::generate(2048).unwrap(),
+            ClientIdentity::generate(2048).unwrap(),
+        );
+        let body = b"<plist><dict><key>Status</key><string>Idle</string></dict></plist>";
+        let signed = header(body, &device);
+        let remembered = SignerKey::from_certificate(&device.certificate_der).unwrap();
+        let lookups = Cell::new(0);
+        let cached = |_: &[u8]| {
+            lookups.set(lookups.get() + 1);
+            Some(remembered.clone())
+        };
+
+        let signer = verify_signature_with(&signed, body, &cached).unwrap();
+        assert_eq!(signer.certificate_der, device.certificate_der);
+        assert_eq!(lookups.get(), 1, "the key came from the lookup");
+
+        // Another body under the same signature: refused, though the key is remembered.
+        let err = verify_signature_with(&signed, b"<plist><dict/></plist>", &cached).unwrap_err();
+        assert!(matches!(err, IdentityError::Unauthenticated(_)), "{err}");
+
+        // A lookup that answers with another certificate's key: the SignerInfo does not name
+        // it, and nothing verifies.
+        let wrong = SignerKey::from_certificate(&other.certificate_der).unwrap();
+        let err =
+            verify_signature_with(&signed, body, &|_: &[u8]| Some(wrong.clone())).unwrap_err();
+        assert!(matches!(err, IdentityError::Malformed(_)), "{err}");
+
+        // And the uncached path agrees.
+        assert_eq!(
+            verify_signature(&signed, body).unwrap().certificate_der,
+            device.certificate_der
+        );
+    }
 }

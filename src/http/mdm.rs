@@ -41,7 +41,8 @@ impl FromRequest<AppState> for SignedRequest {
         let transport =
             <Transport as FromRequestParts<AppState>>::from_request_parts(&mut parts, state)
                 .await?;
-        let headers = parts.headers.clone();
+        // Bytes reads the body alone: the headers are moved out, not copied.
+        let headers = std::mem::take(&mut parts.headers);
         let body = Bytes::from_request(Request::from_parts(parts, body), state)
             .await
             .map_err(IntoResponse::into_response)?;
@@ -99,7 +100,7 @@ fn presented(
         tls_client_certificate: tls_certificate.as_ref().map(|c| c.0.0.as_slice()),
         proxy_certificate,
     };
-    identity::presented_certificate(credentials, body)
+    identity::presented_certificate(state.mdm.cache(), credentials, body)
 }
 
 fn refusal(e: IdentityError) -> Response {

@@ -27,7 +27,7 @@ pub use reply::{
     cert_rep_failure, cert_rep_success, degenerate_certificates, parse_degenerate_certificates,
     parse_issuer_and_serial, parse_issuer_and_subject, sign_attached, sign_detached,
 };
-pub use signed_data::{VerifiedSigner, verify_detached};
+pub use signed_data::{SignerKey, VerifiedSigner, verify_detached, verify_detached_with};
 
 use const_oid::ObjectIdentifier;
 

@@ -28,6 +28,19 @@ pub struct VerifiedSigner {
 
 /// Verifies a detached CMS signature (BER or DER SignedData without eContent) over `content`.
 pub fn verify_detached(signature: &[u8], content: &[u8]) -> Result<VerifiedSigner, ScepError> {
+    verify_detached_with(signature, content, &|der| {
+        SignerKey::from_certificate(der).ok()
+    })
+}
+
+/// [`verify_detached`], with what each certificate the message carries offers for verification
+/// from `key_of` (`None`: not a certificate), so a caller that sees the same certificates
+/// again and again (the MDM channels) reads each once. The signature is verified every time.
+pub fn verify_detached_with(
+    signature: &[u8],
+    content: &[u8],
+    key_of: &dyn Fn(&[u8]) -> Option<SignerKey>,
+) -> Result<VerifiedSigner, ScepError> {
     let normalised = tlv::normalise(signature)?;
     let parsed = parse_signed_data(&normalised)?;
     if !parsed.econtent.is_empty() {
@@ -36,12 +49,126 @@ pub fn verify_detached(signature: &[u8], content: &[u8]) -> Result<VerifiedSigne
     if parsed.econtent_type != oids::DATA {
         return Err(malformed("a detached signature must be over id-data"));
     }
-    let certificate_der = find_signer(&parsed.certificates, &parsed.signer.sid)?;
-    verify(&parsed, &certificate_der, content)?;
+    let (certificate_der, key) = find_signer_key(&parsed.certificates, &parsed.signer.sid, key_of)?;
+    verify_with_key(&parsed, key.rsa_public_key(certificate_der)?, content)?;
     Ok(VerifiedSigner {
-        certificate_der,
+        certificate_der: certificate_der.to_vec(),
         digest: parsed.signer.digest,
     })
+}
+
+/// What verifying a signature needs of a signer's certificate, read from it once: how the
+/// SignerInfo may name it, and where its RSA public key lies in its bytes. Small and without
+/// allocations (a node keeps one per certificate it sees); only meaningful with the very
+/// bytes it was read from.
+#[derive(Clone, Debug)]
+pub struct SignerKey {
+    /// SHA-256 over the issuer Name's DER and the serial without leading zero bytes.
+    issuer_and_serial: [u8; 32],
+    /// SHA-256 of the subject key identifier, when there is one.
+    subject_key_id: Option<[u8; 32]>,
+    /// Where the RSAPublicKey DER lies in the certificate, or the algorithm of a key that is
+    /// not RSA.
+    public_key: Result<(u32, u32), Box<ObjectIdentifier>>,
+}
+
+impl SignerKey {
+    pub fn from_certificate(certificate_der: &[u8]) -> Result<SignerKey, ScepError> {
+        use x509_cert::ext::pkix::SubjectKeyIdentifier;
+        let cert = Certificate::from_der(certificate_der)?;
+        let tbs = cert.tbs_certificate();
+        let issuer = tbs.issuer().to_der()?;
+        let subject_key_id = tbs
+            .get_extension::<SubjectKeyIdentifier>()
+            .ok()
+            .flatten()
+            .map(|(_, ski)| sha256(ski.0.as_bytes()));
+        let spki = tbs.subject_public_key_info();
+        let public_key = if spki.algorithm.oid == oids::RSA_ENCRYPTION {
+            let key = spki
+                .subject_public_key
+                .as_bytes()
+                .ok_or_else(|| malformed("public key bit string"))?;
+            let start = certificate_der
+                .windows(key.len().max(1))
+                .position(|w| w == key)
+                .ok_or_else(|| malformed("public key not found in the certificate"))?;
+            let range = u32::try_from(start)
+                .ok()
+                .zip(u32::try_from(start + key.len()).ok())
+                .ok_or_else(|| malformed("certificate too large"))?;
+            Ok(range)
+        } else {
+            Err(Box::new(spki.algorithm.oid))
+        };
+        Ok(SignerKey {
+            issuer_and_serial: issuer_and_serial(&issuer, tbs.serial_number().as_bytes()),
+            subject_key_id,
+            public_key,
+        })
+    }
+
+    /// The RSAPublicKey DER in `certificate_der` (the bytes this was read from).
+    fn rsa_public_key<'a>(&self, certificate_der: &'a [u8]) -> Result<&'a [u8], ScepError> {
+        let (start, end) = self
+            .public_key
+            .as_ref()
+            .map_err(|oid| ScepError::UnsupportedAlgorithm(format!("public key {oid}")))?;
+        certificate_der
+            .get(*start as usize..*end as usize)
+            .ok_or_else(|| malformed("public key not in the certificate"))
+    }
+
+    /// Whether a SignerIdentifier names this certificate.
+    fn named_by(&self, sid: &Tlv<'_>) -> Result<bool, ScepError> {
+        Ok(match sid.tag {
+            SEQUENCE => {
+                let parts = sid.children()?;
+                let [issuer, serial] = parts.as_slice() else {
+                    return Err(malformed("IssuerAndSerialNumber"));
+                };
+                issuer_and_serial(issuer.raw, serial.value) == self.issuer_and_serial
+            }
+            // [0] SubjectKeyIdentifier.
+            0x80 => self.subject_key_id == Some(sha256(sid.value)),
+            _ => return Err(malformed("unknown SignerIdentifier")),
+        })
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+fn issuer_and_serial(issuer_der: &[u8], serial: &[u8]) -> [u8; 32] {
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    hash.update(&(issuer_der.len() as u64).to_be_bytes());
+    hash.update(issuer_der);
+    hash.update(trim_integer(serial));
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hash.finish().as_ref());
+    out
+}
+
+/// [`find_signer`] through `key_of`: the named certificate and what it offers.
+fn find_signer_key<'a>(
+    certificates: &[Tlv<'a>],
+    sid: &Tlv<'_>,
+    key_of: &dyn Fn(&[u8]) -> Option<SignerKey>,
+) -> Result<(&'a [u8], SignerKey), ScepError> {
+    for candidate in certificates {
+        let Some(key) = key_of(candidate.raw) else {
+            continue;
+        };
+        if key.named_by(sid)? {
+            return Ok((candidate.raw, key));
+        }
+    }
+    Err(ScepError::Malformed(
+        "the signer's certificate is not in the message".into(),
+    ))
 }
 
 /// The parts of a SignedData the broker uses, borrowed from the normalised input.
@@ -288,6 +415,16 @@ pub(super) fn verify(
     signer_certificate: &[u8],
     content: &[u8],
 ) -> Result<(), ScepError> {
+    let public_key = rsa_public_key(signer_certificate)?;
+    verify_with_key(parsed, &public_key, content)
+}
+
+/// [`verify`] with the signer's RSAPublicKey DER.
+fn verify_with_key(
+    parsed: &Parsed<'_>,
+    public_key: &[u8],
+    content: &[u8],
+) -> Result<(), ScepError> {
     let signer = &parsed.signer;
     match signer.signature_algorithm {
         oids::RSA_ENCRYPTION => {}
@@ -299,11 +436,10 @@ pub(super) fn verify(
             }
         },
     }
-    let public_key = rsa_public_key(signer_certificate)?;
     let Some(signed_attrs_der) = &signer.signed_attrs_der else {
         return signer
             .digest
-            .verify_rsa(&public_key, content, signer.signature);
+            .verify_rsa(public_key, content, signer.signature);
     };
     let content_type = attribute(signer, oids::CONTENT_TYPE)?
         .ok_or_else(|| malformed("missing contentType attribute"))?;
@@ -320,7 +456,7 @@ pub(super) fn verify(
     }
     signer
         .digest
-        .verify_rsa(&public_key, signed_attrs_der, signer.signature)
+        .verify_rsa(public_key, signed_attrs_der, signer.signature)
 }
 
 /// The RSAPublicKey DER inside a certificate's SubjectPublicKeyInfo.
