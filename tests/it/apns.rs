@@ -377,17 +377,7 @@ mod flows {
         enqueue(&server, &admin, &[&silent.udid, &answering.udid], false).await;
         apns.wait_for(2).await;
         // One device comes at once and clears its queue; the other stays silent.
-        let command = answering.idle(&server).await.expect("its command");
-        let (uuid, _) = device::uuid_and_type(&command);
-        let (status, _) = answering
-            .report(
-                &server,
-                "Acknowledged",
-                Some(&uuid),
-                plist::Dictionary::new(),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK);
+        answering.acknowledge_next(&server).await;
 
         // The silent one is pushed again after 2 s of silence, then after 4 s more.
         let started = std::time::Instant::now();
@@ -411,17 +401,7 @@ mod flows {
         );
 
         // Heard from at last: its queue done, it is not pushed again.
-        let command = silent.idle(&server).await.expect("the waiting command");
-        let (uuid, _) = device::uuid_and_type(&command);
-        let (status, _) = silent
-            .report(
-                &server,
-                "Acknowledged",
-                Some(&uuid),
-                plist::Dictionary::new(),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK);
+        silent.acknowledge_next(&server).await;
         let settled = pushes_to(&apns, &silent);
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         assert_eq!(pushes_to(&apns, &silent), settled);

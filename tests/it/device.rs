@@ -112,6 +112,17 @@ impl Device {
         assert_eq!(status, StatusCode::OK);
         command
     }
+
+    /// Fetches the next queued command and acknowledges it; its UUID.
+    pub async fn acknowledge_next(&self, server: &TestServer) -> String {
+        let command = self.idle(server).await.expect("a queued command");
+        let (uuid, _) = uuid_and_type(&command);
+        let (status, _) = self
+            .report(server, "Acknowledged", Some(&uuid), Dictionary::new())
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        uuid
+    }
 }
 
 /// The UUID and RequestType of a command as the device received it.

@@ -8,10 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use plist::Dictionary;
-use reqwest::StatusCode;
-
-use crate::device::{Device, uuid_and_type};
+use crate::device::Device;
 use crate::harness::{
     BrokerProcess, PgTestDb, TestServer, binary, binary_at, created_key, peers_required, run_binary,
 };
@@ -45,17 +42,6 @@ async fn queue(node: &TestServer, admin: &str, udid: &str) -> String {
     node.queue_device_information(admin, &[udid])
         .await
         .remove(0)
-}
-
-/// The device fetches its next command through `node` and acknowledges it there.
-async fn deliver(device: &Device, node: &TestServer) -> String {
-    let command = device.idle(node).await.expect("a queued command");
-    let (uuid, _) = uuid_and_type(&command);
-    let (status, _) = device
-        .report(node, "Acknowledged", Some(&uuid), Dictionary::new())
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    uuid
 }
 
 /// `path`'s `migrate --check`: exit code and what it said.
@@ -128,20 +114,20 @@ async fn the_previous_release_and_this_one_serve_one_database_through_a_rolling_
 
     // The old node still serves on the expanded schema: the command queued before, and a
     // new enrollment.
-    assert_eq!(deliver(&device, &old.front).await, before);
+    assert_eq!(device.acknowledge_next(&old.front).await, before);
     let second = Device::enroll(&old.front, &old.front.challenge(&admin).await).await;
     second.check_in(&old.front).await;
 
     // A node of this build joins; commands cross between the two releases both ways.
     let new = serve(binary(), &env);
     let from_old = queue(&old.front, &admin, &device.udid).await;
-    assert_eq!(deliver(&device, &new.front).await, from_old);
+    assert_eq!(device.acknowledge_next(&new.front).await, from_old);
     let from_new = queue(&new.front, &admin, &second.udid).await;
-    assert_eq!(deliver(&second, &old.front).await, from_new);
+    assert_eq!(second.acknowledge_next(&old.front).await, from_new);
     let third = Device::enroll(&new.front, &new.front.challenge(&admin).await).await;
     third.check_in(&new.front).await;
     let to_third = queue(&new.front, &admin, &third.udid).await;
-    assert_eq!(deliver(&third, &old.front).await, to_third);
+    assert_eq!(third.acknowledge_next(&old.front).await, to_third);
     assert!(device.idle(&old.front).await.is_none(), "nothing twice");
 
     // The old binary knows the database is ahead of it and will not start on it again.
