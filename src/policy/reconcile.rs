@@ -669,7 +669,6 @@ impl Reconciler {
     /// run out and another node, or this one later, serves them again.
     pub async fn serve_requests(&self) -> Result<usize, ReconcileError> {
         let mut served = 0;
-        let hold_ms = i64::try_from(CLAIM_HOLD.as_millis()).unwrap_or(i64::MAX);
         loop {
             let now_ms = chrono::Utc::now().timestamp_millis();
             let requests = self
@@ -679,7 +678,7 @@ impl Reconciler {
                     CLAIM,
                     self.inner.node.as_str(),
                     now_ms,
-                    now_ms.saturating_add(hold_ms),
+                    claim_until(now_ms),
                 )
                 .await?;
             if requests.is_empty() {
@@ -699,12 +698,9 @@ impl Reconciler {
     fn keep_claimed(&self, ids: Vec<i64>) -> AbortOnDrop {
         let inner = self.inner.clone();
         AbortOnDrop(tokio::spawn(async move {
-            let hold_ms = i64::try_from(CLAIM_HOLD.as_millis()).unwrap_or(i64::MAX);
             loop {
                 tokio::time::sleep(CLAIM_HOLD / 3).await;
-                let until = chrono::Utc::now()
-                    .timestamp_millis()
-                    .saturating_add(hold_ms);
+                let until = claim_until(chrono::Utc::now().timestamp_millis());
                 if let Err(e) = inner
                     .store
                     .renew_reconcile_claims(&ids, inner.node.as_str(), until)
@@ -823,6 +819,11 @@ impl Reconciler {
             }
         })
     }
+}
+
+/// When a claim made or renewed at `now_ms` (Unix milliseconds) runs out.
+fn claim_until(now_ms: i64) -> i64 {
+    now_ms.saturating_add(i64::try_from(CLAIM_HOLD.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A background task that stops when its guard is dropped.

@@ -104,7 +104,7 @@ impl Console {
 }
 
 /// A session as a sign-in would make it, with deadlines `idle` and `max` seconds from now.
-fn session(grants: &[&str], idle: i64, max: i64) -> AdminSession {
+pub fn session(grants: &[&str], idle: i64, max: i64) -> AdminSession {
     let now = chrono::Utc::now().timestamp();
     AdminSession {
         provider: "test".into(),

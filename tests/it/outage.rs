@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use trustbroker::console::session::{AdminSession, seal};
+use trustbroker::console::session::seal;
 
 use crate::device::{Device, uuid_and_type};
 use crate::harness::{TestServer, peers_required};
@@ -117,16 +117,7 @@ const KEY_HEX: &str = "6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6
 /// A console page, read with a session sealed here with the server's master key.
 async fn console_page(server: &TestServer, path: &str) -> reqwest::Response {
     let key = trustbroker::secrets::MasterKey::parse(KEY_HEX).unwrap();
-    let now = chrono::Utc::now().timestamp();
-    let session = AdminSession {
-        provider: "test".into(),
-        subject: "ops".into(),
-        name: "Ops".into(),
-        grants: vec!["*".into()],
-        csrf: trustbroker::enroll::session::random_token(),
-        idle_until: now + 600,
-        expires_at: now + 3600,
-    };
+    let session = crate::console::session(&["*"], 600, 3600);
     let sealed = seal(&key, &session);
     // Under both names: which one counts depends on the server's scheme.
     server
