@@ -25,6 +25,7 @@ mod states;
 mod tokens;
 mod users;
 mod wal;
+mod write_gate;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -100,24 +101,72 @@ pub(crate) use on_pool;
 /// How a transaction that will write begins. SQLite's default (deferred) BEGIN reads from a
 /// snapshot and upgrades to a writer at the first write; if another connection committed in
 /// between, the upgrade fails at once with SQLITE_BUSY_SNAPSHOT (517) instead of waiting on the
-/// busy timeout. `BEGIN IMMEDIATE` takes the write lock first, so concurrent writers queue.
+/// busy timeout. `BEGIN IMMEDIATE` takes the write lock first, after this process's writers
+/// have queued for it in memory ([`write_gate`]).
 pub(crate) trait WriteTransaction: sqlx::Database {
     const BEGIN_WRITE: &'static str;
+
+    /// Waits for this process's turn to write, where the database has one writer at a time.
+    fn write_turn(
+        pool: &sqlx::Pool<Self>,
+    ) -> impl std::future::Future<Output = Option<tokio::sync::OwnedMutexGuard<()>>> + Send;
 }
 
 impl WriteTransaction for sqlx::Sqlite {
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+
+    async fn write_turn(pool: &SqlitePool) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        Some(write_gate::enter(pool).await)
+    }
 }
 
 impl WriteTransaction for sqlx::Postgres {
     const BEGIN_WRITE: &'static str = "BEGIN";
+
+    /// PostgreSQL locks rows, not the database: writers do not queue.
+    async fn write_turn(_: &PgPool) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        None
+    }
+}
+
+/// A transaction that will write, holding this process's turn to write until it ends.
+/// Dereferences to the connection, so statements run on `&mut *tx` as on a sqlx transaction.
+pub(crate) struct WriteTx<DB: sqlx::Database> {
+    tx: sqlx::Transaction<'static, DB>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<DB: sqlx::Database> WriteTx<DB> {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for WriteTx<DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
 }
 
 /// Opens a transaction that reads and then writes (see [`WriteTransaction`]).
 pub(crate) async fn begin_write<DB: WriteTransaction>(
     pool: &sqlx::Pool<DB>,
-) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
-    pool.begin_with(DB::BEGIN_WRITE).await
+) -> Result<WriteTx<DB>, sqlx::Error> {
+    let turn = DB::write_turn(pool).await;
+    let tx = pool.begin_with(DB::BEGIN_WRITE).await?;
+    Ok(WriteTx { tx, _turn: turn })
 }
 
 #[derive(Debug, thiserror::Error)]
