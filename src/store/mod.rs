@@ -286,6 +286,9 @@ fn sqlite_options(path: &Path) -> SqliteConnectOptions {
         )
 }
 
+/// A PostgreSQL connection idle this long is pinged before it is handed out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` in WAL mode.
     pub async fn open_sqlite(path: &Path, max_connections: u32) -> StoreResult<Store> {
@@ -314,6 +317,18 @@ impl Store {
             // When PostgreSQL is down, a request waits at most this long for a connection
             // before it fails (503): well inside request_timeout_secs, so nothing hangs.
             .acquire_timeout(Duration::from_secs(3))
+            // A connection that sat idle may have outlived a server restart: ping it before
+            // use. One in steady use has just proven itself, and pinging it anyway cost two
+            // round trips per SCEP issuance.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Store {
