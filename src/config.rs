@@ -981,9 +981,9 @@ impl Config {
         }
         if pki.ca_key_algorithm == CaKeyAlgorithm::EcdsaP256 && !pki.with_ra {
             return Err(ConfigError::Invalid(
-                "ca_key_algorithm = \"ecdsa-p256\" needs scep_ra = true: SCEP clients encrypt \
-                 their requests to an RSA key, which the RA holds (the P-256 CA only signs \
-                 certificates)"
+                "ca_key_algorithm = \"ecdsa-p256\" needs scep_ra = true (--scep-ra true, \
+                 TRUSTBROKER_SCEP_RA=true): SCEP clients encrypt their requests to an RSA key, \
+                 which the RA holds (the P-256 CA only signs certificates)"
                     .into(),
             ));
         }

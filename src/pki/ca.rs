@@ -325,7 +325,7 @@ impl CertificateAuthority {
     ) -> anyhow::Result<Arc<CertificateAuthority>> {
         if let Some(ca) = Self::load(store, master, config).await? {
             if ca.ca.algorithm() != config.ca_key_algorithm {
-                tracing::info!(
+                tracing::warn!(
                     stored = ca.ca.algorithm().as_str(),
                     configured = config.ca_key_algorithm.as_str(),
                     "the CA in the database keeps its key: ca_key_algorithm applies only when a \

@@ -332,6 +332,14 @@ async fn a_p256_ca_is_created_with_an_rsa_ra_and_kept_whatever_the_setting_says_
     );
     assert!(ok, "{err}");
     assert!(again.starts_with("existing CA"), "{again}");
+    assert!(
+        err.contains("the CA in the database keeps its key"),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"stored="ecdsa-p256" configured="rsa""#),
+        "{err}"
+    );
     let fingerprint = |s: &str| s.rsplit(' ').next().unwrap().trim().to_string();
     assert_eq!(fingerprint(&created), fingerprint(&again));
     let (_, shown, _) = run_cli(&["ca", "show", "--data-dir", data], &[]);
