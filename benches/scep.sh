@@ -14,11 +14,16 @@
 #   BENCH_CONCURRENCY=1,8,32                  concurrency levels
 #   BENCH_PERF=DIR          record `perf record -g` of each trustbroker run into DIR
 #                           (perf-sqlite.data, perf-postgres.data; `perf report -i ...`)
+#   BENCH_CA_KEY=ecdsa-p256 trustbroker creates a P-256 CA with an RSA-2048 RA
+#                           (--ca-key-algorithm ecdsa-p256 --scep-ra true): the RA decrypts and
+#                           signs CertReps, the CA signs certificates with ECDSA. Default `rsa`:
+#                           one RSA-2048 CA, no RA. scep_load encrypts to the RA either way.
 #
 # scepserver runs in a network namespace with only `lo` up and the load generator runs inside
 # it too, connecting directly: no relay process between them (the socat relay of the test peers
 # forks and enters the namespace for every connection, which capped scepserver's figures, not
-# its own speed). Both CAs have RSA-2048 keys.
+# its own speed). Both CAs have RSA-2048 keys (and trustbroker's RA, with
+# BENCH_CA_KEY=ecdsa-p256).
 #
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) as on the project's machines, or
 # BENCH_PG_ADMIN=postgres://... ; installs scep (scepserver) if missing; root for `ip netns`.
@@ -33,6 +38,12 @@ PORT=9380
 NETNS=tbscepbench
 
 ONLY=${BENCH_ONLY:-sqlite postgres scepserver}
+CA_KEY=${BENCH_CA_KEY:-rsa}
+case $CA_KEY in
+  rsa) CA_ARGS=() CA_LABEL="" ;;
+  ecdsa-p256) CA_ARGS=(--ca-key-algorithm ecdsa-p256 --scep-ra true) CA_LABEL=", P-256 CA + RSA RA" ;;
+  *) echo "BENCH_CA_KEY must be rsa or ecdsa-p256 (got $CA_KEY)" >&2; exit 2 ;;
+esac
 LEVELS=${BENCH_CONCURRENCY:-1,8,32}
 if [[ -n ${BENCH_BIN:-} ]]; then
   BIN=$BENCH_BIN
@@ -61,7 +72,8 @@ trap cleanup EXIT
 # Starts the broker on a fresh data directory and database ($1: a database URL or empty).
 start_broker() {
   local data=$WORK/data-$RANDOM db=$1
-  local args=(--data-dir "$data" --listen 127.0.0.1:0 --http-listen "127.0.0.1:$PORT" --log-level warn)
+  local args=(--data-dir "$data" --listen 127.0.0.1:0 --http-listen "127.0.0.1:$PORT" --log-level warn
+    ${CA_ARGS[@]+"${CA_ARGS[@]}"})
   [[ -n $db ]] && args+=(--database-url "$db")
   "$BIN" migrate "${args[@]}" >/dev/null
   KEY=$("$BIN" admin-key create --name bench --scope scep:challenge "${args[@]}" | tail -n 1)
@@ -101,10 +113,11 @@ measure_broker() {
 
 echo "load: $(uptime)" >&2
 echo "binary: $BIN" >&2
+echo "trustbroker CA key: $CA_KEY" >&2
 if runs sqlite; then
   echo "trustbroker, SQLite, one-time challenges" >&2
   start_broker ""
-  measure_broker "trustbroker (SQLite)" sqlite
+  measure_broker "trustbroker (SQLite$CA_LABEL)" sqlite
   stop_broker
 fi
 
@@ -112,7 +125,7 @@ if runs postgres; then
   echo "trustbroker, PostgreSQL, one-time challenges" >&2
   psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" -c "CREATE DATABASE $PG_DB" >/dev/null
   start_broker "${PG_ADMIN%/*}/$PG_DB"
-  measure_broker "trustbroker (PostgreSQL)" postgres
+  measure_broker "trustbroker (PostgreSQL$CA_LABEL)" postgres
   stop_broker
 fi
 

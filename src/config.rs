@@ -41,6 +41,27 @@ pub const DEFAULT_PORTAL_SESSION_TTL_SECS: u64 = 900;
 pub const DEFAULT_MAX_UNREDEEMED_PROFILES: u32 = 5;
 pub const DEFAULT_UNREDEEMED_WINDOW_SECS: u64 = 3600;
 
+/// The key of a CA that trustbroker creates (`ca_key_algorithm`). An existing CA keeps its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaKeyAlgorithm {
+    /// RSA of `ca_key_bits` bits.
+    #[default]
+    Rsa,
+    /// ECDSA on P-256, signing with SHA-256. SCEP key transport is RSA, so an RSA RA receives the
+    /// envelopes and signs the replies; the CA only signs certificates.
+    EcdsaP256,
+}
+
+impl CaKeyAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKeyAlgorithm::Rsa => "rsa",
+            CaKeyAlgorithm::EcdsaP256 => "ecdsa-p256",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -206,6 +227,16 @@ pub struct ConfigArgs {
         value_name = "BITS"
     )]
     pub ca_key_bits: Option<usize>,
+    /// Key of a CA created at first start: rsa or ecdsa-p256 (needs --scep-ra true: the RA's
+    /// RSA key receives SCEP envelopes) [default: rsa]. An existing CA is never changed.
+    #[arg(
+        long,
+        env = "TRUSTBROKER_CA_KEY_ALGORITHM",
+        global = true,
+        value_enum,
+        value_name = "ALGORITHM"
+    )]
+    pub ca_key_algorithm: Option<CaKeyAlgorithm>,
     /// Common name of a CA created at first start [default: trustbroker device CA].
     #[arg(
         long,
@@ -318,6 +349,7 @@ pub struct FileConfig {
     pub apns_repush_after_secs: Option<u64>,
     pub cert_validity_days: Option<u32>,
     pub ca_key_bits: Option<usize>,
+    pub ca_key_algorithm: Option<CaKeyAlgorithm>,
     pub ca_common_name: Option<String>,
     pub organization: Option<String>,
     pub scep_ra: Option<bool>,
@@ -723,6 +755,8 @@ pub struct PkiConfig {
     pub static_challenge: Option<Secret>,
     pub cert_validity_days: u32,
     pub ca_key_bits: usize,
+    /// The key of a CA created at first start (an existing CA keeps its own).
+    pub ca_key_algorithm: CaKeyAlgorithm,
     pub ca_common_name: String,
     pub organization: String,
     pub with_ra: bool,
@@ -903,6 +937,10 @@ impl Config {
                 .ca_key_bits
                 .or(file.ca_key_bits)
                 .unwrap_or(DEFAULT_CA_KEY_BITS),
+            ca_key_algorithm: args
+                .ca_key_algorithm
+                .or(file.ca_key_algorithm)
+                .unwrap_or_default(),
             ca_common_name: args
                 .ca_common_name
                 .or(file.ca_common_name)
@@ -940,6 +978,14 @@ impl Config {
                 "ca_key_bits must be 2048, 3072 or 4096 (got {})",
                 pki.ca_key_bits
             )));
+        }
+        if pki.ca_key_algorithm == CaKeyAlgorithm::EcdsaP256 && !pki.with_ra {
+            return Err(ConfigError::Invalid(
+                "ca_key_algorithm = \"ecdsa-p256\" needs scep_ra = true (--scep-ra true, \
+                 TRUSTBROKER_SCEP_RA=true): SCEP clients encrypt their requests to an RSA key, \
+                 which the RA holds (the P-256 CA only signs certificates)"
+                    .into(),
+            ));
         }
         if !(1..=MAX_SCEP_RENEWAL_OVERLAP_SECS).contains(&pki.renewal_overlap.as_secs()) {
             return Err(ConfigError::Invalid(format!(
@@ -1225,6 +1271,30 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_key_algorithm_from_file_and_flag_and_needs_an_ra() {
+        let default = Config::merge(ConfigArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(default.pki.ca_key_algorithm, CaKeyAlgorithm::Rsa);
+        let file: FileConfig =
+            toml::from_str("ca_key_algorithm = \"ecdsa-p256\"\nscep_ra = true").unwrap();
+        let config = Config::merge(ConfigArgs::default(), file).unwrap();
+        assert_eq!(config.pki.ca_key_algorithm, CaKeyAlgorithm::EcdsaP256);
+        let file: FileConfig =
+            toml::from_str("ca_key_algorithm = \"ecdsa-p256\"\nscep_ra = true").unwrap();
+        let args = ConfigArgs {
+            ca_key_algorithm: Some(CaKeyAlgorithm::Rsa),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::merge(args, file).unwrap().pki.ca_key_algorithm,
+            CaKeyAlgorithm::Rsa
+        );
+        let file: FileConfig = toml::from_str("ca_key_algorithm = \"ecdsa-p256\"").unwrap();
+        let err = Config::merge(ConfigArgs::default(), file).unwrap_err();
+        assert!(err.to_string().contains("needs scep_ra = true"), "{err}");
+        assert!(toml::from_str::<FileConfig>("ca_key_algorithm = \"ecdsa-p384\"").is_err());
+    }
 
     #[test]
     fn reenrollment_policy_from_file_and_flag() {

@@ -314,10 +314,12 @@ enum CaCommand {
         /// CA certificate (PEM).
         #[arg(long)]
         cert: std::path::PathBuf,
-        /// CA private key (PEM, RSA, PKCS#8 or PKCS#1).
+        /// CA private key (PEM): RSA (PKCS#8 or PKCS#1) or ECDSA P-256 (PKCS#8 or SEC1 "EC
+        /// PRIVATE KEY"; needs an RSA RA).
         #[arg(long)]
         key: std::path::PathBuf,
-        /// Optional RA certificate (PEM) that receives SCEP envelopes and signs replies.
+        /// RA certificate (PEM) that receives SCEP envelopes and signs replies; its key is RSA.
+        /// Optional for an RSA CA, required for a P-256 one.
         #[arg(long, requires = "ra_key")]
         ra_cert: Option<std::path::PathBuf>,
         /// The RA's private key (PEM).
@@ -949,6 +951,7 @@ async fn ca(cmd: CaCommand, config: Config) -> anyhow::Result<()> {
             let ca = CertificateAuthority::load(&store, &master, &config.pki)
                 .await?
                 .context("there is no CA yet: run 'trustbroker ca init' or start the server")?;
+            println!("CA key: {}", ca.ca.algorithm().as_str());
             println!(
                 "SHA-256 fingerprint: {}",
                 tls::fingerprint(&ca.ca.certificate_der)

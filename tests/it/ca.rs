@@ -271,3 +271,257 @@ async fn challenges_come_from_the_api_and_the_command_line_and_stay_secret() {
     assert!(issued["challenge"].as_str().unwrap().len() >= 43);
     assert!(issued["expires_at"].is_string());
 }
+
+#[tokio::test]
+async fn a_p256_ca_is_created_with_an_rsa_ra_and_kept_whatever_the_setting_says_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    // Without an RA the setting is refused before anything is created.
+    let (ok, _, err) = run_cli(
+        &["ca", "init", "--data-dir", data],
+        &[("TRUSTBROKER_CA_KEY_ALGORITHM", "ecdsa-p256")],
+    );
+    assert!(!ok);
+    assert!(err.contains("needs scep_ra = true"), "{err}");
+    assert!(!dir.path().join("trustbroker.db").exists());
+
+    let (ok, created, err) = run_cli(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data,
+            "--ca-key-algorithm",
+            "ecdsa-p256",
+            "--scep-ra",
+            "true",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(created.starts_with("created CA"), "{created}");
+    let (ok, shown, err) = run_cli(&["ca", "show", "--data-dir", data], &[]);
+    assert!(ok, "{err}");
+    assert!(shown.starts_with("CA key: ecdsa-p256"), "{shown}");
+    // The CA then the RA, each as PEM.
+    let pems: Vec<&str> = shown
+        .match_indices("-----BEGIN CERTIFICATE-----")
+        .map(|(i, _)| {
+            let end = shown[i..].find("-----END CERTIFICATE-----").unwrap() + i + 25;
+            &shown[i..end]
+        })
+        .collect();
+    assert_eq!(pems.len(), 2, "{shown}");
+    std::fs::write(dir.path().join("ca.pem"), pems[0]).unwrap();
+    std::fs::write(dir.path().join("ra.pem"), pems[1]).unwrap();
+    let ca = openssl(&["x509", "-in", "ca.pem", "-noout", "-text"], dir.path());
+    assert!(ca.contains("ecdsa-with-SHA256"), "{ca}");
+    assert!(ca.contains("prime256v1"), "{ca}");
+    assert!(ca.contains("CA:TRUE"), "{ca}");
+    let ra = openssl(&["x509", "-in", "ra.pem", "-noout", "-text"], dir.path());
+    assert!(ra.contains("rsaEncryption"), "{ra}");
+    assert!(ra.contains("2048 bit"), "{ra}");
+    assert!(ra.contains("Digital Signature, Key Encipherment"), "{ra}");
+    // The RA is certified by the CA (openssl's own check of the ECDSA signature).
+    openssl(&["verify", "-CAfile", "ca.pem", "ra.pem"], dir.path());
+
+    // The setting never converts an existing CA: back to RSA, the P-256 CA stays.
+    let (ok, again, err) = run_cli(
+        &["ca", "init", "--data-dir", data],
+        &[("TRUSTBROKER_CA_KEY_ALGORITHM", "rsa")],
+    );
+    assert!(ok, "{err}");
+    assert!(again.starts_with("existing CA"), "{again}");
+    assert!(
+        err.contains("the CA in the database keeps its key"),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"stored="ecdsa-p256" configured="rsa""#),
+        "{err}"
+    );
+    let fingerprint = |s: &str| s.rsplit(' ').next().unwrap().trim().to_string();
+    assert_eq!(fingerprint(&created), fingerprint(&again));
+    let (_, shown, _) = run_cli(&["ca", "show", "--data-dir", data], &[]);
+    assert!(shown.starts_with("CA key: ecdsa-p256"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_another_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let data = data.to_str().unwrap();
+    let path = |f: &str| d.join(f).to_str().unwrap().to_string();
+    // A P-256 CA whose key is SEC1 ("EC PRIVATE KEY"), a P-384 one, and an RSA RA under the
+    // P-256 CA for key encipherment.
+    openssl(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ca.key",
+        ],
+        d,
+    );
+    assert!(
+        std::fs::read_to_string(d.join("ca.key"))
+            .unwrap()
+            .contains("BEGIN EC PRIVATE KEY")
+    );
+    let ca_cert = |key: &str, out: &str| {
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                key,
+                "-days",
+                "30",
+                "-subj",
+                "/CN=Enterprise EC Issuing CA",
+                "-out",
+                out,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+            d,
+        )
+    };
+    ca_cert("ca.key", "ca.pem");
+    openssl(
+        &[
+            "ecparam",
+            "-name",
+            "secp384r1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "p384.key",
+        ],
+        d,
+    );
+    ca_cert("p384.key", "p384.pem");
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=Enterprise RA",
+            "-keyout",
+            "ra.key",
+            "-out",
+            "ra.csr",
+        ],
+        d,
+    );
+    std::fs::write(
+        d.join("ra.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "ra.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "ra.ext",
+            "-out",
+            "ra.pem",
+        ],
+        d,
+    );
+    let import = |cert: &str, key: &str, ra: Option<(&str, &str)>| {
+        let (cert, key) = (path(cert), path(key));
+        let mut args = vec!["ca", "import", "--cert", &cert, "--key", &key];
+        let ra = ra.map(|(c, k)| (path(c), path(k)));
+        if let Some((c, k)) = &ra {
+            args.extend(["--ra-cert", c.as_str(), "--ra-key", k.as_str()]);
+        }
+        args.extend(["--data-dir", data]);
+        run_cli(&args, &[])
+    };
+
+    let (ok, _, err) = import("ca.pem", "ca.key", None);
+    assert!(!ok);
+    assert!(err.contains("needs an RSA RA"), "{err}");
+    assert!(err.contains("--ra-cert"), "{err}");
+    let (ok, _, err) = import("p384.pem", "p384.key", Some(("ra.pem", "ra.key")));
+    assert!(!ok);
+    assert!(err.contains("secp384r1"), "{err}");
+    assert!(err.contains("must be on P-256"), "{err}");
+    // The RA must be RSA: the CA's own P-256 pair is refused in that role.
+    let (ok, _, err) = import("ca.pem", "ca.key", Some(("ca.pem", "ca.key")));
+    assert!(!ok);
+    assert!(err.contains("must be RSA"), "{err}");
+    // Nothing was stored by the refusals.
+    let (ok, _, _) = run_cli(&["ca", "show", "--data-dir", data], &[]);
+    assert!(!ok, "no CA yet");
+
+    let (ok, _, err) = import("ca.pem", "ca.key", Some(("ra.pem", "ra.key")));
+    assert!(ok, "{err}");
+    let (_, shown, _) = run_cli(&["ca", "show", "--data-dir", data], &[]);
+    assert!(shown.starts_with("CA key: ecdsa-p256"), "{shown}");
+    let expected = openssl(
+        &["x509", "-in", "ca.pem", "-noout", "-fingerprint", "-sha256"],
+        d,
+    );
+    let expected = expected.trim().rsplit('=').next().unwrap().to_string();
+    assert!(shown.contains(&expected), "{shown} vs {expected}");
+
+    // The imported CA issues: a PKCS#8 request to the RA gets a certificate that openssl
+    // verifies under the imported CA, signed with ecdsa-with-SHA256.
+    let server = TestServer::start_with(|a| a.data_dir = Some(d.join("data"))).await;
+    let admin = server.admin_key("ca-admin", &["scep:challenge"]).await;
+    let challenge = server.challenge(&admin).await;
+    let ra_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(d.join("ra.pem"))
+            .unwrap()
+            .to_vec()
+    };
+    let key = trustbroker::pki::scep::client::ClientIdentity::generate(2048).unwrap();
+    let body = crate::device::pkcs_req(&key, &ra_der, &challenge);
+    let reply = server
+        .client
+        .post(server.url("/scep?operation=PKIOperation"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let got = trustbroker::pki::scep::client::open_cert_rep(&reply, &key, &ra_der).unwrap();
+    assert_eq!(got.status, trustbroker::pki::scep::PkiStatus::Success);
+    std::fs::write(
+        d.join("leaf.pem"),
+        trustbroker::pki::pem("CERTIFICATE", &got.certificates[0]),
+    )
+    .unwrap();
+    openssl(&["verify", "-CAfile", "ca.pem", "leaf.pem"], d);
+    let leaf = openssl(&["x509", "-in", "leaf.pem", "-noout", "-text"], d);
+    assert!(
+        leaf.contains("Signature Algorithm: ecdsa-with-SHA256"),
+        "{leaf}"
+    );
+    server.stop().await;
+}

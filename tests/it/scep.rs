@@ -1105,3 +1105,321 @@ fn subject_of(text: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// A broker on `db` that creates an ECDSA P-256 CA with an RSA RA.
+async fn p256_server(db: &TestDb, allow_single_des: bool) -> TestServer {
+    let url = db.database_url();
+    TestServer::start_with(move |args| {
+        args.database_url = url;
+        args.ca_key_algorithm = Some(trustbroker::config::CaKeyAlgorithm::EcdsaP256);
+        args.scep_ra = Some(true);
+        args.scep_allow_single_des = Some(allow_single_des);
+    })
+    .await
+}
+
+/// GetCACert of a CA with an RA: the CA and the RA (DER), told apart by basicConstraints.
+async fn ca_and_ra(server: &TestServer) -> (Vec<u8>, Vec<u8>) {
+    let response = server
+        .client
+        .get(server.url("/scep?operation=GetCACert"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/x-x509-ca-ra-cert"
+    );
+    let bag = response.bytes().await.unwrap();
+    let certs = trustbroker::pki::scep::parse_degenerate_certificates(&bag).unwrap();
+    assert_eq!(certs.len(), 2);
+    let (ca, ra): (Vec<_>, Vec<_>) = certs
+        .into_iter()
+        .partition(|der| x509(der).contains("CA:TRUE"));
+    assert_eq!((ca.len(), ra.len()), (1, 1));
+    (ca[0].clone(), ra[0].clone())
+}
+
+/// `openssl` in `dir`; its output, failing the test when it fails.
+fn openssl_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_p256_ca_issues_through_an_rsa_ra_to_scepclient_on_both_databases() {
+    if peer_env("TRUSTBROKER_TEST_PEERS").is_none() {
+        return;
+    }
+    for db in TestDb::all().await {
+        // scepclient 2.1.0 encrypts with single DES whatever GetCACaps offers.
+        let server = p256_server(&db, true).await;
+        let (ca, ra) = ca_and_ra(&server).await;
+        let ca_text = x509(&ca);
+        assert!(ca_text.contains("ecdsa-with-SHA256"), "{ca_text}");
+        assert!(ca_text.contains("prime256v1"), "{ca_text}");
+        let ra_text = x509(&ra);
+        assert!(ra_text.contains("rsaEncryption"), "{ra_text}");
+        assert!(
+            ra_text.contains("Digital Signature, Key Encipherment"),
+            "{ra_text}"
+        );
+        let scep = Scep {
+            admin: server
+                .admin_key(
+                    "scep-admin",
+                    &["scep:challenge", "certificates:read", "certificates:write"],
+                )
+                .await,
+            server,
+            ca: ra.clone(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ca.pem"),
+            trustbroker::pki::pem("CERTIFICATE", &ca),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("ra.pem"),
+            trustbroker::pki::pem("CERTIFICATE", &ra),
+        )
+        .unwrap();
+
+        // micromdm's scepclient, the real peer: enrolls, then renews. It encrypts to every
+        // certificate GetCACert returns unless told which (and panics on the P-256 CA's key):
+        // -ca-fingerprint picks the RA, as a device picks the certificate for key encipherment.
+        let challenge = scep.challenge().await;
+        let ra_fingerprint = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&ra))
+        };
+        let scepclient = |extra: &[&str]| {
+            let mut cmd = tokio::process::Command::new("scepclient");
+            cmd.current_dir(dir.path())
+                .args([
+                    "-private-key",
+                    "device.key",
+                    "-server-url",
+                    &format!("{}/scep", scep.server.http_base),
+                    "-ca-fingerprint",
+                    &ra_fingerprint,
+                ])
+                .args(extra)
+                .kill_on_drop(true);
+            cmd.output()
+        };
+        let out = scepclient(&[
+            "-challenge",
+            challenge["challenge"].as_str().unwrap(),
+            "-cn",
+            "ignored-by-policy",
+        ])
+        .await
+        .expect("scepclient runs");
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            db.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // openssl, independently: the certificate chains to the P-256 CA, signed with
+        // ecdsa-with-SHA256, over the device's RSA key.
+        openssl_in(
+            dir.path(),
+            &[
+                "verify",
+                "-CAfile",
+                "ca.pem",
+                "-purpose",
+                "sslclient",
+                "client.pem",
+            ],
+        );
+        let leaf = openssl_in(
+            dir.path(),
+            &["x509", "-in", "client.pem", "-noout", "-text"],
+        );
+        assert!(
+            leaf.contains("Signature Algorithm: ecdsa-with-SHA256"),
+            "{leaf}"
+        );
+        assert!(leaf.contains("rsaEncryption"), "{leaf}");
+        assert!(
+            leaf.contains(challenge["enrollment_id"].as_str().unwrap()),
+            "{leaf}"
+        );
+        // The RA is not an issuer: the leaf does not verify under it.
+        let out = Command::new("openssl")
+            .current_dir(dir.path())
+            .args(["verify", "-CAfile", "ra.pem", "client.pem"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+
+        let first = std::fs::read(dir.path().join("client.pem")).unwrap();
+        let out = scepclient(&["-certificate", "client.pem"])
+            .await
+            .expect("scepclient runs");
+        assert!(out.status.success(), "{}: {out:?}", db.name());
+        let renewed = std::fs::read(dir.path().join("client.pem")).unwrap();
+        assert_ne!(first, renewed, "a RenewalReq got a new certificate");
+        openssl_in(
+            dir.path(),
+            &[
+                "verify",
+                "-CAfile",
+                "ca.pem",
+                "-purpose",
+                "sslclient",
+                "client.pem",
+            ],
+        );
+        assert_eq!(scep.certificates().await.len(), 2);
+
+        // The CertRep is signed by the RSA RA: the project's client checks the signer is the
+        // RA, and openssl verifies the CMS signature and chains its signer to the CA.
+        let id = identity(0);
+        let challenge = scep.challenge().await;
+        let body = pkcs_req(
+            id,
+            &ra,
+            challenge["challenge"].as_str(),
+            ContentCipher::Aes256Cbc,
+            DigestAlgorithm::Sha256,
+        );
+        let response = scep.post(body).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let reply = response.bytes().await.unwrap();
+        let got = client::open_cert_rep(&reply, id, &ra).unwrap();
+        assert_eq!(got.status, PkiStatus::Success);
+        assert!(x509(&got.certificates[0]).contains("ecdsa-with-SHA256"));
+        std::fs::write(dir.path().join("certrep.der"), &reply).unwrap();
+        openssl_in(
+            dir.path(),
+            &[
+                "cms",
+                "-verify",
+                "-inform",
+                "DER",
+                "-in",
+                "certrep.der",
+                "-CAfile",
+                "ca.pem",
+                "-purpose",
+                "any",
+                "-signer",
+                "signer.pem",
+                "-out",
+                "content.der",
+            ],
+        );
+        let signer = openssl_in(
+            dir.path(),
+            &[
+                "x509",
+                "-in",
+                "signer.pem",
+                "-outform",
+                "DER",
+                "-out",
+                "signer.der",
+            ],
+        );
+        assert!(signer.is_empty());
+        assert_eq!(std::fs::read(dir.path().join("signer.der")).unwrap(), ra);
+        scep.server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_device_under_a_p256_ca_checks_in_and_idles() {
+    for db in TestDb::all().await {
+        let server = p256_server(&db, false).await;
+        let (ca, ra) = ca_and_ra(&server).await;
+        let admin = server.admin_key("mdm-admin", &["admin"]).await;
+        let challenge = server.challenge(&admin).await;
+        // The simulator's enrollment, addressed to the RA.
+        let key = identity(1);
+        let body = crate::device::pkcs_req(key, &ra, &challenge);
+        let reply = server
+            .client
+            .post(server.url("/scep?operation=PKIOperation"))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let got = client::open_cert_rep(&reply, key, &ra).unwrap();
+        assert_eq!(got.status, PkiStatus::Success, "{}", db.name());
+        let issued = got.certificates[0].clone();
+        assert_eq!(
+            got.certificates.get(1),
+            Some(&ca),
+            "the chain ends at the CA"
+        );
+        assert!(x509(&issued).contains("ecdsa-with-SHA256"));
+        let device = crate::device::Device {
+            udid: uuid::Uuid::new_v4().to_string().to_uppercase(),
+            identity: key.with_certificate(issued),
+            push_token: trustbroker::random::bytes::<32>().to_vec(),
+            push_magic: uuid::Uuid::new_v4().to_string().to_uppercase(),
+        };
+        device.check_in(&server).await;
+        assert!(device.idle(&server).await.is_none(), "{}", db.name());
+        let listed = server.get_json("/api/v1/enrollments", Some(&admin)).await;
+        assert_eq!(listed["enrollments"][0]["status"], "active", "{listed}");
+        assert_eq!(listed["enrollments"][0]["id"], device.udid.as_str());
+
+        // As a TLS client certificate the ECDSA-signed certificate chains to the P-256 CA
+        // (the listener's client-certificate roots) and identifies the device unsigned.
+        use rsa::pkcs8::EncodePrivateKey;
+        let tls_cert = std::fs::read(&server.server.as_ref().unwrap().tls_cert_path).unwrap();
+        let pem = trustbroker::pki::pem("CERTIFICATE", &device.identity.certificate_der)
+            + &device
+                .identity
+                .key
+                .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+                .unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&tls_cert).unwrap())
+            .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let idle = crate::device::xml({
+            let mut m = plist::Dictionary::new();
+            m.insert("Status".into(), "Idle".into());
+            m.insert("UDID".into(), device.udid.clone().into());
+            m
+        });
+        let response = client
+            .put(server.url("/mdm/connect"))
+            .body(idle.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{}", db.name());
+        // Unsigned and without the certificate: nobody.
+        let response = server
+            .client
+            .put(server.url("/mdm/connect"))
+            .body(idle)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        server.stop().await;
+    }
+}
