@@ -69,6 +69,10 @@ struct Args {
     /// PostgreSQL URL) instead of enrolling them over SCEP; implies --no-round-trips.
     #[arg(long)]
     fleet_database: Option<String>,
+    /// Keep the wrk script and the pre-signed Idle bodies in this directory (to replay them
+    /// later, e.g. against a broker under `valgrind --tool=callgrind`).
+    #[arg(long)]
+    keep_script: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -123,10 +127,17 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let dir = tempfile::tempdir()?;
-    let script = dir.path().join("idle.lua");
+    let temporary = tempfile::tempdir()?;
+    let dir = match &args.keep_script {
+        Some(kept) => {
+            std::fs::create_dir_all(kept)?;
+            kept.clone()
+        }
+        None => temporary.path().to_owned(),
+    };
+    let script = dir.join("idle.lua");
     let started = Instant::now();
-    std::fs::write(&script, idle_script(&devices, dir.path())?)?;
+    std::fs::write(&script, idle_script(&devices, &dir)?)?;
     eprintln!(
         "Idle bodies signed in {:.1} s",
         started.elapsed().as_secs_f64()

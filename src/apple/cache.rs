@@ -8,7 +8,9 @@
 //! * **Known idle channels**: channels whose queue was read empty.
 //! * **Signer keys**, keyed the same way: what verifying an `Mdm-Signature` needs of the
 //!   certificate it carries (how a SignerInfo names it, its public key), read from the
-//!   certificate once instead of on every request. A fact of the bytes alone: never stale.
+//!   certificate once instead of on every request; from a certificate's second request on, its
+//!   RSA key is kept ready for verification too (for at most [`PREPARED_CAPACITY`] of them).
+//!   A fact of the bytes alone: never stale.
 //!
 //! Each entry carries the stamp it was read under: the store's generation (bumped by triggers
 //! in the transaction of every relevant change, whoever makes it; polled four times a second)
@@ -46,6 +48,10 @@ const DEFAULT_CAPACITY: usize = 100_000;
 /// read; at 100,000 they cost ~19 MiB and saved no CPU in a fleet cycled uniformly, so fewer
 /// (~2 MiB at most) serve the devices that speak often.
 const SIGNER_CAPACITY: usize = 16_384;
+/// Signer keys whose RSA key is kept ready for verification (`SignerKey::prepare`: ~1.5 KB
+/// each, ~1.5 MiB at most), until the signer keys are emptied. Only certificates seen twice get
+/// one, so that a large fleet cycled through does not spend them on devices heard from once.
+pub const PREPARED_CAPACITY: usize = 1_024;
 
 /// The key of a certificate: the SHA-256 of its DER bytes.
 pub type CertificateKey = [u8; 32];
@@ -55,6 +61,27 @@ pub fn certificate_key(der: &[u8]) -> CertificateKey {
     let mut key = [0u8; 32];
     key.copy_from_slice(digest.as_ref());
     key
+}
+
+/// What [`MdmCache::signer_key`] answers: what a certificate offers for verification, and the
+/// certificate's key (so that the request does not hash it again).
+#[derive(Clone, Debug)]
+pub struct Signer {
+    pub certificate: CertificateKey,
+    pub key: SignerKey,
+}
+
+impl std::borrow::Borrow<SignerKey> for Signer {
+    fn borrow(&self) -> &SignerKey {
+        &self.key
+    }
+}
+
+/// The signer keys, and how many of them are prepared.
+#[derive(Default)]
+struct Signers {
+    map: HashMap<CertificateKey, SignerKey>,
+    prepared: usize,
 }
 
 /// What an entry was read under: the store's generation as this node last confirmed it, and
@@ -79,8 +106,10 @@ struct Inner {
     queue_generation: AtomicI64,
     standings: RwLock<HashMap<CertificateKey, (Stamp, Arc<Standing>)>>,
     idle: RwLock<HashMap<Box<str>, Stamp>>,
-    signers: RwLock<HashMap<CertificateKey, SignerKey>>,
+    signers: RwLock<Signers>,
     capacity: usize,
+    /// At most this many signer keys are prepared ([`PREPARED_CAPACITY`]).
+    prepared_capacity: usize,
 }
 
 impl MdmCache {
@@ -89,6 +118,10 @@ impl MdmCache {
     }
 
     pub fn with_capacity(store: Store, capacity: usize) -> MdmCache {
+        MdmCache::with_capacities(store, capacity, PREPARED_CAPACITY)
+    }
+
+    fn with_capacities(store: Store, capacity: usize, prepared: usize) -> MdmCache {
         MdmCache {
             inner: Arc::new(Inner {
                 store,
@@ -98,8 +131,9 @@ impl MdmCache {
                 queue_generation: AtomicI64::new(i64::MIN),
                 standings: RwLock::new(HashMap::new()),
                 idle: RwLock::new(HashMap::new()),
-                signers: RwLock::new(HashMap::new()),
+                signers: RwLock::new(Signers::default()),
                 capacity: capacity.max(1),
+                prepared_capacity: prepared,
             }),
         }
     }
@@ -177,26 +211,53 @@ impl MdmCache {
     }
 
     /// What a certificate offers for verifying signatures: remembered, or read from it now
-    /// and remembered (`None`: not a certificate; never remembered).
-    pub fn signer_key(&self, der: &[u8]) -> Option<SignerKey> {
-        let key = certificate_key(der);
-        if let Some(found) = self
-            .inner
-            .signers
-            .read()
-            .ok()
-            .and_then(|map| map.get(&key).cloned())
-        {
-            return Some(found);
-        }
-        let signer = SignerKey::from_certificate(der).ok()?;
-        if let Ok(mut map) = self.inner.signers.write() {
-            if map.len() >= self.inner.capacity.min(SIGNER_CAPACITY) && !map.contains_key(&key) {
-                map.clear();
+    /// and remembered (`None`: not a certificate; never remembered). At its second sighting
+    /// its key is prepared, while fewer than [`PREPARED_CAPACITY`] are.
+    pub fn signer_key(&self, der: &[u8]) -> Option<Signer> {
+        let certificate = certificate_key(der);
+        let (found, may_prepare) = match self.inner.signers.read() {
+            Ok(signers) => (
+                signers.map.get(&certificate).cloned(),
+                signers.prepared < self.inner.prepared_capacity,
+            ),
+            Err(_) => (None, false),
+        };
+        let key = match found {
+            Some(key) if key.is_prepared() || !may_prepare => key,
+            Some(mut key) => {
+                if key.prepare(der)
+                    && let Ok(mut signers) = self.inner.signers.write()
+                    && signers.prepared < self.inner.prepared_capacity
+                    && let Some(entry) = signers.map.get_mut(&certificate)
+                    && !entry.is_prepared()
+                {
+                    *entry = key.clone();
+                    signers.prepared += 1;
+                }
+                key
             }
-            map.insert(key, signer.clone());
-        }
-        Some(signer)
+            None => {
+                let key = SignerKey::from_certificate(der).ok()?;
+                if let Ok(mut signers) = self.inner.signers.write() {
+                    let capacity = self.inner.capacity.min(SIGNER_CAPACITY);
+                    if signers.map.len() >= capacity && !signers.map.contains_key(&certificate) {
+                        signers.map.clear();
+                        signers.prepared = 0;
+                    }
+                    signers
+                        .map
+                        .entry(certificate)
+                        .or_insert_with(|| key.clone());
+                }
+                key
+            }
+        };
+        Some(Signer { certificate, key })
+    }
+
+    /// How many signer keys are prepared (for the tests).
+    pub fn prepared_signers(&self) -> usize {
+        self.inner.signers.read().map_or(0, |s| s.prepared)
     }
 
     /// Entries in each map: standings, idle channels, signer keys (for the benchmarks and
@@ -205,7 +266,7 @@ impl MdmCache {
         (
             self.inner.standings.read().map_or(0, |m| m.len()),
             self.inner.idle.read().map_or(0, |m| m.len()),
-            self.inner.signers.read().map_or(0, |m| m.len()),
+            self.inner.signers.read().map_or(0, |s| s.map.len()),
         )
     }
 
@@ -252,5 +313,72 @@ impl MdmCache {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::scep::client::ClientIdentity;
+    use crate::pki::scep::{DigestAlgorithm, ScepError, sign_detached, verify_detached_with};
+
+    /// `count` certificates of one RSA key (key generation is the slow part), each its own.
+    fn identities(count: usize) -> Vec<ClientIdentity> {
+        let base = ClientIdentity::generate(2048).unwrap();
+        let key_pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls::pki_types::PrivatePkcs8KeyDer::from(base.pkcs8.clone()),
+            &rcgen::PKCS_RSA_SHA256,
+        )
+        .unwrap();
+        (0..count)
+            .map(|i| {
+                let mut params = rcgen::CertificateParams::default();
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, format!("device {i}"));
+                let certificate = params.self_signed(&key_pair).unwrap();
+                base.with_certificate(certificate.der().to_vec())
+            })
+            .collect()
+    }
+
+    /// A certificate's key is prepared at its second sighting, for at most the bound's worth
+    /// of certificates; prepared or not, every body's signature is still verified; the answer
+    /// carries the certificate's key.
+    #[tokio::test]
+    async fn signer_keys_are_prepared_from_the_second_sighting_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("t.db"), 1)
+            .await
+            .unwrap();
+        let cache = MdmCache::with_capacities(store, 8, 2);
+        let ids = identities(3);
+        let body = b"<plist><dict/></plist>";
+        let sighting = |id: &ClientIdentity| {
+            let signer = cache.signer_key(&id.certificate_der).unwrap();
+            assert_eq!(signer.certificate, certificate_key(&id.certificate_der));
+            let signature = sign_detached(body, DigestAlgorithm::Sha256, id).unwrap();
+            let lookup = |der: &[u8]| cache.signer_key(der);
+            let (verified, used) = verify_detached_with(&signature, body, &lookup).unwrap();
+            assert_eq!(verified.certificate_der, id.certificate_der);
+            let err = verify_detached_with(&signature, b"<plist/>", &lookup).unwrap_err();
+            assert!(matches!(err, ScepError::BadSignature), "{err}");
+            (signer.key.is_prepared(), used.key.is_prepared())
+        };
+        // First sighting (then two more lookups in the same call): prepared from the second.
+        assert_eq!(sighting(&ids[0]), (false, true));
+        assert_eq!(cache.prepared_signers(), 1);
+        assert_eq!(sighting(&ids[0]), (true, true));
+        assert_eq!(cache.prepared_signers(), 1);
+        assert_eq!(sighting(&ids[1]), (false, true));
+        assert_eq!(cache.prepared_signers(), 2);
+        // The bound is reached: the third certificate is verified without.
+        assert_eq!(sighting(&ids[2]), (false, false));
+        assert_eq!(sighting(&ids[2]), (false, false));
+        assert_eq!(cache.prepared_signers(), 2);
+        assert_eq!(cache.sizes().2, 3);
+        // Not a certificate: no key, nothing remembered.
+        assert!(cache.signer_key(b"not a certificate").is_none());
+        assert_eq!(cache.sizes().2, 3);
     }
 }

@@ -167,17 +167,20 @@ pub struct Credentials<'a> {
 /// The certificate a request presents, its signature over the body checked when it signs;
 /// whose it is, is not decided yet (see [`verify`]).
 /// What the signature's certificate offers for verification comes from the node's cache.
+/// Returns the certificate and, when it signed, its key in the cache (its SHA-256: the request
+/// need not hash it again).
 pub fn presented_certificate(
     cache: &MdmCache,
     credentials: Credentials<'_>,
     body: &[u8],
-) -> Result<Vec<u8>, IdentityError> {
+) -> Result<(Vec<u8>, Option<cache::CertificateKey>), IdentityError> {
     Ok(if let Some(header) = credentials.signature_header {
-        verify_signature_with(header, body, &|der| cache.signer_key(der))?.certificate_der
+        let (signer, key) = verify_signature_with(header, body, &|der| cache.signer_key(der))?;
+        (signer.certificate_der, Some(key.certificate))
     } else if let Some(der) = credentials.tls_client_certificate {
-        der.to_vec()
+        (der.to_vec(), None)
     } else if let Some(der) = credentials.proxy_certificate {
-        der
+        (der, None)
     } else {
         return Err(IdentityError::Unauthenticated(
             "no Mdm-Signature header and no client certificate: the enrollment profile asks \
@@ -206,14 +209,16 @@ pub async fn verify(
 }
 
 /// [`verify`], answered from the node's cache when it holds a current standing for these
-/// very bytes (no database read); otherwise read, and remembered.
+/// very bytes (no database read); otherwise read, and remembered. `key` is the certificate's
+/// [`cache::certificate_key`] when the caller has it already.
 pub async fn verify_cached(
     cache: &MdmCache,
     store: &Store,
     migrated: &MigratedCas,
     certificate_der: Vec<u8>,
+    key: Option<cache::CertificateKey>,
 ) -> Result<VerifiedDevice, IdentityError> {
-    let key = cache::certificate_key(&certificate_der);
+    let key = key.unwrap_or_else(|| cache::certificate_key(&certificate_der));
     let queue_stamp = cache.queue_stamp();
     if let Some(standing) = cache.standing(&key)
         && standing.usable_at(Utc::now())
@@ -358,35 +363,37 @@ pub fn verify_signature(header: &str, body: &[u8]) -> Result<scep::VerifiedSigne
     verify_signature_with(header, body, &|der| {
         scep::SignerKey::from_certificate(der).ok()
     })
+    .map(|(signer, _)| signer)
 }
 
-/// [`verify_signature`], with what each certificate offers for verification from `key_of`.
-fn verify_signature_with(
+/// [`verify_signature`], with what each certificate offers for verification from `key_of`;
+/// returns also what `key_of` said of the signer's certificate.
+fn verify_signature_with<K: std::borrow::Borrow<scep::SignerKey>>(
     header: &str,
     body: &[u8],
-    key_of: &dyn Fn(&[u8]) -> Option<scep::SignerKey>,
-) -> Result<scep::VerifiedSigner, IdentityError> {
+    key_of: &dyn Fn(&[u8]) -> Option<K>,
+) -> Result<(scep::VerifiedSigner, K), IdentityError> {
     if header.len() > MAX_SIGNATURE_LEN {
         return Err(IdentityError::Malformed(
             "the Mdm-Signature header is too long".into(),
         ));
     }
-    // Devices send one line; folded whitespace is dropped only when there is some (copying
-    // the header char by char was 3% of a signed Idle's CPU).
-    let bytes = header.as_bytes();
-    let compact: std::borrow::Cow<'_, [u8]> = if bytes.iter().any(u8::is_ascii_whitespace) {
-        bytes
-            .iter()
-            .copied()
-            .filter(|b| !b.is_ascii_whitespace())
-            .collect::<Vec<u8>>()
-            .into()
-    } else {
-        bytes.into()
+    // Devices send one line: it is decoded as it is, and only if that fails, again without
+    // folded whitespace (which the decoder refuses). Scanning for whitespace first, or copying
+    // the header char by char, cost 1.5% and 3% of a signed Idle's instructions.
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let decoded = match engine.decode(header.as_bytes()) {
+        Err(_) if header.bytes().any(|b| b.is_ascii_whitespace()) => {
+            let compact: Vec<u8> = header
+                .bytes()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
+            engine.decode(compact)
+        }
+        other => other,
     };
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(&compact)
-        .map_err(|_| IdentityError::Malformed("the Mdm-Signature is not base64".into()))?;
+    let der =
+        decoded.map_err(|_| IdentityError::Malformed("the Mdm-Signature is not base64".into()))?;
     scep::verify_detached_with(&der, body, key_of).map_err(|e| match e {
         scep::ScepError::BadSignature => {
             IdentityError::Unauthenticated("the Mdm-Signature does not match the body".into())
@@ -481,7 +488,7 @@ mod tests {
             Some(remembered.clone())
         };
 
-        let signer = verify_signature_with(&signed, body, &cached).unwrap();
+        let (signer, _) = verify_signature_with(&signed, body, &cached).unwrap();
         assert_eq!(signer.certificate_der, device.certificate_der);
         assert_eq!(lookups.get(), 1, "the key came from the lookup");
 
@@ -495,6 +502,22 @@ mod tests {
         let err =
             verify_signature_with(&signed, body, &|_: &[u8]| Some(wrong.clone())).unwrap_err();
         assert!(matches!(err, IdentityError::Malformed(_)), "{err}");
+
+        // A header folded over lines (as some proxies pass it) verifies the same; one that is
+        // not base64 is malformed, folded or not.
+        let folded: String = signed
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect::<Vec<_>>()
+            .join("\r\n ");
+        assert!(folded.len() > signed.len());
+        let (signer, _) = verify_signature_with(&folded, body, &cached).unwrap();
+        assert_eq!(signer.certificate_der, device.certificate_der);
+        for bad in ["not base64!", "bm90 IGJh*c2U2NA=="] {
+            let err = verify_signature_with(bad, body, &cached).unwrap_err();
+            assert!(matches!(err, IdentityError::Malformed(_)), "{err}");
+        }
 
         // And the uncached path agrees.
         assert_eq!(

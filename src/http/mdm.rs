@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::{AppState, TlsClientCertificate};
+use crate::apple::cache::CertificateKey;
 use crate::apple::identity::{self, Credentials, IdentityError, VerifiedDevice};
 use crate::apple::service::{MdmError, MdmReply};
 
@@ -46,12 +47,13 @@ impl FromRequest<AppState> for SignedRequest {
         let body = Bytes::from_request(Request::from_parts(parts, body), state)
             .await
             .map_err(IntoResponse::into_response)?;
-        let certificate = presented(state, transport, &headers, &body).map_err(refusal)?;
+        let (certificate, key) = presented(state, transport, &headers, &body).map_err(refusal)?;
         let device = identity::verify_cached(
             state.mdm.cache(),
             &state.store,
             &state.migrated_cas,
             certificate,
+            key,
         )
         .await
         .map_err(refusal)?;
@@ -83,7 +85,7 @@ fn presented(
     (peer, tls_certificate): Transport,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Vec<u8>, IdentityError> {
+) -> Result<(Vec<u8>, Option<CertificateKey>), IdentityError> {
     let signature = match headers.get(SIGNATURE_HEADER).map(|v| v.to_str()) {
         None => None,
         Some(Ok(value)) => Some(value),
