@@ -7,6 +7,7 @@
 #   bash benches/signin.sh [sign-ins per protocol, default 30]
 #
 #   BENCH_PROFILE=dev   use debug builds (a quick check that the benchmark works)
+#   BENCH_BIN=path      a trustbroker binary to measure (e.g. another commit's, back to back)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -18,7 +19,9 @@ PUBLIC=http://127.0.0.1:8080
 # The test IdPs (reused when already running); they know the broker as $PUBLIC.
 TRUSTBROKER_PEERS_ONLY=1 TRUSTBROKER_KEEP_PEERS=1 TRUSTBROKER_SKIP_LINT=1 bash tests/run.sh >/dev/null
 
-if [[ $PROFILE == release ]]; then
+if [[ -n ${BENCH_BIN:-} ]]; then
+  BIN=$BENCH_BIN
+elif [[ $PROFILE == release ]]; then
   cargo build --release --locked --bin trustbroker
   BIN=target/release/trustbroker
 else
@@ -38,7 +41,11 @@ trap cleanup EXIT
 topic=com.apple.mgmt.External.$(cat /proc/sys/kernel/random/uuid)
 openssl req -x509 -newkey rsa:2048 -nodes -days 30 -keyout "$WORK/push.key" -out "$WORK/push.pem" \
   -subj "/UID=$topic/CN=APSP" 2>/dev/null
-args=(--config docs/examples/test-idps.toml --data-dir "$WORK/data" --listen 127.0.0.1:0
+# The test IdPs' configuration, with room for the profiles this downloads: a person may hold at
+# most 1,000 unused ones per window (the default is 5 per hour).
+cp docs/examples/test-idps.toml "$WORK/broker.toml"
+printf '\n[enroll]\nmax_unredeemed_profiles = 1000\nunredeemed_window_secs = 3600\n' >>"$WORK/broker.toml"
+args=(--config "$WORK/broker.toml" --data-dir "$WORK/data" --listen 127.0.0.1:0
   --log-level warn)
 "$BIN" push-cert import --cert "$WORK/push.pem" --key "$WORK/push.key" "${args[@]}" >/dev/null
 "$BIN" serve "${args[@]}" >"$WORK/broker.log" 2>&1 &

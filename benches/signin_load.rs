@@ -35,9 +35,11 @@ struct Args {
     /// Concurrency levels for the profiles-per-second part.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     concurrency: Vec<usize>,
-    /// Seconds per concurrency level.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    /// Profiles per concurrency level, shared by its workers. A person may hold at most
+    /// `enroll.max_unredeemed_profiles` (at most 1,000) unused profiles per window, and the
+    /// workers are the same three people: keep every person under that across the levels.
+    #[arg(long, default_value_t = 600)]
+    profiles: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -329,12 +331,13 @@ async fn main() {
     let args = Arc::new(args);
     for &concurrency in &args.concurrency {
         let failures = Arc::new(AtomicUsize::new(0));
-        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        let left = Arc::new(AtomicUsize::new(args.profiles));
         let started = Instant::now();
         let workers: Vec<_> = (0..concurrency)
             .map(|w| {
                 let args = args.clone();
                 let failures = failures.clone();
+                let left = left.clone();
                 tokio::spawn(async move {
                     let (user, pw) = PEOPLE[w % PEOPLE.len()];
                     let mut browser = Browser::new(&args);
@@ -343,7 +346,10 @@ async fn main() {
                         return Vec::new();
                     }
                     let mut latencies = Vec::new();
-                    while Instant::now() < deadline {
+                    while left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
                         let one = Instant::now();
                         match profile(&mut browser, &args.url).await {
                             Ok(()) => latencies.push(one.elapsed()),
