@@ -28,13 +28,18 @@ pub enum PkiReply {
     Unaddressable(String),
 }
 
+/// How many RSA tasks may run at once per core (see [`ScepService::cpu`]).
+const RSA_TASKS_PER_CORE: usize = 2;
+
 #[derive(Clone)]
 pub struct ScepService {
     store: Store,
     ca: Arc<CertificateAuthority>,
     static_challenge: Option<Secret>,
-    /// One permit per core for RSA work: more at once only interleaves requests on the same
-    /// cores, so every request finishes later and the slowest much later.
+    /// Two permits per core for RSA work: one per core leaves a core idle while a finished
+    /// task waits to be picked up and the next one to be woken on the blocking pool (SCEP at
+    /// concurrency 32: 4–37% more issuances per second with two); unlimited only interleaves
+    /// requests on the same cores, so every request finishes later and the slowest much later.
     cpu: Arc<tokio::sync::Semaphore>,
 }
 
@@ -90,11 +95,11 @@ impl ScepService {
             store,
             ca,
             static_challenge,
-            cpu: Arc::new(tokio::sync::Semaphore::new(cores)),
+            cpu: Arc::new(tokio::sync::Semaphore::new(cores * RSA_TASKS_PER_CORE)),
         }
     }
 
-    /// Runs CPU-bound work with the CA key on the blocking pool, at most one task per core.
+    /// Runs CPU-bound work with the CA key on the blocking pool, at most [`RSA_TASKS_PER_CORE`] tasks per core.
     async fn cpu_bound<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
