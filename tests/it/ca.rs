@@ -1,26 +1,10 @@
 //! The CA's lifecycle: created at first start with its key sealed at rest, imported from PEM,
 //! one-time challenges from the API and the command line.
 
-use std::process::Command;
-
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::harness::{TestServer, run_cli};
-
-fn openssl(args: &[&str], dir: &std::path::Path) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::harness::{TestServer, openssl_in, run_cli};
 
 #[tokio::test]
 async fn the_ca_is_created_once_with_its_key_sealed() {
@@ -40,7 +24,7 @@ async fn the_ca_is_created_once_with_its_key_sealed() {
     assert!(ok);
     let pem_start = shown.find("-----BEGIN CERTIFICATE-----").unwrap();
     std::fs::write(dir.path().join("ca.pem"), &shown[pem_start..]).unwrap();
-    let text = openssl(&["x509", "-in", "ca.pem", "-noout", "-text"], dir.path());
+    let text = openssl_in(dir.path(), &["x509", "-in", "ca.pem", "-noout", "-text"]);
     assert!(text.contains("CA:TRUE"), "{text}");
     assert!(text.contains("Certificate Sign"), "{text}");
     assert!(text.contains("2048 bit"), "{text}");
@@ -67,7 +51,8 @@ async fn an_existing_ca_can_be_imported_and_is_checked() {
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
     let d = dir.path();
-    openssl(
+    openssl_in(
+        d,
         &[
             "req",
             "-x509",
@@ -87,9 +72,9 @@ async fn an_existing_ca_can_be_imported_and_is_checked() {
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
-        d,
     );
-    openssl(
+    openssl_in(
+        d,
         &[
             "req",
             "-x509",
@@ -107,7 +92,6 @@ async fn an_existing_ca_can_be_imported_and_is_checked() {
             "-addext",
             "basicConstraints=CA:FALSE",
         ],
-        d,
     );
     let path = |f: &str| d.join(f).to_str().unwrap().to_string();
 
@@ -157,9 +141,9 @@ async fn an_existing_ca_can_be_imported_and_is_checked() {
         &[],
     );
     assert!(ok, "{err}");
-    let expected = openssl(
-        &["x509", "-in", "ca.pem", "-noout", "-fingerprint", "-sha256"],
+    let expected = openssl_in(
         d,
+        &["x509", "-in", "ca.pem", "-noout", "-fingerprint", "-sha256"],
     );
     let (_, shown, _) = run_cli(&["ca", "show", "--data-dir", data], &[]);
     let expected = expected.trim().rsplit('=').next().unwrap().to_string();
@@ -314,16 +298,16 @@ async fn a_p256_ca_is_created_with_an_rsa_ra_and_kept_whatever_the_setting_says_
     assert_eq!(pems.len(), 2, "{shown}");
     std::fs::write(dir.path().join("ca.pem"), pems[0]).unwrap();
     std::fs::write(dir.path().join("ra.pem"), pems[1]).unwrap();
-    let ca = openssl(&["x509", "-in", "ca.pem", "-noout", "-text"], dir.path());
+    let ca = openssl_in(dir.path(), &["x509", "-in", "ca.pem", "-noout", "-text"]);
     assert!(ca.contains("ecdsa-with-SHA256"), "{ca}");
     assert!(ca.contains("prime256v1"), "{ca}");
     assert!(ca.contains("CA:TRUE"), "{ca}");
-    let ra = openssl(&["x509", "-in", "ra.pem", "-noout", "-text"], dir.path());
+    let ra = openssl_in(dir.path(), &["x509", "-in", "ra.pem", "-noout", "-text"]);
     assert!(ra.contains("rsaEncryption"), "{ra}");
     assert!(ra.contains("2048 bit"), "{ra}");
     assert!(ra.contains("Digital Signature, Key Encipherment"), "{ra}");
     // The RA is certified by the CA (openssl's own check of the ECDSA signature).
-    openssl(&["verify", "-CAfile", "ca.pem", "ra.pem"], dir.path());
+    openssl_in(dir.path(), &["verify", "-CAfile", "ca.pem", "ra.pem"]);
 
     // The setting never converts an existing CA: back to RSA, the P-256 CA stays.
     let (ok, again, err) = run_cli(
@@ -355,7 +339,8 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
     let path = |f: &str| d.join(f).to_str().unwrap().to_string();
     // A P-256 CA whose key is SEC1 ("EC PRIVATE KEY"), a P-384 one, and an RSA RA under the
     // P-256 CA for key encipherment.
-    openssl(
+    openssl_in(
+        d,
         &[
             "ecparam",
             "-name",
@@ -365,7 +350,6 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
             "-out",
             "ca.key",
         ],
-        d,
     );
     assert!(
         std::fs::read_to_string(d.join("ca.key"))
@@ -373,7 +357,8 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
             .contains("BEGIN EC PRIVATE KEY")
     );
     let ca_cert = |key: &str, out: &str| {
-        openssl(
+        openssl_in(
+            d,
             &[
                 "req",
                 "-x509",
@@ -391,11 +376,11 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
                 "-addext",
                 "keyUsage=critical,keyCertSign,cRLSign",
             ],
-            d,
         )
     };
     ca_cert("ca.key", "ca.pem");
-    openssl(
+    openssl_in(
+        d,
         &[
             "ecparam",
             "-name",
@@ -405,10 +390,10 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
             "-out",
             "p384.key",
         ],
-        d,
     );
     ca_cert("p384.key", "p384.pem");
-    openssl(
+    openssl_in(
+        d,
         &[
             "req",
             "-new",
@@ -422,14 +407,14 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
             "-out",
             "ra.csr",
         ],
-        d,
     );
     std::fs::write(
         d.join("ra.ext"),
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
     )
     .unwrap();
-    openssl(
+    openssl_in(
+        d,
         &[
             "x509",
             "-req",
@@ -447,7 +432,6 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
             "-out",
             "ra.pem",
         ],
-        d,
     );
     let import = |cert: &str, key: &str, ra: Option<(&str, &str)>| {
         let (cert, key) = (path(cert), path(key));
@@ -480,9 +464,9 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
     assert!(ok, "{err}");
     let (_, shown, _) = run_cli(&["ca", "show", "--data-dir", data], &[]);
     assert!(shown.starts_with("CA key: ecdsa-p256"), "{shown}");
-    let expected = openssl(
-        &["x509", "-in", "ca.pem", "-noout", "-fingerprint", "-sha256"],
+    let expected = openssl_in(
         d,
+        &["x509", "-in", "ca.pem", "-noout", "-fingerprint", "-sha256"],
     );
     let expected = expected.trim().rsplit('=').next().unwrap().to_string();
     assert!(shown.contains(&expected), "{shown} vs {expected}");
@@ -499,26 +483,15 @@ async fn a_p256_ca_is_imported_with_an_rsa_ra_and_refused_without_one_or_on_anot
             .to_vec()
     };
     let key = trustbroker::pki::scep::client::ClientIdentity::generate(2048).unwrap();
-    let body = crate::device::pkcs_req(&key, &ra_der, &challenge);
-    let reply = server
-        .client
-        .post(server.url("/scep?operation=PKIOperation"))
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let got = trustbroker::pki::scep::client::open_cert_rep(&reply, &key, &ra_der).unwrap();
+    let got = crate::device::scep_request_to(&server, &key, &ra_der, &challenge).await;
     assert_eq!(got.status, trustbroker::pki::scep::PkiStatus::Success);
     std::fs::write(
         d.join("leaf.pem"),
         trustbroker::pki::pem("CERTIFICATE", &got.certificates[0]),
     )
     .unwrap();
-    openssl(&["verify", "-CAfile", "ca.pem", "leaf.pem"], d);
-    let leaf = openssl(&["x509", "-in", "leaf.pem", "-noout", "-text"], d);
+    openssl_in(d, &["verify", "-CAfile", "ca.pem", "leaf.pem"]);
+    let leaf = openssl_in(d, &["x509", "-in", "leaf.pem", "-noout", "-text"]);
     assert!(
         leaf.contains("Signature Algorithm: ecdsa-with-SHA256"),
         "{leaf}"

@@ -200,7 +200,17 @@ pub async fn scep_request(
     challenge: &str,
 ) -> client::CertRepOutcome {
     let ca = server.ca_der().await;
-    let body = pkcs_req(key, &ca, challenge);
+    scep_request_to(server, key, &ca, challenge).await
+}
+
+/// [`scep_request`] encrypted to `recipient` (the CA, or the RA of a CA that has one).
+pub async fn scep_request_to(
+    server: &TestServer,
+    key: &ClientIdentity,
+    recipient: &[u8],
+    challenge: &str,
+) -> client::CertRepOutcome {
+    let body = pkcs_req(key, recipient, challenge);
     let reply = server
         .client
         .post(server.url("/scep?operation=PKIOperation"))
@@ -211,5 +221,5 @@ pub async fn scep_request(
         .bytes()
         .await
         .unwrap();
-    client::open_cert_rep(&reply, key, &ca).unwrap()
+    client::open_cert_rep(&reply, key, recipient).unwrap()
 }

@@ -450,3 +450,18 @@ pub fn created_key(stdout: &str) -> String {
     assert!(key.starts_with("tbk_"), "last line is not a key: {stdout}");
     key
 }
+
+/// `openssl` in `dir`; its output, failing the test when it fails.
+pub fn openssl_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -10,7 +10,7 @@ use serde_json::Value;
 use trustbroker::pki::scep::client::{self, ClientIdentity, Request};
 use trustbroker::pki::scep::{ContentCipher, DigestAlgorithm, FailInfo, MessageType, PkiStatus};
 
-use crate::harness::{TestDb, TestServer, peer_env};
+use crate::harness::{TestDb, TestServer, openssl_in, peer_env};
 
 /// A server, an admin key for challenges and certificates, and the CA certificate.
 struct Scep {
@@ -1140,21 +1140,6 @@ async fn ca_and_ra(server: &TestServer) -> (Vec<u8>, Vec<u8>) {
     (ca[0].clone(), ra[0].clone())
 }
 
-/// `openssl` in `dir`; its output, failing the test when it fails.
-fn openssl_in(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test]
 async fn a_p256_ca_issues_through_an_rsa_ra_to_scepclient_on_both_databases() {
     if peer_env("TRUSTBROKER_TEST_PEERS").is_none() {
@@ -1351,18 +1336,7 @@ async fn a_device_under_a_p256_ca_checks_in_and_idles() {
         let challenge = server.challenge(&admin).await;
         // The simulator's enrollment, addressed to the RA.
         let key = identity(1);
-        let body = crate::device::pkcs_req(key, &ra, &challenge);
-        let reply = server
-            .client
-            .post(server.url("/scep?operation=PKIOperation"))
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let got = client::open_cert_rep(&reply, key, &ra).unwrap();
+        let got = crate::device::scep_request_to(&server, key, &ra, &challenge).await;
         assert_eq!(got.status, PkiStatus::Success, "{}", db.name());
         let issued = got.certificates[0].clone();
         assert_eq!(
