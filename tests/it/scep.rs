@@ -152,19 +152,7 @@ async fn capabilities_and_ca_certificate() {
 
     // With an RA, GetCACert is a degenerate PKCS#7 holding the CA and the RA.
     let server = TestServer::start_with(|args| args.scep_ra = Some(true)).await;
-    let response = server
-        .client
-        .get(server.url("/scep?operation=GetCACert"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/x-x509-ca-ra-cert"
-    );
-    let bundle = response.bytes().await.unwrap();
-    let certs = trustbroker::pki::scep::parse_degenerate_certificates(&bundle).unwrap();
-    assert_eq!(certs.len(), 2);
+    ca_and_ra(&server).await;
     server.stop().await;
 }
 
@@ -1057,24 +1045,21 @@ async fn after_the_overlap_the_renewed_certificate_no_longer_authenticates() {
 
 fn x509(der: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.der");
-    std::fs::write(&path, der).unwrap();
-    let out = Command::new("openssl")
-        .args([
+    std::fs::write(dir.path().join("c.der"), der).unwrap();
+    openssl_in(
+        dir.path(),
+        &[
             "x509",
             "-inform",
             "DER",
             "-in",
-            path.to_str().unwrap(),
+            "c.der",
             "-noout",
             "-text",
             "-nameopt",
             "oneline,-esc_msb",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        ],
+    )
 }
 
 fn serial_of(text: &str) -> String {
