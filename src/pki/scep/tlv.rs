@@ -142,6 +142,9 @@ pub fn normalise(input: &[u8]) -> Result<Vec<u8>, ScepError> {
 }
 
 /// Normalises one element from the front of `input` into `out`; returns the rest of `input`.
+/// A constructed element's children are written straight into `out` and its header put in
+/// front of them once their length is known: one buffer for the whole message, where a
+/// scratch buffer per level copied every byte once per nesting level.
 fn normalise_element<'a>(
     input: &'a [u8],
     out: &mut Vec<u8>,
@@ -172,15 +175,14 @@ fn normalise_element<'a>(
         write_element(out, tag, value);
         return body.get(length..).ok_or_else(|| malformed("length"));
     }
-    // Children go to a scratch buffer first, since the length is known only afterwards.
-    let mut children = Vec::new();
+    let start = out.len();
     let rest = match length {
         Some(length) => {
             let mut inner = body
                 .get(..length)
                 .ok_or_else(|| malformed("length runs past the end"))?;
             while !inner.is_empty() {
-                inner = normalise_element(inner, &mut children, depth + 1)?;
+                inner = normalise_element(inner, out, depth + 1)?;
             }
             body.get(length..).ok_or_else(|| malformed("length"))?
         }
@@ -190,31 +192,52 @@ fn normalise_element<'a>(
                 match inner {
                     [0, 0, tail @ ..] => break tail,
                     [] => return Err(malformed("missing end-of-contents")),
-                    _ => inner = normalise_element(inner, &mut children, depth + 1)?,
+                    _ => inner = normalise_element(inner, out, depth + 1)?,
                 }
             }
         }
     };
-    if tag == TAG_OCTET_STRING | CONSTRUCTED {
+    let tag = if tag == TAG_OCTET_STRING | CONSTRUCTED {
         // A segmented OCTET STRING: its value is the concatenation of its (primitive) parts.
-        let mut joined = Vec::with_capacity(children.len());
-        for part in read_all(&children)? {
-            if part.tag != TAG_OCTET_STRING {
-                return Err(malformed("OCTET STRING segment of another type"));
-            }
-            joined.extend_from_slice(part.value);
-        }
-        write_element(out, TAG_OCTET_STRING, &joined);
+        join_segments(out, start)?;
+        TAG_OCTET_STRING
     } else {
-        write_element(out, tag, &children);
-    }
+        tag
+    };
+    insert_header(out, start, tag);
     Ok(rest)
 }
 
-/// Appends `tag`, the DER length of `value`, and `value`.
-pub fn write_element(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
-    out.push(tag);
-    let len = value.len();
+/// Replaces the normalised OCTET STRING segments in `out[start..]` by their values, in place.
+fn join_segments(out: &mut Vec<u8>, start: usize) -> Result<(), ScepError> {
+    let (mut from, mut to) = (start, start);
+    while from < out.len() {
+        let (value_at, value_len) = {
+            let segment = out.get(from..).unwrap_or_default();
+            let (part, _) = read(segment)?;
+            if part.tag != TAG_OCTET_STRING {
+                return Err(malformed("OCTET STRING segment of another type"));
+            }
+            (from + part.raw.len() - part.value.len(), part.value.len())
+        };
+        out.copy_within(value_at..value_at + value_len, to);
+        to += value_len;
+        from = value_at + value_len;
+    }
+    out.truncate(to);
+    Ok(())
+}
+
+/// Puts `tag` and the DER length of `out[start..]` in front of it.
+fn insert_header(out: &mut Vec<u8>, start: usize, tag: u8) {
+    let mut header = Vec::with_capacity(10);
+    header.push(tag);
+    push_length(&mut header, out.len() - start);
+    out.splice(start..start, header);
+}
+
+/// Appends `len` as DER writes a length: one byte below 128, else the fewest bytes.
+fn push_length(out: &mut Vec<u8>, len: usize) {
     if len < 0x80 {
         out.push(len as u8);
     } else {
@@ -224,6 +247,12 @@ pub fn write_element(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
         out.push(0x80 | significant.len() as u8);
         out.extend_from_slice(significant);
     }
+}
+
+/// Appends `tag`, the DER length of `value`, and `value`.
+pub fn write_element(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
+    out.push(tag);
+    push_length(out, value.len());
     out.extend_from_slice(value);
 }
 
@@ -284,6 +313,140 @@ pub mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reference(input: &[u8]) -> Result<Vec<u8>, ScepError> {
+        let mut out = Vec::with_capacity(input.len());
+        let rest = reference_element(input, &mut out, 0)?;
+        if !rest.is_empty() {
+            return Err(malformed("trailing bytes"));
+        }
+        Ok(out)
+    }
+
+    /// The normaliser as it was before it wrote into one buffer (a scratch buffer per level):
+    /// the oracle the single-buffer one is held to.
+    fn reference_element<'a>(
+        input: &'a [u8],
+        out: &mut Vec<u8>,
+        depth: usize,
+    ) -> Result<&'a [u8], ScepError> {
+        if depth > MAX_DEPTH {
+            return Err(malformed("nesting too deep"));
+        }
+        let (&tag, rest) = input
+            .split_first()
+            .ok_or_else(|| malformed("truncated tag"))?;
+        if tag & 0x1f == 0x1f {
+            return Err(malformed("high tag numbers are not used in CMS"));
+        }
+        if tag == 0 {
+            return Err(malformed("unexpected end-of-contents"));
+        }
+        let (length, header_len) = read_length(rest)?;
+        let body = rest
+            .get(header_len..)
+            .ok_or_else(|| malformed("truncated length"))?;
+        let constructed = tag & CONSTRUCTED != 0;
+        if !constructed {
+            let length = length.ok_or_else(|| malformed("indefinite length on a primitive"))?;
+            let value = body
+                .get(..length)
+                .ok_or_else(|| malformed("length runs past the end"))?;
+            write_element(out, tag, value);
+            return body.get(length..).ok_or_else(|| malformed("length"));
+        }
+        // Children go to a scratch buffer first, since the length is known only afterwards.
+        let mut children = Vec::new();
+        let rest = match length {
+            Some(length) => {
+                let mut inner = body
+                    .get(..length)
+                    .ok_or_else(|| malformed("length runs past the end"))?;
+                while !inner.is_empty() {
+                    inner = reference_element(inner, &mut children, depth + 1)?;
+                }
+                body.get(length..).ok_or_else(|| malformed("length"))?
+            }
+            None => {
+                let mut inner = body;
+                loop {
+                    match inner {
+                        [0, 0, tail @ ..] => break tail,
+                        [] => return Err(malformed("missing end-of-contents")),
+                        _ => inner = reference_element(inner, &mut children, depth + 1)?,
+                    }
+                }
+            }
+        };
+        if tag == TAG_OCTET_STRING | CONSTRUCTED {
+            // A segmented OCTET STRING: its value is the concatenation of its (primitive) parts.
+            let mut joined = Vec::with_capacity(children.len());
+            for part in read_all(&children)? {
+                if part.tag != TAG_OCTET_STRING {
+                    return Err(malformed("OCTET STRING segment of another type"));
+                }
+                joined.extend_from_slice(part.value);
+            }
+            write_element(out, TAG_OCTET_STRING, &joined);
+        } else {
+            write_element(out, tag, &children);
+        }
+        Ok(rest)
+    }
+
+    /// The single-buffer normaliser writes what the one before it wrote, and refuses what it
+    /// refused: on BER from devices and scepclient, and every single-byte change and
+    /// truncation of them.
+    #[test]
+    fn one_buffer_normalises_as_the_scratch_buffers_did() {
+        use base64::Engine;
+        let header = base64::engine::general_purpose::STANDARD
+            .decode(
+                include_str!("../../../tests/fixtures/apple-mdm/mdm-signature/header2.b64").trim(),
+            )
+            .unwrap();
+        let nested = [
+            0x30, 0x80, 0x24, 0x80, 0x24, 0x80, 0x04, 0x01, b'a', 0x00, 0x00, 0x04, 0x02, b'b',
+            b'c', 0x00, 0x00, 0x31, 0x03, 0x02, 0x01, 0x07, 0x00, 0x00,
+        ];
+        let long: Vec<u8> = [
+            &[0x24u8, 0x80][..],
+            &[0x04, 0x81, 0xc8],
+            &[9u8; 200],
+            &[0, 0],
+        ]
+        .concat();
+        let scep_request = include_bytes!("../../../tests/fixtures/scep/tap_req0.der");
+        for input in [header, nested.to_vec(), long, scep_request.to_vec()] {
+            assert_eq!(normalise(&input).ok(), reference(&input).ok());
+            for i in 0..input.len() {
+                for mutated in [
+                    {
+                        let mut m = input.clone();
+                        m[i] ^= 0x80;
+                        m
+                    },
+                    {
+                        let mut m = input.clone();
+                        m[i] = 0x80;
+                        m
+                    },
+                    {
+                        let mut m = input.clone();
+                        m[i] = 0x00;
+                        m
+                    },
+                    input[..i].to_vec(),
+                ] {
+                    assert_eq!(
+                        normalise(&mutated).ok(),
+                        reference(&mutated).ok(),
+                        "{mutated:02x?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn der_passes_through_unchanged() {
