@@ -1125,6 +1125,21 @@ async fn ca_and_ra(server: &TestServer) -> (Vec<u8>, Vec<u8>) {
     (ca[0].clone(), ra[0].clone())
 }
 
+/// `client.pem` in `dir` chains to `ca.pem` as a TLS client certificate (openssl says so).
+fn chains_to_the_ca(dir: &std::path::Path) {
+    openssl_in(
+        dir,
+        &[
+            "verify",
+            "-CAfile",
+            "ca.pem",
+            "-purpose",
+            "sslclient",
+            "client.pem",
+        ],
+    );
+}
+
 #[tokio::test]
 async fn a_p256_ca_issues_through_an_rsa_ra_to_scepclient_on_both_databases() {
     if peer_env("TRUSTBROKER_TEST_PEERS").is_none() {
@@ -1205,17 +1220,7 @@ async fn a_p256_ca_issues_through_an_rsa_ra_to_scepclient_on_both_databases() {
         );
         // openssl, independently: the certificate chains to the P-256 CA, signed with
         // ecdsa-with-SHA256, over the device's RSA key.
-        openssl_in(
-            dir.path(),
-            &[
-                "verify",
-                "-CAfile",
-                "ca.pem",
-                "-purpose",
-                "sslclient",
-                "client.pem",
-            ],
-        );
+        chains_to_the_ca(dir.path());
         let leaf = openssl_in(
             dir.path(),
             &["x509", "-in", "client.pem", "-noout", "-text"],
@@ -1244,17 +1249,7 @@ async fn a_p256_ca_issues_through_an_rsa_ra_to_scepclient_on_both_databases() {
         assert!(out.status.success(), "{}: {out:?}", db.name());
         let renewed = std::fs::read(dir.path().join("client.pem")).unwrap();
         assert_ne!(first, renewed, "a RenewalReq got a new certificate");
-        openssl_in(
-            dir.path(),
-            &[
-                "verify",
-                "-CAfile",
-                "ca.pem",
-                "-purpose",
-                "sslclient",
-                "client.pem",
-            ],
-        );
+        chains_to_the_ca(dir.path());
         assert_eq!(scep.certificates().await.len(), 2);
 
         // The CertRep is signed by the RSA RA: the project's client checks the signer is the
