@@ -23,9 +23,14 @@ static GATES: LazyLock<Mutex<HashMap<PathBuf, Gate>>> = LazyLock::new(Default::d
 /// Waits for this process's turn to write `pool`'s database; the turn ends when the guard drops.
 pub(crate) async fn enter(pool: &SqlitePool) -> OwnedMutexGuard<()> {
     let gate = {
-        let path = pool.connect_options().get_filename().to_path_buf();
+        let options = pool.connect_options();
+        let path = options.get_filename();
         let mut gates = GATES.lock().unwrap_or_else(PoisonError::into_inner);
-        gates.entry(path).or_default().clone()
+        match gates.get(path) {
+            Some(gate) => gate.clone(),
+            // The path is copied once per file, not on every write.
+            None => gates.entry(path.to_path_buf()).or_default().clone(),
+        }
     };
     gate.lock_owned().await
 }
