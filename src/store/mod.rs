@@ -267,6 +267,9 @@ pub struct Store {
     _checkpointer: Option<std::sync::Arc<wal::Checkpointer>>,
 }
 
+/// How long an SQLite statement waits for a lock another connection holds.
+pub(super) const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How every SQLite connection is opened (WAL mode; checkpoints left to `wal`).
 fn sqlite_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -277,7 +280,7 @@ fn sqlite_options(path: &Path) -> SqliteConnectOptions {
         // lose the last transactions, which is the usual trade for an embedded server.
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
         // Checkpoints run on a background task, not in the COMMIT of the request that filled
         // the log (store::wal); this is only the backstop should that task stop.
         .pragma(
