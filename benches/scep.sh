@@ -14,6 +14,8 @@
 #   BENCH_CONCURRENCY=1,8,32                  concurrency levels
 #   BENCH_PERF=DIR          record `perf record -g` of each trustbroker run into DIR
 #                           (perf-sqlite.data, perf-postgres.data; `perf report -i ...`)
+#   BENCH_TIMELINE=DIR      write each trustbroker request's start and latency to
+#                           DIR/sqlite-32.csv etc. (when the slow ones happened)
 #   BENCH_CA_KEY=ecdsa-p256 trustbroker creates a P-256 CA with an RSA-2048 RA
 #                           (--ca-key-algorithm ecdsa-p256 --scep-ra true): the RA decrypts and
 #                           signs CertReps, the CA signs certificates with ECDSA. Default `rsa`:
@@ -102,7 +104,8 @@ measure_broker() {
     sleep 0.5
   fi
   "$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
-    --concurrency "$LEVELS" --requests "$REQUESTS" --label "$1" >"$WORK/rows"
+    --concurrency "$LEVELS" --requests "$REQUESTS" --label "$1" \
+    ${BENCH_TIMELINE:+--timeline "$BENCH_TIMELINE/$2"} >"$WORK/rows"
   table <"$WORK/rows"
   if [[ -n $perf_pid ]]; then
     kill -INT "$perf_pid"

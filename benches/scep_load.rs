@@ -51,12 +51,18 @@ struct Args {
     /// from /proc) per issued certificate is reported for each level.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Writes each request's start (ms after the level started) and latency (ms) to
+    /// FILE-LEVEL.csv, to see when the slow ones happened.
+    #[arg(long)]
+    timeline: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 struct Outcome {
+    /// When the request was sent, after the level started.
+    sent: Duration,
     latency: Duration,
     error: Option<String>,
 }
@@ -108,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
             .zip(client_before)
             .map(|(after, before)| after - before);
         report(&args.label, concurrency, &outcomes, elapsed, server_cpu);
+        if let Some(prefix) = &args.timeline {
+            write_timeline(&format!("{prefix}-{concurrency}.csv"), &outcomes)?;
+        }
         if let Some(cpu) = client_cpu {
             eprintln!(
                 "  {} c={concurrency}: load generator CPU {:.2} ms/request",
@@ -275,6 +284,7 @@ async fn run(
                 let sent = Instant::now();
                 let error = enroll(&http, &url, body.clone()).await.err();
                 outcomes.push(Outcome {
+                    sent: sent - started,
                     latency: sent.elapsed(),
                     error,
                 });
@@ -313,6 +323,22 @@ async fn enroll(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), 
         Some(PkiStatus::Success) => Ok(()),
         other => Err(format!("CertRep {other:?} {:?}", reply.fail_info)),
     }
+}
+
+fn write_timeline(path: &str, outcomes: &[Outcome]) -> anyhow::Result<()> {
+    let mut rows: Vec<&Outcome> = outcomes.iter().collect();
+    rows.sort_by_key(|o| o.sent);
+    let mut csv = String::from("sent_ms,latency_ms,ok\n");
+    for o in rows {
+        csv.push_str(&format!(
+            "{:.3},{:.3},{}\n",
+            o.sent.as_secs_f64() * 1000.0,
+            o.latency.as_secs_f64() * 1000.0,
+            o.error.is_none()
+        ));
+    }
+    std::fs::write(path, csv)?;
+    Ok(())
 }
 
 fn report(
