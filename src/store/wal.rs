@@ -125,8 +125,10 @@ async fn tick(
     if let Err(e) = synced {
         tracing::debug!(error = %e, "SQLite: could not sync the database file before a restart");
     }
-    let mut connection = pool.acquire().await?;
+    // The turn before the connection, as `begin_write` does: a writer holding the turn and
+    // waiting for a connection would otherwise wait for this one, held here for the turn.
     let _turn = super::write_gate::enter(pool).await;
+    let mut connection = pool.acquire().await?;
     let mode = if truncate {
         tracing::info!(
             pages = done.log,
@@ -185,8 +187,12 @@ mod tests {
     use super::*;
 
     async fn pool(dir: &tempfile::TempDir) -> SqlitePool {
+        pool_of(dir, 2).await
+    }
+
+    async fn pool_of(dir: &tempfile::TempDir, connections: u32) -> SqlitePool {
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(2)
+            .max_connections(connections)
             .connect_with(super::super::sqlite_options(&dir.path().join("wal.db")))
             .await
             .unwrap();
@@ -351,6 +357,34 @@ mod tests {
                 .unwrap();
             assert_eq!(timeout, 5_000);
         }
+        pool.close().await;
+    }
+
+    /// With one connection in the pool, a writer holding the turn still gets it: the restart
+    /// waits for the turn before it takes a connection, as every writer does.
+    #[tokio::test]
+    async fn a_restart_waiting_for_the_turn_holds_no_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool_of(&dir, 1).await;
+        fill(&pool, 50).await;
+        let turn = crate::store::write_gate::enter(&pool).await;
+        let restart = tokio::spawn({
+            let pool = pool.clone();
+            async move { tick(&pool, 10, 1_000_000).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let writer = tokio::time::timeout(Duration::from_secs(2), pool.acquire())
+            .await
+            .expect("the waiting restart holds the only connection")
+            .unwrap();
+        drop(writer);
+        drop(turn);
+        let done = tokio::time::timeout(Duration::from_secs(10), restart)
+            .await
+            .expect("the restart never ran")
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.busy, 0, "{done:?}");
         pool.close().await;
     }
 }
