@@ -142,9 +142,31 @@ impl Drop for Nginx {
     }
 }
 
+/// A loopback port that is free now and that no other test's `bind(…:0)` can take before the
+/// caller binds it: the kernel hands those out from its ephemeral range, so this one comes
+/// from the 10,000 ports below it, each handed out once per test process (an nginx port taken
+/// by a broker started meanwhile in a parallel test failed the fault test once).
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let low = ephemeral_low.saturating_sub(10_000).max(10_000);
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    // Processes started together begin at different places in the span.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(low + offset) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range ({low}–{ephemeral_low})");
 }
 
 fn http_upstream(server: &TestServer) -> String {
