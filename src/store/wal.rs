@@ -19,9 +19,9 @@
 //! SQLite's busy handler, whose 5, 10, 15 ms sleeps used to stretch each restart to ~35 ms
 //! for every request in flight; and runs a RESTART checkpoint, which copies the few frames
 //! left, waits for the readers of the moment (at most [`RESTART_PATIENCE`]; a longer reader
-//! such as a backup makes it try again next round) and lets the next writer write from the
-//! start of the file. A file grown past [`TRUNCATE_AT_PAGES`] (readers held the log long) is truncated
-//! instead, giving the disk back.
+//! such as a backup makes it try again after [`RESTART_BACKOFF`]) and lets the next writer
+//! write from the start of the file. A file grown past [`TRUNCATE_AT_PAGES`] (readers held the
+//! log long) is truncated instead, giving the disk back.
 //!
 //! Durability is unchanged: a transaction is durable when its COMMIT has written the log
 //! (`synchronous = NORMAL`, as before), whoever later checkpoints it.
@@ -72,14 +72,17 @@ async fn run(pool: SqlitePool) {
     let mut ticks = tokio::time::interval(INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut restarts = Restarts::default();
     loop {
         ticks.tick().await;
         if pool.is_closed() {
             return;
         }
-        match tick(&pool, RESTART_AT_PAGES, TRUNCATE_AT_PAGES).await {
+        let now = tokio::time::Instant::now();
+        match tick(&pool, restarts.at(now), TRUNCATE_AT_PAGES).await {
             Ok(done) => {
                 failing = false;
+                restarts.after(&done, now);
                 tracing::trace!(
                     busy = done.busy,
                     log = done.log,
@@ -93,6 +96,30 @@ async fn run(pool: SqlitePool) {
                 tracing::warn!(error = %e, "SQLite: background WAL checkpoint failed; retrying");
             }
             Err(_) => {}
+        }
+    }
+}
+
+/// When the rounds may restart the log.
+#[derive(Default)]
+struct Restarts {
+    paused_until: Option<tokio::time::Instant>,
+}
+
+impl Restarts {
+    /// The log length (pages) at which a round starting `now` restarts the log.
+    fn at(&self, now: tokio::time::Instant) -> i64 {
+        match self.paused_until {
+            Some(until) if now < until => i64::MAX,
+            _ => RESTART_AT_PAGES,
+        }
+    }
+
+    /// A reader outlasted the restart's patience (a backup, say): writers paid up to
+    /// RESTART_PATIENCE for nothing, so they are spared that for RESTART_BACKOFF.
+    fn after(&mut self, done: &Checkpoint, now: tokio::time::Instant) {
+        if done.busy != 0 {
+            self.paused_until = Some(now + RESTART_BACKOFF);
         }
     }
 }
@@ -157,6 +184,10 @@ async fn tick(
 
 /// How long a restart waits for the readers of the moment, with writers waiting behind it.
 const RESTART_PATIENCE: Duration = Duration::from_millis(100);
+
+/// After a restart that readers kept from happening, how long until the next try: writers
+/// lose at most RESTART_PATIENCE in this much time while a long read lasts.
+const RESTART_BACKOFF: Duration = Duration::from_secs(2);
 
 async fn set_busy_timeout(
     connection: &mut sqlx::SqliteConnection,
@@ -386,5 +417,23 @@ mod tests {
             .unwrap();
         assert_eq!(done.busy, 0, "{done:?}");
         pool.close().await;
+    }
+
+    /// A restart that readers kept from happening pauses restarts for RESTART_BACKOFF.
+    #[test]
+    fn a_busy_restart_pauses_the_next_ones() {
+        let start = tokio::time::Instant::now();
+        let mut restarts = Restarts::default();
+        assert_eq!(restarts.at(start), RESTART_AT_PAGES);
+        let done = |busy| Checkpoint {
+            busy,
+            log: 5_000,
+            checkpointed: 5_000,
+        };
+        restarts.after(&done(0), start);
+        assert_eq!(restarts.at(start), RESTART_AT_PAGES);
+        restarts.after(&done(1), start);
+        assert_eq!(restarts.at(start + INTERVAL), i64::MAX);
+        assert_eq!(restarts.at(start + RESTART_BACKOFF), RESTART_AT_PAGES);
     }
 }
