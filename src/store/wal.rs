@@ -326,6 +326,25 @@ mod tests {
         pool.close().await;
     }
 
+    /// A round that restarts the log, on a task of its own.
+    fn restart_in_background(
+        pool: &SqlitePool,
+    ) -> tokio::task::JoinHandle<Result<Checkpoint, sqlx::Error>> {
+        let pool = pool.clone();
+        tokio::spawn(async move { tick(&pool, 10, 1_000_000).await })
+    }
+
+    /// What that round answered, once it has run.
+    async fn restarted(
+        restart: tokio::task::JoinHandle<Result<Checkpoint, sqlx::Error>>,
+    ) -> Checkpoint {
+        tokio::time::timeout(Duration::from_secs(10), restart)
+            .await
+            .expect("the restart never ran")
+            .unwrap()
+            .unwrap()
+    }
+
     /// The restart waits for this process's writer to finish (in line, not in SQLite's busy
     /// handler).
     #[tokio::test]
@@ -334,21 +353,14 @@ mod tests {
         let pool = pool(&dir).await;
         fill(&pool, 50).await;
         let turn = crate::store::write_gate::enter(&pool).await;
-        let restart = tokio::spawn({
-            let pool = pool.clone();
-            async move { tick(&pool, 10, 1_000_000).await }
-        });
+        let restart = restart_in_background(&pool);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !restart.is_finished(),
             "the restart did not wait for the writer"
         );
         drop(turn);
-        let done = tokio::time::timeout(Duration::from_secs(10), restart)
-            .await
-            .expect("the restart never ran")
-            .unwrap()
-            .unwrap();
+        let done = restarted(restart).await;
         assert_eq!(done.busy, 0, "{done:?}");
         fill(&pool, 5).await;
         assert!(log_frames(&pool).await < 50, "the log was not restarted");
@@ -399,10 +411,7 @@ mod tests {
         let pool = pool_of(&dir, 1).await;
         fill(&pool, 50).await;
         let turn = crate::store::write_gate::enter(&pool).await;
-        let restart = tokio::spawn({
-            let pool = pool.clone();
-            async move { tick(&pool, 10, 1_000_000).await }
-        });
+        let restart = restart_in_background(&pool);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let writer = tokio::time::timeout(Duration::from_secs(2), pool.acquire())
             .await
@@ -410,11 +419,7 @@ mod tests {
             .unwrap();
         drop(writer);
         drop(turn);
-        let done = tokio::time::timeout(Duration::from_secs(10), restart)
-            .await
-            .expect("the restart never ran")
-            .unwrap()
-            .unwrap();
+        let done = restarted(restart).await;
         assert_eq!(done.busy, 0, "{done:?}");
         pool.close().await;
     }

@@ -537,29 +537,11 @@ async fn micromdm_scepclient_enrolls_with_a_one_time_challenge() {
         trustbroker::pki::pem("CERTIFICATE", &scep.ca),
     )
     .unwrap();
-    let verify = Command::new("openssl")
-        .current_dir(dir.path())
-        .args([
-            "verify",
-            "-CAfile",
-            "ca.pem",
-            "-purpose",
-            "sslclient",
-            "client.pem",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
+    chains_to_the_ca(dir.path());
+    let text = openssl_in(
+        dir.path(),
+        &["x509", "-in", "client.pem", "-noout", "-text"],
     );
-    let text = Command::new("openssl")
-        .current_dir(dir.path())
-        .args(["x509", "-in", "client.pem", "-noout", "-text"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(challenge["enrollment_id"].as_str().unwrap()),
         "{text}"

@@ -310,6 +310,22 @@ pub mod build {
     }
 }
 
+/// Every single-byte change of `input` (its high bit flipped, set to 0x80, set to 0) and every
+/// truncation: what the tests of the normaliser and of its fast path run it on.
+#[cfg(test)]
+pub(crate) fn single_byte_mutations(input: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len() * 4);
+    for i in 0..input.len() {
+        for change in [|b: u8| b ^ 0x80, |_| 0x80, |_| 0x00] {
+            let mut mutated = input.to_vec();
+            mutated[i] = change(mutated[i]);
+            out.push(mutated);
+        }
+        out.push(input[..i].to_vec());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,31 +435,12 @@ mod tests {
         let scep_request = include_bytes!("../../../tests/fixtures/scep/tap_req0.der");
         for input in [header, nested.to_vec(), long, scep_request.to_vec()] {
             assert_eq!(normalise(&input).ok(), reference(&input).ok());
-            for i in 0..input.len() {
-                for mutated in [
-                    {
-                        let mut m = input.clone();
-                        m[i] ^= 0x80;
-                        m
-                    },
-                    {
-                        let mut m = input.clone();
-                        m[i] = 0x80;
-                        m
-                    },
-                    {
-                        let mut m = input.clone();
-                        m[i] = 0x00;
-                        m
-                    },
-                    input[..i].to_vec(),
-                ] {
-                    assert_eq!(
-                        normalise(&mutated).ok(),
-                        reference(&mutated).ok(),
-                        "{mutated:02x?}"
-                    );
-                }
+            for mutated in single_byte_mutations(&input) {
+                assert_eq!(
+                    normalise(&mutated).ok(),
+                    reference(&mutated).ok(),
+                    "{mutated:02x?}"
+                );
             }
         }
     }
