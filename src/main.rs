@@ -20,6 +20,11 @@ use trustbroker::store::NewAuditEntry;
 use trustbroker::tokens::shared::{IntegrationRequest, TokenError, TokenRequest, TokenService};
 use trustbroker::{pki, server, tls};
 
+/// mimalloc instead of glibc's malloc: at 100,000 devices glibc's per-thread arenas held twice
+/// the live heap (docs/benchmarks.md, "Memory at 100,000 enrollments").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "trustbroker",
