@@ -644,6 +644,9 @@ pub struct LimitSettings {
     pub oidc_callback: usize,
     /// Portal LDAP password sign-ins in flight (each binds to the directory).
     pub ldap_sign_in: usize,
+    /// How long a request over its cap waits for a permit before the 503, in milliseconds
+    /// (0: refused at once).
+    pub wait_ms: u64,
     /// `Retry-After` of the 503 a request over its cap gets, in seconds.
     pub retry_after_secs: u64,
     /// Audit records of refused admin keys written per minute, in all.
@@ -660,6 +663,7 @@ impl Default for LimitSettings {
             saml_acs: 16,
             oidc_callback: 32,
             ldap_sign_in: 16,
+            wait_ms: 250,
             retry_after_secs: 5,
             unauthenticated_audit_per_minute: 120,
             unauthenticated_audit_per_source_per_minute: 20,
@@ -681,6 +685,11 @@ impl LimitSettings {
                     "limits.{name} must be between 1 and 100000"
                 )));
             }
+        }
+        if self.wait_ms > 10_000 {
+            return Err(ConfigError::Invalid(
+                "limits.wait_ms must be between 0 and 10000".into(),
+            ));
         }
         if !(1..=3600).contains(&self.retry_after_secs) {
             return Err(ConfigError::Invalid(
@@ -1469,6 +1478,7 @@ mod tests {
             ),
             ("[server]\nmax_header_bytes = 100\n", "max_header_bytes"),
             ("[limits]\nmdm = 0\n", "limits.mdm"),
+            ("[limits]\nwait_ms = 10001\n", "limits.wait_ms"),
             (
                 "[limits]\nunauthenticated_audit_per_minute = 1\n",
                 "per_source_per_minute",

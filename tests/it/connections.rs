@@ -392,6 +392,50 @@ async fn capped_routes_refuse_the_excess_with_503_and_retry_after() {
 }
 
 #[tokio::test]
+async fn a_capped_request_waits_in_line_and_is_served_when_a_permit_frees() {
+    let server = TestServer::start_configured(|_| {}, "[limits]\nmdm = 1\nwait_ms = 10000\n").await;
+    let http = addr_of(&server.http_base);
+    let held = hold_request(&http, "PUT", "/mdm/checkin").await;
+    // A probe still unanswered after 300 ms is waiting behind the held request (before the held
+    // request has its permit, a probe is answered at once: 4xx for its garbage body).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let server_client = server.client.clone();
+        let url = format!("{}/mdm/checkin", server.http_base);
+        let mut waiter = tokio::spawn(async move {
+            server_client
+                .put(url)
+                .body("garbage")
+                .send()
+                .await
+                .map(|r| r.status())
+        });
+        if tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+            .await
+            .is_err()
+        {
+            break waiter;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held request never took the permit"
+        );
+    };
+    drop(held);
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered once the permit came back")
+        .expect("task")
+        .expect("response");
+    assert_ne!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        status.is_client_error(),
+        "its garbage body refused: {status}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn refused_admin_keys_write_bounded_audit_records() {
     let server = TestServer::start_configured(
         |_| {},
