@@ -41,6 +41,10 @@ use bench_db::{Db, insert};
 use trustbroker::identity::{Group, Identity};
 use trustbroker::store::TargetScope;
 
+/// The broker's allocator (src/main.rs): the in-process server is measured as it ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Enrolled devices (one person each) to generate.

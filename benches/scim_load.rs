@@ -33,6 +33,10 @@ use trustbroker::config::{Config, ConfigArgs, FileConfig};
 mod bench_db;
 use bench_db::{Db, insert};
 
+/// The broker's allocator (src/main.rs): the in-process server is measured as it ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Members of the group pushed in batches (each a person with an enrolled device).

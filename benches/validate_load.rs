@@ -23,6 +23,10 @@ use tokio::net::TcpStream;
 use trustbroker::config::{Config, ConfigArgs, FileConfig};
 use trustbroker::tokens::shared::{IntegrationRequest, TokenRequest};
 
+/// The broker's allocator (src/main.rs): the in-process server is measured as it ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Connections, each with one request in flight, per level.
