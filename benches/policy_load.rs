@@ -41,7 +41,8 @@ use bench_db::{Db, insert};
 use trustbroker::identity::{Group, Identity};
 use trustbroker::store::TargetScope;
 
-/// The broker's allocator (src/main.rs): the in-process server is measured as it ships.
+/// The broker's allocator (src/main.rs, `trustbroker::allocator`): the in-process server is
+/// measured as it ships.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -444,8 +445,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted.get(rank).copied().unwrap_or(f64::NAN)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    trustbroker::allocator::pad_glibc_heaps();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
         (1..=5_000_000).contains(&args.devices),

@@ -33,7 +33,8 @@ use trustbroker::config::{Config, ConfigArgs, FileConfig};
 mod bench_db;
 use bench_db::{Db, insert};
 
-/// The broker's allocator (src/main.rs): the in-process server is measured as it ships.
+/// The broker's allocator (src/main.rs, `trustbroker::allocator`): the in-process server is
+/// measured as it ships.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -235,8 +236,12 @@ fn pick(sorted: &[Duration], q: f64) -> Duration {
         .unwrap_or_default()
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    trustbroker::allocator::pad_glibc_heaps();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     trustbroker::telemetry::init_logging(trustbroker::config::LogFormat::Human, &args.log);
     let data_dir = tempfile::tempdir()?;

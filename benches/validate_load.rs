@@ -23,7 +23,8 @@ use tokio::net::TcpStream;
 use trustbroker::config::{Config, ConfigArgs, FileConfig};
 use trustbroker::tokens::shared::{IntegrationRequest, TokenRequest};
 
-/// The broker's allocator (src/main.rs): the in-process server is measured as it ships.
+/// The broker's allocator (src/main.rs, `trustbroker::allocator`): the in-process server is
+/// measured as it ships.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -59,6 +60,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    trustbroker::allocator::pad_glibc_heaps();
     let args = Args::parse();
     trustbroker::telemetry::init_logging(trustbroker::config::LogFormat::Human, &args.log);
     let server_rt = tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,7 @@
 )]
 
 pub mod admin;
+pub mod allocator;
 pub mod apple;
 pub mod audit;
 pub mod cluster;

@@ -21,23 +21,9 @@ use trustbroker::tokens::shared::{IntegrationRequest, TokenError, TokenRequest, 
 use trustbroker::{pki, server, tls};
 
 /// mimalloc instead of glibc's malloc: at 100,000 devices glibc's per-thread arenas held twice
-/// the live heap (docs/benchmarks.md, "Memory at 100,000 enrollments").
+/// the live heap (`trustbroker::allocator`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// glibc's malloc still serves the C libraries (SQLite's page cache, OpenSSL, libxml2). With
-/// Rust's allocations gone from its heaps they empty after each burst, and glibc handed their
-/// top back to the kernel only to fault it in again: ~38 page faults per enrollment profile and
-/// 15% fewer profiles/s. A 4 MiB pad per heap keeps it (docs/architecture.md, "mimalloc").
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn pad_glibc_heaps() {
-    const TOP_PAD: libc::c_int = 4 << 20;
-    // SAFETY: mallopt sets one of glibc's tuning parameters and touches no memory of ours; it is
-    // called first thing in main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
-    }
-}
 
 #[derive(Parser)]
 #[command(
@@ -379,8 +365,7 @@ enum AdminKeyCommand {
 }
 
 fn main() -> ExitCode {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    pad_glibc_heaps();
+    trustbroker::allocator::pad_glibc_heaps();
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
