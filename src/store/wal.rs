@@ -277,6 +277,14 @@ mod tests {
         pool.close().await;
     }
 
+    /// A database whose log holds 50 frames, on a pool of `connections`.
+    async fn with_a_long_log(connections: u32) -> (tempfile::TempDir, SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool_of(&dir, connections).await;
+        fill(&pool, 50).await;
+        (dir, pool)
+    }
+
     /// The number of frames in the log, as a PASSIVE checkpoint reports it.
     async fn log_frames(pool: &SqlitePool) -> i64 {
         let done: Checkpoint = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
@@ -290,10 +298,8 @@ mod tests {
     /// to the start of the file instead of growing it.
     #[tokio::test]
     async fn a_long_log_is_restarted() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
+        let (dir, pool) = with_a_long_log(2).await;
         let wal = dir.path().join("wal.db-wal");
-        fill(&pool, 50).await;
         let done = tick(&pool, 1_000, 1_000_000).await.unwrap();
         assert_eq!((done.busy, done.checkpointed), (0, done.log), "{done:?}");
         assert!(done.log >= 50, "{done:?}");
@@ -316,10 +322,8 @@ mod tests {
     /// A log file grown past the bound is truncated when the log is restarted.
     #[tokio::test]
     async fn a_long_log_file_is_truncated() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
+        let (dir, pool) = with_a_long_log(2).await;
         let wal = dir.path().join("wal.db-wal");
-        fill(&pool, 50).await;
         let done = tick(&pool, 10, 20).await.unwrap();
         assert_eq!(done.log, 0, "{done:?}");
         assert_eq!(size(wal), 0);
@@ -349,9 +353,7 @@ mod tests {
     /// handler).
     #[tokio::test]
     async fn a_restart_takes_the_write_turn() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        fill(&pool, 50).await;
+        let (_dir, pool) = with_a_long_log(2).await;
         let turn = crate::store::write_gate::enter(&pool).await;
         let restart = restart_in_background(&pool);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -372,9 +374,7 @@ mod tests {
     /// and the connection keeps the pool's busy timeout.
     #[tokio::test]
     async fn a_restart_does_not_wait_long_for_a_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        fill(&pool, 50).await;
+        let (_dir, pool) = with_a_long_log(2).await;
         let mut reader = pool.acquire().await.unwrap();
         sqlx::query("BEGIN").execute(&mut *reader).await.unwrap();
         let _: i64 = sqlx::query_scalar("SELECT count(*) FROM filler")
@@ -407,9 +407,7 @@ mod tests {
     /// waits for the turn before it takes a connection, as every writer does.
     #[tokio::test]
     async fn a_restart_waiting_for_the_turn_holds_no_connection() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool_of(&dir, 1).await;
-        fill(&pool, 50).await;
+        let (_dir, pool) = with_a_long_log(1).await;
         let turn = crate::store::write_gate::enter(&pool).await;
         let restart = restart_in_background(&pool);
         tokio::time::sleep(Duration::from_millis(200)).await;
