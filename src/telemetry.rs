@@ -92,11 +92,21 @@ mod tests {
     #[test]
     fn histogram_upkeep_runs_without_a_scrape() {
         let _ = metrics_handle();
-        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
-            .expect("Linux /proc")
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .map(|name| name.trim().to_owned())
-            .collect();
+        let threads = || -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .expect("Linux /proc")
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .map(|name| name.trim().to_owned())
+                .collect()
+        };
+        // A new thread names itself once it runs: on a busy machine that can take a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !threads().iter().any(|name| name == UPKEEP_THREAD)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let threads = threads();
         assert!(
             threads.iter().any(|name| name == UPKEEP_THREAD),
             "no {UPKEEP_THREAD} thread among {threads:?}"

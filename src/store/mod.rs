@@ -15,6 +15,7 @@ mod directory;
 mod generation;
 mod leases;
 mod lifecycle;
+mod loopback_tls;
 mod mdm;
 mod pki;
 mod policy;
@@ -311,11 +312,12 @@ impl Store {
         })
     }
 
-    /// Connects to PostgreSQL at `url` (`postgres://…`).
+    /// Connects to PostgreSQL at `url` (`postgres://…`); on this host without TLS unless the
+    /// URL or `PGSSLMODE` asks for it (`loopback_tls`).
     pub async fn open_postgres(url: &str, max_connections: u32) -> StoreResult<Store> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
-        let pool = PgPoolOptions::new()
+        let pool_options = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             // When PostgreSQL is down, a request waits at most this long for a connection
             // before it fails (503): well inside request_timeout_secs, so nothing hangs.
@@ -331,14 +333,38 @@ impl Store {
                     }
                     Ok(true)
                 })
-            })
-            .connect_with(options)
-            .await?;
-        Ok(Store {
+            });
+        let pool = match loopback_tls::plain_first(url, &options) {
+            Some(plain) => match pool_options.clone().connect_with(plain).await {
+                Err(e) if loopback_tls::refused_in_the_clear(&e) => {
+                    tracing::info!("PostgreSQL refused a connection without TLS; using TLS");
+                    pool_options.connect_with(options).await?
+                }
+                connected => connected?,
+            },
+            None => pool_options.connect_with(options).await?,
+        };
+        let store = Store {
             pool: Pool::Postgres(pool),
             changes: Default::default(),
             _checkpointer: None,
-        })
+        };
+        let tls = store.connection_encrypted().await?.unwrap_or_default();
+        tracing::info!(tls, "connected to PostgreSQL");
+        Ok(store)
+    }
+
+    /// Whether this process's connections to the database are encrypted: `None` on SQLite,
+    /// else what PostgreSQL reports for the connection that asks (`pg_stat_ssl`).
+    pub async fn connection_encrypted(&self) -> StoreResult<Option<bool>> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(pool) => {
+                let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+                let (ssl,): (bool,) = sqlx::query_as(sql).fetch_one(pool).await?;
+                Ok(Some(ssl))
+            }
+        }
     }
 
     pub fn backend(&self) -> Backend {

@@ -26,6 +26,7 @@ mod openapi;
 mod ops_contract;
 mod outage;
 mod peers;
+mod pg_tls;
 mod policy;
 mod portal;
 mod profiles;

@@ -82,6 +82,66 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Turns TLS on (a throwaway self-signed certificate) and replaces the client rules:
+    /// TCP from loopback with or without TLS, or only with it (`hostssl`). Applied by a restart
+    /// (a reload would take effect some time after `pg_ctl` returns).
+    pub fn serve_tls(&self, required: bool) {
+        let data = self.dir.path().join("data");
+        if !data.join("server.key").exists() {
+            crate::harness::openssl_in(
+                &data,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-subj",
+                    "/CN=localhost",
+                    "-days",
+                    "1",
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.crt",
+                ],
+            );
+            std::fs::write(data.join("postgresql.auto.conf"), "ssl = on\n").unwrap();
+        }
+        let tcp = if required { "hostssl" } else { "host" };
+        let rules = format!("local all all trust\n{tcp} all all 127.0.0.1/32 trust\n");
+        std::fs::write(data.join("pg_hba.conf"), rules).unwrap();
+        for file in [
+            "server.key",
+            "server.crt",
+            "postgresql.auto.conf",
+            "pg_hba.conf",
+        ] {
+            let path = data.join(file).display().to_string();
+            assert!(
+                Command::new("chown")
+                    .args(["postgres:postgres", &path])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let key = data.join("server.key").display().to_string();
+        assert!(
+            Command::new("chmod")
+                .args(["600", &key])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            self.stop() && self.resume(),
+            "the private PostgreSQL restarts"
+        );
+    }
+
     pub fn stop(&self) -> bool {
         self.as_postgres(&["pg_ctl", "-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
