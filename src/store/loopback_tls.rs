@@ -5,20 +5,25 @@
 //! kernel, and whoever can read them (root) can read the broker's memory too, so TLS there buys
 //! nothing and costs both processes CPU on every statement (SCEP issuance on PostgreSQL with the
 //! RSA CA: 954–1,034/s with TLS, 1,058–1,101/s without, on a 2-core machine where PostgreSQL
-//! shares the cores; docs/benchmarks.md). So when the URL and `PGSSLMODE` leave the mode unsaid
-//! and the host is this one, the broker connects in the clear first, and falls back to the
-//! default only if the server refuses an unencrypted connection (`hostssl`-only pg_hba rules).
-//! A mode the operator states is always kept.
+//! shares the cores; docs/benchmarks.md). So when neither the URL nor the environment says
+//! anything about TLS and the host is this one, the broker connects in the clear first, and
+//! falls back to the default only if the server refuses an unencrypted connection
+//! (`hostssl`-only pg_hba rules). Any TLS setting the operator gives (a mode, a root
+//! certificate, a client certificate for `cert` authentication) leaves sqlx's behaviour as is.
 
 use std::net::IpAddr;
 
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
+/// libpq's environment variables for TLS, which sqlx reads too.
+const TLS_VARIABLES: [&str; 4] = ["PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"];
+
 /// The options to try first for `url`: `options` without TLS when the database is on this host
-/// and nobody asked for a mode; `None` when `options` stand as they are.
+/// and nothing was said about TLS; `None` when `options` stand as they are.
 pub(super) fn plain_first(url: &str, options: &PgConnectOptions) -> Option<PgConnectOptions> {
-    let mode_stated = std::env::var_os("PGSSLMODE").is_some() || url_states_ssl_mode(url);
-    if mode_stated || !on_this_host(options) {
+    let tls_configured =
+        TLS_VARIABLES.iter().any(|v| std::env::var_os(v).is_some()) || url_configures_tls(url);
+    if tls_configured || !on_this_host(options) {
         return None;
     }
     Some(options.clone().ssl_mode(PgSslMode::Disable))
@@ -34,15 +39,16 @@ pub(super) fn refused_in_the_clear(error: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "28000")
 }
 
-/// Whether the query string names `sslmode` (or sqlx's spelling, `ssl-mode`).
-fn url_states_ssl_mode(url: &str) -> bool {
+/// Whether the query string has a TLS parameter: `sslmode`, `sslrootcert`, `sslcert`, `sslkey`
+/// (or sqlx's spellings, `ssl-mode`, `ssl-ca`, …), all of which begin with `ssl`.
+fn url_configures_tls(url: &str) -> bool {
     let Some((_, query)) = url.split_once('?') else {
         return false;
     };
     query
         .split('&')
         .map(|pair| pair.split_once('=').map_or(pair, |(key, _)| key))
-        .any(|key| key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode"))
+        .any(|key| key.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ssl")))
 }
 
 /// A Unix socket, `localhost`, or a loopback address.
@@ -73,8 +79,8 @@ mod tests {
 
     #[test]
     fn loopback_without_a_stated_mode_goes_plain_first() {
-        if std::env::var_os("PGSSLMODE").is_some() {
-            return; // the environment states a mode: nothing is decided for it
+        if TLS_VARIABLES.iter().any(|v| std::env::var_os(v).is_some()) {
+            return; // the environment configures TLS: nothing is decided for it
         }
         for url in [
             "postgres://u@127.0.0.1:5432/test",
@@ -89,11 +95,13 @@ mod tests {
     }
 
     #[test]
-    fn a_stated_mode_or_another_host_is_left_alone() {
+    fn a_tls_setting_or_another_host_is_left_alone() {
         for url in [
             "postgres://u@127.0.0.1/test?sslmode=prefer",
             "postgres://u@127.0.0.1/test?application_name=x&sslmode=require",
             "postgres://u@127.0.0.1/test?ssl-mode=verify-full",
+            "postgres://u@127.0.0.1/test?sslcert=/etc/c.pem&sslkey=/etc/k.pem",
+            "postgres://u@localhost/test?ssl-root-cert=/etc/ca.pem",
             "postgres://u@db.example.internal/test",
             "postgres://u@10.0.0.5/test",
             "postgres://u@[2001:db8::1]/test",
