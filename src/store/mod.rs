@@ -313,7 +313,7 @@ impl Store {
     }
 
     /// Connects to PostgreSQL at `url` (`postgres://…`); on this host without TLS unless the
-    /// URL or `PGSSLMODE` asks for it (`loopback_tls`).
+    /// URL or the environment configures it, or the server insists (`loopback_tls`).
     pub async fn open_postgres(url: &str, max_connections: u32) -> StoreResult<Store> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
