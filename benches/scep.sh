@@ -95,7 +95,8 @@ stop_broker() {
   broker_pid=
 }
 
-# Measures the running broker ($1: label, $2: name of the perf file).
+# Measures the running broker ($1: label, $2: name of the perf file, $3: the database server's
+# command name, whose CPU per issuance is reported too).
 measure_broker() {
   if [[ -n ${BENCH_PERF:-} ]]; then
     mkdir -p "$BENCH_PERF"
@@ -105,6 +106,7 @@ measure_broker() {
   fi
   "$LOAD" --url "http://127.0.0.1:$PORT/scep" --admin-key "$KEY" --server-pid "$broker_pid" \
     --concurrency "$LEVELS" --requests "$REQUESTS" --label "$1" \
+    ${3:+--database-process "$3"} \
     ${BENCH_TIMELINE:+--timeline "$BENCH_TIMELINE/$2"} >"$WORK/rows"
   table <"$WORK/rows"
   if [[ -n $perf_pid ]]; then
@@ -139,7 +141,7 @@ if runs postgres; then
   echo "trustbroker, PostgreSQL, one-time challenges" >&2
   psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" -c "CREATE DATABASE $PG_DB" >/dev/null
   start_broker "${PG_ADMIN%/*}/$PG_DB"
-  measure_broker "trustbroker (PostgreSQL$CA_LABEL)" postgres
+  measure_broker "trustbroker (PostgreSQL$CA_LABEL)" postgres postgres
   stop_broker
 fi
 

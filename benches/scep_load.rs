@@ -51,6 +51,11 @@ struct Args {
     /// from /proc) per issued certificate is reported for each level.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// The command name of a database server on this machine (`postgres`): the CPU time of
+    /// all its processes (and of children that exited meanwhile) per issued certificate is
+    /// reported with the load generator's own, for where an issuance's CPU goes.
+    #[arg(long)]
+    database_process: Option<String>,
     /// Writes each request's start (ms after the level started) and latency (ms) to
     /// FILE-LEVEL.csv, to see when the slow ones happened.
     #[arg(long)]
@@ -104,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         let requests = build_requests(&identities, &recipient, cipher, challenges).await?;
         let server_before = args.server_pid.and_then(cpu_seconds);
         let client_before = cpu_seconds(std::process::id());
+        let database_before = args.database_process.as_deref().map(cpu_seconds_named);
         let (outcomes, elapsed) = run(&http, &args.url, requests, concurrency).await;
         let server_cpu = args
             .server_pid
@@ -113,15 +119,29 @@ async fn main() -> anyhow::Result<()> {
         let client_cpu = cpu_seconds(std::process::id())
             .zip(client_before)
             .map(|(after, before)| after - before);
+        let database_cpu = args
+            .database_process
+            .as_deref()
+            .map(cpu_seconds_named)
+            .zip(database_before)
+            .map(|(after, before)| after - before);
         report(&args.label, concurrency, &outcomes, elapsed, server_cpu);
         if let Some(prefix) = &args.timeline {
             write_timeline(&format!("{prefix}-{concurrency}.csv"), &outcomes)?;
         }
+        let per_request = |cpu: f64| cpu * 1000.0 / outcomes.len().max(1) as f64;
         if let Some(cpu) = client_cpu {
             eprintln!(
                 "  {} c={concurrency}: load generator CPU {:.2} ms/request",
                 args.label,
-                cpu * 1000.0 / outcomes.len().max(1) as f64
+                per_request(cpu)
+            );
+        }
+        if let (Some(cpu), Some(name)) = (database_cpu, &args.database_process) {
+            eprintln!(
+                "  {} c={concurrency}: {name} CPU {:.2} ms/request",
+                args.label,
+                per_request(cpu)
             );
         }
     }
@@ -132,12 +152,37 @@ async fn main() -> anyhow::Result<()> {
 /// in USER_HZ ticks: 100 per second on Linux).
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = stat_ticks(&stat, 2)?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// The CPU time of every process named `name` (the command name in /proc/PID/stat), with that
+/// of its children that exited and were waited for (fields 16 and 17): a database server's
+/// backends, counted by their parent once they are gone.
+fn cpu_seconds_named(name: &str) -> f64 {
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let ticks: u64 = processes
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.split_once(" (")
+                .is_some_and(|(_, rest)| rest.starts_with(&format!("{name})")))
+        })
+        .filter_map(|stat| stat_ticks(&stat, 4))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// The sum of the `count` CPU-time fields of a /proc stat line from utime (field 14) on.
+fn stat_ticks(stat: &str, count: usize) -> Option<u64> {
     // The command name (field 2) may hold spaces: count from the closing parenthesis.
     let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    rest.split_whitespace()
+        .skip(11)
+        .take(count)
+        .map(|field| field.parse::<u64>().ok())
+        .sum()
 }
 
 /// The certificate requests are encrypted to: the RA when the server has one, else the CA.
