@@ -163,12 +163,11 @@ fn cpu_seconds_named(name: &str) -> f64 {
     let Ok(processes) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
+    // A stat line begins `PID (NAME) STATE`.
+    let named = format!(" ({name}) ");
     let ticks: u64 = processes
         .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
-        .filter(|stat| {
-            stat.split_once(" (")
-                .is_some_and(|(_, rest)| rest.starts_with(&format!("{name})")))
-        })
+        .filter(|stat| stat.contains(&named))
         .filter_map(|stat| stat_ticks(&stat, 4))
         .sum();
     ticks as f64 / 100.0
